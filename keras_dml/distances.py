@@ -1,0 +1,174 @@
+"""Pairwise distances and similarities between two sets of embeddings.
+
+Every function takes `x` of shape `(N, D)` and an optional `y` of shape
+`(M, D)` and returns an `(N, M)` matrix; with `y=None` the pairs are taken
+within `x` and the diagonal is exactly the self-distance (0, or 1 for cosine).
+Nothing of shape `(N, M, D)` is ever built.
+
+Losses pick a distance by name with `distance=`; `get()` resolves the names:
+
+| name | aliases | kind |
+| --- | --- | --- |
+| `"cosine"` | `"cos"` | similarity, on L2-normalised inputs |
+| `"dot"` | `"dot_product"`, `"inner_product"` | similarity |
+| `"euclidean"` | `"l2"`, `"L2"` | distance, safe gradient at 0 |
+| `"squared_euclidean"` | `"squared-L2"`, `"sqeuclidean"` | distance |
+| `"angular"` | | distance, `max(1 - cos, 0)` (tensorflow-addons' name) |
+
+Example:
+
+>>> import numpy as np
+>>> from keras_dml import distances
+>>> x = np.array([[3.0, 4.0], [0.0, 0.0]], "float32")
+>>> np.asarray(distances.euclidean_distance(x)).round(3).tolist()
+[[0.0, 5.0], [5.0, 0.0]]
+>>> distances.get("L2").name
+'euclidean'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from keras import ops
+
+# Below this a squared distance is treated as exactly zero: sqrt has an
+# infinite derivative at 0, so those entries get a zero gradient instead.
+_ZERO_DISTANCE_EPS = 1e-16
+
+
+def _as_float(x):
+    """Converts to a float tensor, computing half precision in float32."""
+    x = ops.convert_to_tensor(x)
+    if ops.dtype(x) in ("float16", "bfloat16") or "int" in ops.dtype(x):
+        x = ops.cast(x, "float32")
+    return x
+
+
+def _pair(x, y):
+    x = _as_float(x)
+    y = x if y is None else ops.cast(_as_float(y), ops.dtype(x))
+    return x, y
+
+
+def _zero_diagonal(matrix):
+    n = ops.shape(matrix)[0]
+    return matrix * (1.0 - ops.eye(n, dtype=matrix.dtype))
+
+
+def l2_normalize(x, axis: int = -1, epsilon: float = 1e-12):
+    """Scales rows to unit L2 norm; an all-zero row stays zero (no NaN)."""
+    x = _as_float(x)
+    square_sum = ops.sum(ops.square(x), axis=axis, keepdims=True)
+    return x * ops.rsqrt(ops.maximum(square_sum, epsilon))
+
+
+def dot_product(x, y=None):
+    """Inner products `x @ y.T`: a similarity, larger means closer."""
+    x, y = _pair(x, y)
+    return ops.matmul(x, ops.transpose(y))
+
+
+def cosine_similarity(x, y=None):
+    """Cosine similarity of the L2-normalised rows, in [-1, 1]."""
+    x, y_ = _pair(x, y)
+    x = l2_normalize(x)
+    y_ = x if y is None else l2_normalize(y_)
+    return ops.clip(ops.matmul(x, ops.transpose(y_)), -1.0, 1.0)
+
+
+def angular_distance(x, y=None):
+    """`max(1 - cos, 0)`, tensorflow-addons' `angular` distance."""
+    distance = ops.maximum(1.0 - cosine_similarity(x, y), 0.0)
+    return _zero_diagonal(distance) if y is None else distance
+
+
+def squared_euclidean_distance(x, y=None):
+    """Squared L2 distances `|x|^2 + |y|^2 - 2 x.y`, clipped at 0."""
+    x, y_ = _pair(x, y)
+    x_sq = ops.sum(ops.square(x), axis=1, keepdims=True)
+    y_sq = x_sq if y is None else ops.sum(ops.square(y_), axis=1, keepdims=True)
+    distance = x_sq + ops.transpose(y_sq) - 2.0 * ops.matmul(x, ops.transpose(y_))
+    distance = ops.maximum(distance, 0.0)
+    return _zero_diagonal(distance) if y is None else distance
+
+
+def euclidean_distance(x, y=None):
+    """L2 distances, with a zero (not NaN) gradient where the distance is 0."""
+    squared = squared_euclidean_distance(x, y)
+    is_zero = ops.cast(squared <= _ZERO_DISTANCE_EPS, squared.dtype)
+    return ops.sqrt(squared + is_zero * _ZERO_DISTANCE_EPS) * (1.0 - is_zero)
+
+
+@dataclasses.dataclass(frozen=True)
+class Distance:
+    """A named pairwise measure.
+
+    Attributes:
+        name: canonical name, e.g. `"euclidean"`.
+        fn: `fn(x, y=None) -> (N, M)` matrix.
+        is_similarity: True when larger values mean closer (cosine, dot).
+    """
+
+    name: str
+    fn: Callable
+    is_similarity: bool
+
+    def __call__(self, x, y=None):
+        return self.fn(x, y)
+
+    def distance(self, x, y=None):
+        """The measure as a distance (smaller is closer): `1 - cos`, `-dot`."""
+        if self.name == "cosine":
+            return 1.0 - self.fn(x, y)
+        if self.is_similarity:
+            return -self.fn(x, y)
+        return self.fn(x, y)
+
+    def similarity(self, x, y=None):
+        """The measure as a similarity (larger is closer): `-d` for distances."""
+        return self.fn(x, y) if self.is_similarity else -self.fn(x, y)
+
+
+_DISTANCES = {
+    "cosine": Distance("cosine", cosine_similarity, True),
+    "dot": Distance("dot", dot_product, True),
+    "euclidean": Distance("euclidean", euclidean_distance, False),
+    "squared_euclidean": Distance("squared_euclidean", squared_euclidean_distance, False),
+    "angular": Distance("angular", angular_distance, False),
+}
+_ALIASES = {
+    "cos": "cosine",
+    "dot_product": "dot",
+    "inner_product": "dot",
+    "l2": "euclidean",
+    "squared-l2": "squared_euclidean",
+    "squared_l2": "squared_euclidean",
+    "sqeuclidean": "squared_euclidean",
+}
+
+
+def get(identifier: str | Distance) -> Distance:
+    """Resolves a distance name (case-insensitive) or returns a `Distance` as is.
+
+    Raises:
+        ValueError: for an unknown name, listing the known ones.
+    """
+    if isinstance(identifier, Distance):
+        return identifier
+    if not isinstance(identifier, str):
+        raise ValueError(
+            f"`distance` must be a name such as 'cosine' or 'euclidean', got {identifier!r}."
+        )
+    key = identifier.lower()
+    key = _ALIASES.get(key, key)
+    if key not in _DISTANCES:
+        known = sorted(set(_DISTANCES) | set(_ALIASES))
+        raise ValueError(f"Unknown `distance` {identifier!r}; expected one of {known}.")
+    return _DISTANCES[key]
+
+
+def pairwise(x, y=None, distance: str | Distance = "cosine"):
+    """The `(N, M)` matrix of `distance` between rows of `x` and `y`."""
+    return get(distance)(x, y)

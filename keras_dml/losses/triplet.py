@@ -1,0 +1,327 @@
+"""Triplet losses: a general mined `TripletLoss` and the two tensorflow-addons losses.
+
+`TripletSemiHardLoss` and `TripletHardLoss` reproduce
+`tfa.losses.TripletSemiHardLoss` / `tfa.losses.TripletHardLoss` (addons 0.23)
+number for number, with the same argument names, so that migrating is a
+change of import. They differ from addons only where addons returns NaN: a
+batch without any positive pair gives 0 (addons issues #2447, #1676).
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from keras_dml import distances as distances_lib
+from keras_dml import mining
+from keras_dml import ops as dml_ops
+from keras_dml.losses.base import MetricLoss, label_masks
+
+_TFA_METRICS = {"L2": "euclidean", "squared-L2": "squared_euclidean", "angular": "angular"}
+
+
+def _tfa_distances(embeddings, distance_metric: str):
+    if distance_metric not in _TFA_METRICS:
+        raise ValueError(
+            f"`distance_metric` must be one of {sorted(_TFA_METRICS)} (tensorflow-addons' names), "
+            f"got {distance_metric!r}."
+        )
+    return distances_lib.get(_TFA_METRICS[distance_metric])(embeddings)
+
+
+def triplet_semihard_loss(labels, embeddings, margin: float = 1.0, distance_metric: str = "L2"):
+    """Semi-hard triplet loss with tensorflow-addons' exact semantics.
+
+    For every positive pair (a, p), a != p, the negative is the closest one
+    farther than p, or the farthest negative when there is none; the loss is
+    `sum max(margin + d(a, p) - d(a, n), 0) / #positive pairs`.
+
+    Args:
+        labels: `(B,)` integer labels.
+        embeddings: `(B, D)` float embeddings (not normalised here).
+        margin: the triplet margin.
+        distance_metric: `"L2"`, `"squared-L2"` or `"angular"`.
+
+    Returns:
+        A scalar; 0 when the batch holds no positive pair.
+    """
+    distances = _tfa_distances(embeddings, distance_metric)
+    positives, negatives = label_masks(labels)
+    negative_distances, _ = mining.semi_hard_negatives(distances, negatives)
+    hinge = ops.maximum(margin + distances - negative_distances, 0.0)
+    return dml_ops.masked_mean(hinge, positives)
+
+
+def triplet_hard_loss(
+    labels, embeddings, margin: float = 1.0, soft: bool = False, distance_metric: str = "L2"
+):
+    """Batch-hard triplet loss with tensorflow-addons' exact semantics.
+
+    Per anchor: the farthest positive and the closest negative;
+    `mean_a max(d(a, p*) - d(a, n*) + margin, 0)`, or `log1p(exp(d(a, p*) - d(a, n*)))`
+    with `soft=True`. As in addons, the mean runs over every anchor; an anchor
+    without positives uses 0 for `d(a, p*)` and one without negatives uses its
+    largest distance for `d(a, n*)`.
+
+    Args:
+        labels: `(B,)` integer labels.
+        embeddings: `(B, D)` float embeddings.
+        margin: the triplet margin (unused when `soft=True`).
+        soft: use the soft-margin (softplus) form.
+        distance_metric: `"L2"`, `"squared-L2"` or `"angular"`.
+
+    Returns:
+        A scalar.
+    """
+    distances = _tfa_distances(embeddings, distance_metric)
+    positives, negatives = label_masks(labels)
+    hardest_negative, has_negative = mining.hardest_negative(distances, negatives)
+    hardest_negative = ops.where(has_negative, hardest_negative, ops.max(distances, axis=1))
+    hardest_positive = dml_ops.masked_max(distances, positives, axis=1)
+    has_positive = ops.any(positives, axis=1)
+    hardest_positive = ops.where(has_positive, hardest_positive, ops.min(distances, axis=1))
+    gap = hardest_positive - hardest_negative
+    per_anchor = ops.softplus(gap) if soft else ops.maximum(gap + margin, 0.0)
+    return ops.mean(per_anchor)
+
+
+def triplet_loss(
+    labels,
+    embeddings,
+    margin: float = 0.2,
+    negative_mining: str = "semi-hard",
+    positive_mining: str = "all",
+    soft_margin: bool = False,
+    distance: str = "euclidean",
+):
+    """Triplet loss with a choice of positive and negative mining.
+
+    Args:
+        labels: `(B,)` integer labels.
+        embeddings: `(B, D)` float embeddings.
+        margin: hinge margin `m` in `max(d(a, p) - d(a, n) + m, 0)`.
+        negative_mining: which negatives each (anchor, positive) pair uses:
+            `"semi-hard"` (closest negative farther than the positive, else the
+            farthest negative), `"hard"` (the anchor's closest negative),
+            `"easy"` (its farthest negative) or `"all"` (every negative).
+        positive_mining: `"all"` positive pairs, or per anchor the `"hard"`
+            (farthest) or `"easy"` (closest) positive.
+        soft_margin: replace the hinge by `softplus(d(a, p) - d(a, n))`
+            (Hermans et al.'s soft margin; `margin` is then unused).
+        distance: any name of `keras_dml.distances`; similarities are turned
+            into distances (`1 - cos`, `-dot`).
+
+    Returns:
+        A scalar: the mean over the selected (anchor, positive) pairs, or, for
+        `negative_mining="all"`, the mean over triplets with a non-zero loss
+        (the batch-all convention). Anchors without a positive or a negative
+        are left out; a batch with no valid triplet gives 0.
+    """
+    if negative_mining not in mining.NEGATIVE_MINING:
+        raise ValueError(
+            f"`negative_mining` must be one of {mining.NEGATIVE_MINING}, got {negative_mining!r}."
+        )
+    distances = distances_lib.get(distance).distance(embeddings)
+    positives, negatives = label_masks(labels)
+    pairs = mining.select_positives(distances, positives, positive_mining)
+    pairs = ops.logical_and(pairs, ops.any(negatives, axis=1, keepdims=True))
+
+    if negative_mining == "all":
+        return _batch_all(distances, pairs, negatives, margin, soft_margin)
+    if negative_mining == "semi-hard":
+        negative_distances, _ = mining.semi_hard_negatives(distances, negatives)
+    else:
+        miner = mining.hardest_negative if negative_mining == "hard" else mining.easiest_negative
+        negative_distances = ops.expand_dims(miner(distances, negatives)[0], 1)
+    gap = distances - negative_distances
+    per_pair = ops.softplus(gap) if soft_margin else ops.maximum(gap + margin, 0.0)
+    return dml_ops.masked_mean(per_pair, pairs)
+
+
+def _batch_all(distances, pairs, negatives, margin, soft_margin):
+    if soft_margin:
+        # softplus is not piecewise linear, so no prefix-sum shortcut: one anchor
+        # at a time keeps memory at O(B·R).
+        def one_anchor(row):
+            d, pair_row, negative_row = row
+            gaps = ops.expand_dims(d, 1) - ops.expand_dims(d, 0)
+            valid = ops.logical_and(ops.expand_dims(pair_row, 1), ops.expand_dims(negative_row, 0))
+            return ops.stack(
+                [dml_ops.masked_sum(ops.softplus(gaps), valid), dml_ops.masked_count(valid)]
+            )
+
+        sums_and_counts = ops.map(one_anchor, (distances, pairs, negatives))
+        total = ops.sum(sums_and_counts[:, 0])
+        return total / ops.maximum(ops.sum(sums_and_counts[:, 1]), 1.0)
+    sums, counts = mining.sum_of_hinges_over_negatives(distances, negatives, distances + margin)
+    total = dml_ops.masked_sum(sums, pairs)
+    return total / ops.maximum(dml_ops.masked_sum(counts, pairs), 1.0)
+
+
+@keras.saving.register_keras_serializable(package="keras_dml")
+class TripletLoss(MetricLoss):
+    """Pulls each anchor closer to its positives than to its negatives by a margin.
+
+    The general triplet loss: pick how positives and negatives are mined
+    within the batch (semi-hard by default), hinge or soft margin, and any
+    distance. Batches should hold several samples per class (see
+    `keras_dml.data` for an M-per-class sampler). For
+    tensorflow-addons' exact numbers use `TripletSemiHardLoss` /
+    `TripletHardLoss`.
+
+    Args:
+        margin: hinge margin (0.2 as in FaceNet, for L2-normalised embeddings).
+        negative_mining: `"semi-hard"`, `"hard"`, `"easy"` or `"all"`.
+        positive_mining: `"all"`, `"hard"` or `"easy"`.
+        soft_margin: use `softplus(d(a, p) - d(a, n))` instead of the hinge.
+        distance: a name from `keras_dml.distances` (`"euclidean"` default).
+        name: loss name.
+        reduction: Keras reduction; the loss is already a scalar mean.
+        dtype: the loss's compute dtype (float32 by default, also under
+            mixed precision).
+
+    Example:
+
+    >>> import numpy as np, keras, keras_dml
+    >>> labels = np.array([0, 0, 1, 1])
+    >>> emb = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]], "float32")
+    >>> float(keras_dml.TripletLoss(margin=0.2)(labels, emb))
+    0.0
+    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4),
+    ...                           keras.layers.UnitNormalization()])
+    >>> model.compile(optimizer="adam", loss=keras_dml.TripletLoss(negative_mining="hard"))
+
+    Reference:
+        Schroff et al., "FaceNet", CVPR 2015; Hermans et al., "In Defense of
+        the Triplet Loss for Person Re-Identification", 2017.
+    """
+
+    def __init__(
+        self,
+        margin: float = 0.2,
+        negative_mining: str = "semi-hard",
+        positive_mining: str = "all",
+        soft_margin: bool = False,
+        distance: str = "euclidean",
+        name: str = "triplet_loss",
+        reduction: str = "sum_over_batch_size",
+        dtype: str | None = None,
+    ):
+        if negative_mining not in mining.NEGATIVE_MINING:
+            raise ValueError(
+                f"`negative_mining` must be one of {mining.NEGATIVE_MINING}, "
+                f"got {negative_mining!r}."
+            )
+        if positive_mining not in mining.POSITIVE_MINING:
+            raise ValueError(
+                f"`positive_mining` must be one of {mining.POSITIVE_MINING}, "
+                f"got {positive_mining!r}."
+            )
+        distance = distances_lib.get(distance).name
+        super().__init__(
+            triplet_loss,
+            name=name,
+            reduction=reduction,
+            dtype=dtype,
+            margin=margin,
+            negative_mining=negative_mining,
+            positive_mining=positive_mining,
+            soft_margin=soft_margin,
+            distance=distance,
+        )
+
+
+@keras.saving.register_keras_serializable(package="keras_dml")
+class TripletSemiHardLoss(MetricLoss):
+    """Drop-in replacement for `tfa.losses.TripletSemiHardLoss`, with the same numbers.
+
+    Args:
+        margin: triplet margin (1.0, as in addons).
+        distance_metric: `"L2"` (default), `"squared-L2"` or `"angular"`.
+        name: loss name.
+        reduction: Keras reduction; the loss is already a scalar.
+        dtype: compute dtype (float32 by default).
+
+    Example:
+
+    >>> import numpy as np, keras_dml
+    >>> labels = np.array([0, 0, 1, 1])
+    >>> emb = np.array([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]], "float32")
+    >>> round(float(keras_dml.TripletSemiHardLoss()(labels, emb)), 4)
+    0.5858
+
+    Reference:
+        Schroff et al., "FaceNet", CVPR 2015; tensorflow-addons 0.23.
+    """
+
+    def __init__(
+        self,
+        margin: float = 1.0,
+        distance_metric: str = "L2",
+        name: str = "triplet_semihard_loss",
+        reduction: str = "sum_over_batch_size",
+        dtype: str | None = None,
+    ):
+        _check_tfa_metric(distance_metric)
+        super().__init__(
+            triplet_semihard_loss,
+            name=name,
+            reduction=reduction,
+            dtype=dtype,
+            margin=margin,
+            distance_metric=distance_metric,
+        )
+
+
+@keras.saving.register_keras_serializable(package="keras_dml")
+class TripletHardLoss(MetricLoss):
+    """Drop-in replacement for `tfa.losses.TripletHardLoss`, with the same numbers.
+
+    Args:
+        margin: triplet margin (1.0, as in addons).
+        soft: soft-margin form `log1p(exp(d(a, p*) - d(a, n*)))`.
+        distance_metric: `"L2"` (default), `"squared-L2"` or `"angular"`.
+        name: loss name.
+        reduction: Keras reduction; the loss is already a scalar.
+        dtype: compute dtype (float32 by default).
+
+    Example:
+
+    >>> import numpy as np, keras_dml
+    >>> labels = np.array([0, 0, 1, 1])
+    >>> emb = np.array([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]], "float32")
+    >>> round(float(keras_dml.TripletHardLoss()(labels, emb)), 4)
+    1.0
+
+    Reference:
+        Hermans et al., "In Defense of the Triplet Loss", 2017; tensorflow-addons 0.23.
+    """
+
+    def __init__(
+        self,
+        margin: float = 1.0,
+        soft: bool = False,
+        distance_metric: str = "L2",
+        name: str = "triplet_hard_loss",
+        reduction: str = "sum_over_batch_size",
+        dtype: str | None = None,
+    ):
+        _check_tfa_metric(distance_metric)
+        super().__init__(
+            triplet_hard_loss,
+            name=name,
+            reduction=reduction,
+            dtype=dtype,
+            margin=margin,
+            soft=soft,
+            distance_metric=distance_metric,
+        )
+
+
+def _check_tfa_metric(distance_metric):
+    if not isinstance(distance_metric, str) or distance_metric not in _TFA_METRICS:
+        raise ValueError(
+            f"`distance_metric` must be one of {sorted(_TFA_METRICS)}, got {distance_metric!r}. "
+            "(A callable metric, allowed by addons, cannot be saved with the model; use "
+            "`keras_dml.TripletLoss(distance=...)` for other distances.)"
+        )

@@ -1,0 +1,57 @@
+"""Shared test helpers: backend-agnostic gradients and mixed-precision scoping."""
+
+from __future__ import annotations
+
+import contextlib
+
+import keras
+import numpy as np
+import pytest
+
+
+def loss_gradient(fn, x):
+    """Returns `(value, d value / d x)` as NumPy arrays on the active backend.
+
+    Args:
+        fn: maps a float tensor shaped like `x` to a scalar tensor.
+        x: NumPy array.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        var = tf.Variable(x)
+        with tf.GradientTape() as tape:
+            value = fn(var)
+        grad = tape.gradient(value, var)
+        grad = np.zeros_like(x) if grad is None else grad.numpy()
+        return np.asarray(value), grad
+    if backend == "jax":
+        import jax
+
+        value, grad = jax.value_and_grad(lambda v: fn(v))(x)
+        return np.asarray(value), np.asarray(grad)
+    if backend == "torch":
+        import torch
+
+        var = torch.tensor(x, requires_grad=True)
+        value = fn(var)
+        value.backward()
+        return value.detach().numpy(), var.grad.numpy()
+    raise NotImplementedError(f"No gradient helper for backend {backend!r}.")
+
+
+@contextlib.contextmanager
+def mixed_precision(policy: str):
+    """Sets a global Keras dtype policy for the duration of the block."""
+    previous = keras.config.dtype_policy()
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
