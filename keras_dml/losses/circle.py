@@ -1,0 +1,127 @@
+"""Circle loss (Sun et al., CVPR 2020) over the pairs of a batch."""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from keras_dml import distances
+from keras_dml import ops as dml_ops
+from keras_dml.losses.base import MetricLoss, label_masks
+
+
+def circle_loss(
+    labels,
+    embeddings,
+    *,
+    margin: float = 0.25,
+    gamma: float = 256.0,
+    distance: str | distances.Distance = "cosine",
+):
+    """Re-weights every similarity by its distance from its optimum, then applies a soft-plus.
+
+    With similarities `s`, optima `O_p = 1 + m`, `O_n = -m` and decision
+    margins `Delta_p = 1 - m`, `Delta_n = m`, the weights
+    `alpha_p = relu(O_p - s_p)` and `alpha_n = relu(s_n - O_n)` are constants
+    (no gradient flows through them, as in the paper and its code), and for
+    each anchor
+
+    `loss_i = softplus(logsumexp_{N_i}(gamma alpha_n (s_n - Delta_n))
+    + logsumexp_{P_i}(-gamma alpha_p (s_p - Delta_p)))`.
+
+    The result is the mean over anchors that have at least one positive and
+    one negative, 0 when none has.
+
+    Args:
+        labels: `(B,)` int32 class labels.
+        embeddings: `(B, D)` float embeddings.
+        margin: relaxation `m`.
+        gamma: scale `gamma`.
+        distance: a name accepted by `keras_dml.distances.get`; distances are
+            turned into similarities (`-d`).
+
+    Returns:
+        A scalar loss.
+    """
+    similarity = distances.get(distance).similarity(embeddings)
+    positive_mask, negative_mask = label_masks(labels)
+    alpha_positive = ops.stop_gradient(ops.relu(1.0 + margin - similarity))
+    alpha_negative = ops.stop_gradient(ops.relu(similarity + margin))
+    positive_logits = -gamma * alpha_positive * (similarity - (1.0 - margin))
+    negative_logits = gamma * alpha_negative * (similarity - margin)
+    # With gamma = 256 the logits reach hundreds: only a shifted, masked
+    # log-sum-exp keeps them (and their gradients) finite.
+    per_anchor = ops.softplus(
+        dml_ops.masked_logsumexp(negative_logits, negative_mask)
+        + dml_ops.masked_logsumexp(positive_logits, positive_mask)
+    )
+    has_pairs = ops.logical_and(ops.any(positive_mask, axis=1), ops.any(negative_mask, axis=1))
+    return dml_ops.masked_mean(per_anchor, has_pairs)
+
+
+@keras.saving.register_keras_serializable(package="keras_dml")
+class CircleLoss(MetricLoss):
+    """Trains embeddings with the circle loss, weighting each pair by its distance from its optimum.
+
+    Values agree with `keras.losses.Circle(gamma=..., margin=...)` on
+    L2-normalised embeddings with the default `"sum_over_batch_size"`
+    reduction: Keras also averages over the anchors with a positive and a
+    negative (it masks out per-anchor losses that are exactly 0, which in
+    float32 can also drop an anchor whose loss underflows, below about
+    `1e-45`). Two differences: gradients, because Keras differentiates through
+    the weights `alpha_p`, `alpha_n` while this loss (like the paper's code)
+    treats them as constants; and the defaults, `margin=0.25, gamma=256`
+    (paper) here against `margin=0.4, gamma=80` in Keras. Keras does not
+    normalise its inputs; `distance="cosine"` here does.
+
+    Args:
+        margin: relaxation `m`; the optima are `1 + m` and `-m`, the decision
+            margins `1 - m` and `m`. Defaults to `0.25`.
+        gamma: scale `gamma`. Defaults to `256.0`.
+        distance: `"cosine"` (default) or `"dot"`; a distance such as
+            `"euclidean"` is used as the similarity `-d`.
+        name: name of the loss instance.
+        reduction: kept for Keras compatibility; the loss is already a scalar.
+        dtype: dtype of the loss computation; defaults to `keras.backend.floatx()`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> import keras
+    >>> from keras_dml.losses.circle import CircleLoss
+    >>> labels = np.array([0, 0, 1, 1])
+    >>> embeddings = np.array([[1.0, 0.0], [0.6, 0.8], [0.8, 0.6], [0.0, 1.0]], "float32")
+    >>> round(float(CircleLoss(margin=0.4, gamma=80.0)(labels, embeddings)), 3)
+    49.664
+    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    >>> model.compile(optimizer="adam", loss=CircleLoss())
+
+    Reference:
+        Sun, Cheng, Zhang, Zhang, Zheng, Wang & Wei, "Circle Loss: A Unified
+        Perspective of Pair Similarity Optimization", CVPR 2020.
+    """
+
+    def __init__(
+        self,
+        margin: float = 0.25,
+        gamma: float = 256.0,
+        distance: str = "cosine",
+        name: str = "circle_loss",
+        reduction: str = "sum_over_batch_size",
+        dtype: str | None = None,
+    ):
+        if not gamma > 0:
+            raise ValueError(f"`gamma` must be positive, got {gamma!r}.")
+        distances.get(distance)  # An unknown name fails here, not at the first batch.
+        super().__init__(
+            circle_loss,
+            name=name,
+            reduction=reduction,
+            dtype=dtype,
+            margin=margin,
+            gamma=gamma,
+            distance=distance,
+        )
+        self.margin = margin
+        self.gamma = gamma
+        self.distance = distance

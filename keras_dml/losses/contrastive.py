@@ -1,0 +1,123 @@
+"""Contrastive loss (Chopra, Hadsell & LeCun, 2005) over every pair of a batch."""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from keras_dml import distances
+from keras_dml import ops as dml_ops
+from keras_dml.losses.base import MetricLoss, label_masks
+
+
+def contrastive_loss(
+    labels,
+    embeddings,
+    *,
+    pos_margin: float = 0.0,
+    neg_margin: float = 1.0,
+    squared: bool = False,
+    distance: str | distances.Distance = "euclidean",
+):
+    """Pulls same-label pairs within `pos_margin` and pushes other pairs beyond `neg_margin`.
+
+    Every pair `(i, j)` with `i != j` is used. A positive pair costs
+    `max(d_ij - pos_margin, 0)`, a negative pair `max(neg_margin - d_ij, 0)`;
+    with `squared=True` both hinge terms are squared, which with the default
+    `pos_margin=0` is the classic `z * d^2 + (1 - z) * max(0, neg_margin - d)^2`.
+
+    The result is `mean over positive pairs + mean over negative pairs`, each
+    mean being 0 when the batch has no such pair. Averaging the two kinds
+    separately keeps the balance between pulling and pushing independent of
+    the number of classes in the batch (pytorch-metric-learning does the same
+    with its default reducer); it also means a batch without positive pairs
+    still gives a finite loss.
+
+    Args:
+        labels: `(B,)` int32 class labels.
+        embeddings: `(B, D)` float embeddings.
+        pos_margin: distance below which a positive pair costs nothing.
+        neg_margin: distance beyond which a negative pair costs nothing.
+        squared: square each hinge term.
+        distance: a name accepted by `keras_dml.distances.get`; similarities
+            are turned into distances (`1 - cos` for `"cosine"`).
+
+    Returns:
+        A scalar loss.
+    """
+    distance_matrix = distances.get(distance).distance(embeddings)
+    positive_mask, negative_mask = label_masks(labels)
+    positive_terms = ops.relu(distance_matrix - pos_margin)
+    negative_terms = ops.relu(neg_margin - distance_matrix)
+    if squared:
+        positive_terms = ops.square(positive_terms)
+        negative_terms = ops.square(negative_terms)
+    return dml_ops.masked_mean(positive_terms, positive_mask) + dml_ops.masked_mean(
+        negative_terms, negative_mask
+    )
+
+
+@keras.saving.register_keras_serializable(package="keras_dml")
+class ContrastiveLoss(MetricLoss):
+    """Trains embeddings so that same-label pairs are close and other pairs at least a margin apart.
+
+    Positive pairs cost `max(d - pos_margin, 0)` and negative pairs
+    `max(neg_margin - d, 0)` (squared with `squared=True`); the loss is the mean
+    over positive pairs plus the mean over negative pairs of the batch, each 0
+    when there is no such pair. Pairs are all `(i, j)` with `i != j`.
+
+    Args:
+        pos_margin: distance below which a positive pair costs nothing.
+            Defaults to `0.0`.
+        neg_margin: distance beyond which a negative pair costs nothing.
+            Defaults to `1.0`.
+        squared: square both hinge terms, as in Hadsell et al. (2006).
+            Defaults to `False`.
+        distance: `"euclidean"` (default), `"squared_euclidean"`, `"cosine"`
+            (used as `1 - cos`), `"angular"` or `"dot"` (used as `-dot`).
+        name: name of the loss instance.
+        reduction: kept for Keras compatibility; the loss is already a scalar.
+        dtype: dtype of the loss computation; defaults to `keras.backend.floatx()`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> import keras
+    >>> from keras_dml.losses.contrastive import ContrastiveLoss
+    >>> labels = np.array([0, 0, 1, 1])
+    >>> embeddings = np.array([[0.0, 0.0], [0.0, 0.5], [0.0, 0.6], [0.0, 1.2]], "float32")
+    >>> round(float(ContrastiveLoss()(labels, embeddings)), 4)
+    0.95
+    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    >>> model.compile(optimizer="adam", loss=ContrastiveLoss(neg_margin=0.5))
+
+    Reference:
+        Chopra, Hadsell & LeCun, "Learning a Similarity Metric Discriminatively,
+        with Application to Face Verification", CVPR 2005.
+    """
+
+    def __init__(
+        self,
+        pos_margin: float = 0.0,
+        neg_margin: float = 1.0,
+        squared: bool = False,
+        distance: str = "euclidean",
+        name: str = "contrastive_loss",
+        reduction: str = "sum_over_batch_size",
+        dtype: str | None = None,
+    ):
+        distances.get(distance)  # An unknown name fails here, not at the first batch.
+        super().__init__(
+            contrastive_loss,
+            name=name,
+            reduction=reduction,
+            dtype=dtype,
+            pos_margin=pos_margin,
+            neg_margin=neg_margin,
+            squared=squared,
+            distance=distance,
+        )
+        self.pos_margin = pos_margin
+        self.neg_margin = neg_margin
+        self.squared = squared
+        self.distance = distance

@@ -1,0 +1,213 @@
+"""ContrastiveLoss against a naive loop reference (backend-agnostic)."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import pytest
+from conftest import loss_gradient, mixed_precision
+
+from keras_dml.losses.contrastive import ContrastiveLoss, contrastive_loss
+
+DISTANCES = ["euclidean", "squared_euclidean", "cosine", "angular", "dot"]
+
+
+def ref_distance(a, b, distance):
+    """One pair, float64, as the loss sees it (a distance: smaller is closer)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    dot = sum(a[k] * b[k] for k in range(len(a)))
+    if distance == "euclidean":
+        return math.sqrt(sum((a[k] - b[k]) ** 2 for k in range(len(a))))
+    if distance == "squared_euclidean":
+        return sum((a[k] - b[k]) ** 2 for k in range(len(a)))
+    if distance in ("cosine", "angular"):
+        norms = max(math.sqrt(a @ a), 1e-6) * max(math.sqrt(b @ b), 1e-6)
+        cos = min(max(dot / norms, -1.0), 1.0)
+        return 1.0 - cos if distance == "cosine" else max(1.0 - cos, 0.0)
+    if distance == "dot":
+        return -dot
+    raise ValueError(distance)
+
+
+def ref_contrastive(labels, x, pos_margin=0.0, neg_margin=1.0, squared=False, distance="euclidean"):
+    pos, neg = [], []
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            if i == j:
+                continue
+            d = ref_distance(x[i], x[j], distance)
+            if labels[i] == labels[j]:
+                term = max(d - pos_margin, 0.0)
+                pos.append(term**2 if squared else term)
+            else:
+                term = max(neg_margin - d, 0.0)
+                neg.append(term**2 if squared else term)
+    mean_pos = sum(pos) / len(pos) if pos else 0.0
+    mean_neg = sum(neg) / len(neg) if neg else 0.0
+    return mean_pos + mean_neg
+
+
+def batch(rng, n=10, dim=4, classes=3, scale=0.5):
+    labels = rng.integers(0, classes, size=n)
+    return labels, (scale * rng.normal(size=(n, dim))).astype("float32")
+
+
+def numeric_gradient(f, x, eps=1e-5):
+    x = np.asarray(x, np.float64)
+    grad = np.zeros_like(x)
+    for idx in np.ndindex(*x.shape):
+        up, down = x.copy(), x.copy()
+        up[idx] += eps
+        down[idx] -= eps
+        grad[idx] = (f(up) - f(down)) / (2 * eps)
+    return grad
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("squared", [False, True])
+def test_matches_reference(distance, squared):
+    rng = np.random.default_rng(0)
+    for pos_margin, neg_margin in ((0.0, 1.0), (0.2, 0.8), (0.5, 2.0)):
+        loss = ContrastiveLoss(
+            pos_margin=pos_margin, neg_margin=neg_margin, squared=squared, distance=distance
+        )
+        for classes in (2, 3, 5):
+            labels, x = batch(rng, n=10, classes=classes)
+            want = ref_contrastive(labels, x, pos_margin, neg_margin, squared, distance)
+            np.testing.assert_allclose(float(loss(labels, x)), want, rtol=1e-5, atol=1e-6)
+
+
+def test_function_equals_class_and_hand_computed_value():
+    labels = np.array([0, 0, 1, 1])
+    x = np.array([[0.0, 0.0], [0.0, 0.5], [0.0, 0.6], [0.0, 1.2]], "float32")
+    # Positive distances 0.5, 0.6; negative hinge terms 0.4, 0, 0.9, 0.3.
+    want = (0.5 + 0.6) / 2 + (0.4 + 0.0 + 0.9 + 0.3) / 4
+    np.testing.assert_allclose(float(contrastive_loss(labels, x)), want, rtol=1e-6)
+    np.testing.assert_allclose(float(ContrastiveLoss()(labels, x)), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "squared_euclidean", "cosine"])
+@pytest.mark.parametrize("squared", [False, True])
+def test_gradient_matches_finite_differences(distance, squared):
+    rng = np.random.default_rng(3)
+    labels, x = batch(rng, n=7, dim=3, classes=2)
+    kwargs = dict(pos_margin=0.1, neg_margin=1.0, squared=squared, distance=distance)
+    value, grad = loss_gradient(lambda v: contrastive_loss(labels, v, **kwargs), x)
+    want = numeric_gradient(lambda z: ref_contrastive(labels, z, **kwargs), x)
+    np.testing.assert_allclose(value, ref_contrastive(labels, x, **kwargs), rtol=1e-5)
+    np.testing.assert_allclose(grad, want, rtol=1e-3, atol=1e-4)
+
+
+def test_gradient_through_class_matches_function():
+    rng = np.random.default_rng(4)
+    labels, x = batch(rng, n=9, classes=3)
+    _, through_class = loss_gradient(lambda v: ContrastiveLoss(squared=True)(labels, v), x)
+    _, through_fn = loss_gradient(lambda v: contrastive_loss(labels, v, squared=True), x)
+    np.testing.assert_allclose(through_class, through_fn, rtol=1e-6, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- degenerate input
+
+DEGENERATE = [
+    (np.zeros(5, "int32"), np.eye(5, 3, dtype="float32")),
+    (np.arange(5), np.eye(5, 3, dtype="float32")),
+    (np.array([2]), np.ones((1, 3), "float32")),
+    (np.array([0, 0, 1, 1]), np.ones((4, 3), "float32")),
+    (np.array([0, 0, 1, 1, 2]), np.array([[1, 2], [1, 2], [1, 2], [0, 0], [0, 0]], "float32")),
+]
+DEGENERATE_IDS = ["one-class", "all-distinct", "single", "all-identical", "duplicates-and-zeros"]
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("labels, x", DEGENERATE, ids=DEGENERATE_IDS)
+def test_degenerate_batches_are_finite_and_match_reference(distance, labels, x):
+    loss = ContrastiveLoss(pos_margin=0.1, distance=distance)
+    value, grad = loss_gradient(lambda v: loss(labels, v), x)
+    assert np.isfinite(value)
+    assert np.all(np.isfinite(grad))
+    np.testing.assert_allclose(
+        value, ref_contrastive(labels, x, 0.1, 1.0, False, distance), rtol=1e-5, atol=1e-6
+    )
+    squared = float(ContrastiveLoss(pos_margin=0.1, squared=True, distance=distance)(labels, x))
+    np.testing.assert_allclose(
+        squared, ref_contrastive(labels, x, 0.1, 1.0, True, distance), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_single_sample_and_no_pairs_give_zero():
+    assert float(ContrastiveLoss()(np.array([3]), np.ones((1, 4), "float32"))) == 0.0
+    # All labels distinct: only negatives, all farther than the margin.
+    x = 5.0 * np.eye(4, dtype="float32")
+    assert float(ContrastiveLoss()(np.arange(4), x)) == 0.0
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_half_precision_inputs_and_model_outputs(policy):
+    rng = np.random.default_rng(1)
+    labels, x = batch(rng, n=10, classes=3)
+    half = policy.split("_")[1]
+    loss = ContrastiveLoss(squared=True)
+    with mixed_precision(policy):
+        value = float(loss(labels, keras.ops.cast(x, half)))
+        assert np.isfinite(value)
+        np.testing.assert_allclose(value, float(loss(labels, x)), rtol=0.05, atol=0.02)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        assert keras.backend.standardize_dtype(model(x).dtype) == half
+        value, grad = loss_gradient(lambda v: loss(labels, model(v)), x)
+    assert np.isfinite(value)
+    assert np.all(np.isfinite(grad))
+    assert keras.config.dtype_policy().name == "float32"
+
+
+# --------------------------------------------------------------------------- Keras integration
+
+
+def test_config_round_trip():
+    loss = ContrastiveLoss(pos_margin=0.2, neg_margin=0.7, squared=True, distance="cosine")
+    config = loss.get_config()
+    assert {k: config[k] for k in ("pos_margin", "neg_margin", "squared", "distance")} == {
+        "pos_margin": 0.2,
+        "neg_margin": 0.7,
+        "squared": True,
+        "distance": "cosine",
+    }
+    clone = ContrastiveLoss.from_config(config)
+    assert clone.get_config() == config
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(loss))
+    assert isinstance(restored, ContrastiveLoss)
+    assert restored.get_config() == config
+    labels, x = batch(np.random.default_rng(2))
+    np.testing.assert_allclose(float(restored(labels, x)), float(loss(labels, x)), rtol=1e-6)
+
+
+def test_fit_two_epochs_gives_finite_loss():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 8)).astype("float32")
+    labels = rng.integers(0, 4, size=64).astype("int32")
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    model.compile(optimizer="adam", loss=ContrastiveLoss(neg_margin=0.5))
+    history = model.fit(x, labels, batch_size=16, epochs=2, verbose=0)
+    assert len(history.history["loss"]) == 2
+    assert np.all(np.isfinite(history.history["loss"]))
+
+
+@pytest.mark.parametrize(
+    "labels, x, arg",
+    [
+        (np.zeros(3, "int32"), np.ones((3,), "float32"), "y_pred"),
+        (np.zeros(4, "int32"), np.ones((3, 2), "float32"), "y_true"),
+        (np.zeros(2, "int32"), np.array([[np.nan, 1.0], [0.0, 1.0]], "float32"), "y_pred"),
+        (np.zeros(0, "int32"), np.ones((0, 2), "float32"), "y_pred"),
+    ],
+    ids=["rank", "batch-mismatch", "nan", "empty"],
+)
+def test_bad_inputs_raise(labels, x, arg):
+    with pytest.raises(ValueError, match=arg):
+        ContrastiveLoss()(labels, x)
+
+
+def test_unknown_distance_raises():
+    with pytest.raises(ValueError, match="distance"):
+        ContrastiveLoss(distance="manhattan")
