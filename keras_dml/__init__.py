@@ -2,12 +2,20 @@
 
 The losses are importable from the top level (`keras_dml.TripletLoss`); the
 other parts live in sub-packages named after what they are:
-`keras_dml.distances`, `keras_dml.losses`, `keras_dml.evaluation`.
+`keras_dml.distances`, `keras_dml.losses`, `keras_dml.mining`,
+`keras_dml.evaluation`.
 """
 
-from keras_dml import distances, losses, mining
+from keras_dml import distances, evaluation, losses, mining
 from keras_dml.losses import (
+    CircleLoss,
+    ContrastiveLoss,
+    LiftedStructLoss,
     MetricLoss,
+    MultiSimilarityLoss,
+    NPairsLoss,
+    NTXentLoss,
+    SupConLoss,
     TripletHardLoss,
     TripletLoss,
     TripletSemiHardLoss,
@@ -15,12 +23,20 @@ from keras_dml.losses import (
 from keras_dml.version import __version__
 
 __all__ = [
+    "CircleLoss",
+    "ContrastiveLoss",
+    "LiftedStructLoss",
     "MetricLoss",
+    "MultiSimilarityLoss",
+    "NPairsLoss",
+    "NTXentLoss",
+    "SupConLoss",
     "TripletHardLoss",
     "TripletLoss",
     "TripletSemiHardLoss",
     "__version__",
     "distances",
+    "evaluation",
     "losses",
     "mining",
 ]

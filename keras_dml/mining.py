@@ -40,18 +40,15 @@ def sorted_negatives(distances, negative_mask, at_least=None):
     """Sorts each anchor's negative distances ascending, non-negatives last.
 
     Returns:
-        `(order, sorted_values, num_negatives)`: `order` (B, R) column indices
-        so that `take_along_axis(distances, order)` is ascending over the
-        negatives; `sorted_values` the same values (non-negatives replaced by a
-        filler larger than every distance and than `at_least`); `num_negatives`
-        (B,) int32.
+        `(sorted_values, num_negatives)`: `(B, R)` each row's negative
+        distances ascending, followed by a constant filler larger than every
+        distance and than `at_least`; gradients flow through the sort to the
+        distances. `num_negatives` is `(B,)` int32.
     """
     filler = ops.ones_like(distances) * _filler(distances, at_least)
-    filled = ops.where(negative_mask, distances, filler)
-    order = ops.argsort(ops.stop_gradient(filled), axis=1)
-    sorted_values = ops.take_along_axis(filled, order, axis=1)
+    sorted_values = ops.sort(ops.where(negative_mask, distances, filler), axis=1)
     num_negatives = ops.sum(ops.cast(negative_mask, "int32"), axis=1)
-    return order, sorted_values, num_negatives
+    return sorted_values, num_negatives
 
 
 def semi_hard_negatives(distances, negative_mask):
@@ -71,13 +68,12 @@ def semi_hard_negatives(distances, negative_mask):
         any negative (their row holds the anchor's minimum distance, as in
         tensorflow-addons).
     """
-    order, sorted_values, num_negatives = sorted_negatives(distances, negative_mask)
+    sorted_values, num_negatives = sorted_negatives(distances, negative_mask)
     num_refs = ops.shape(distances)[1]
     # Number of negatives with d(a, n) <= d(a, p): the next one is the semi-hard negative.
     position = dml_ops.batched_searchsorted(sorted_values, distances, side="right")
     has_semi_hard = position < ops.expand_dims(num_negatives, 1)
-    column = ops.take_along_axis(order, ops.minimum(position, num_refs - 1), axis=1)
-    semi_hard = ops.take_along_axis(distances, column, axis=1)
+    semi_hard = ops.take_along_axis(sorted_values, ops.minimum(position, num_refs - 1), axis=1)
     easiest, has_negative = easiest_negative(distances, negative_mask)
     # tensorflow-addons' masked maximum over an empty mask is the row minimum.
     fallback = ops.where(has_negative, easiest, ops.min(distances, axis=1))
@@ -128,7 +124,7 @@ def sum_of_hinges_over_negatives(distances, negative_mask, thresholds):
         `(sums, counts)`, both `(B, R)`; `counts` (float) is the number of
         negatives with a positive hinge.
     """
-    _, sorted_values, _ = sorted_negatives(distances, negative_mask, at_least=thresholds)
+    sorted_values, _ = sorted_negatives(distances, negative_mask, at_least=thresholds)
     count = dml_ops.batched_searchsorted(sorted_values, thresholds, side="left")
     zeros = ops.zeros_like(sorted_values[:, :1])
     prefix = ops.concatenate([zeros, ops.cumsum(sorted_values, axis=1)], axis=1)

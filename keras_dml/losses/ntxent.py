@@ -1,0 +1,205 @@
+"""NT-Xent / InfoNCE (SimCLR): each sample must pick its other view out of the batch.
+
+Convention for the Keras loss: `y_pred` holds both views stacked along the
+batch axis, `concat([view_1, view_2])` of shape `(2N, D)`, so that rows `i`
+and `i + N` are the positive pair and the other `2N - 2` rows are negatives.
+Labels play no part; `y_true` only has to have `N` or `2N` rows (pass zeros or
+instance ids). For custom training steps (e.g. LoCo's local units), call
+`nt_xent_loss(view_1, view_2)` directly.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_dml import distances
+from keras_dml import ops as dml_ops
+from keras_dml.losses.base import MetricLoss, concrete_value, label_masks
+
+
+def _check_temperature(temperature, arg: str = "temperature") -> None:
+    if isinstance(temperature, (int, float)) and not temperature > 0:
+        raise ValueError(f"`{arg}` must be > 0, got {temperature}.")
+
+
+def _as_views(embeddings_a, embeddings_b):
+    """Validates two `(N, D)` views and returns them as float tensors (float32 for half inputs)."""
+    views = []
+    for arg, x in (("embeddings_a", embeddings_a), ("embeddings_b", embeddings_b)):
+        x = ops.convert_to_tensor(x)
+        if ops.dtype(x) in ("float16", "bfloat16") or "float" not in ops.dtype(x):
+            x = ops.cast(x, "float32")
+        if len(x.shape) != 2:
+            raise ValueError(
+                f"`{arg}` must be embeddings of shape (batch, dim), got shape {tuple(x.shape)}."
+            )
+        value = concrete_value(x)
+        if value is not None:
+            if value.shape[0] == 0:
+                raise ValueError(f"`{arg}` is an empty batch; NT-Xent needs at least one pair.")
+            if not np.all(np.isfinite(value)):
+                raise ValueError(f"`{arg}` contains NaN or Inf.")
+        views.append(x)
+    a, b = views
+    if None not in a.shape and None not in b.shape and tuple(a.shape) != tuple(b.shape):
+        raise ValueError(
+            "`embeddings_a` and `embeddings_b` must be two views of the same batch with the "
+            f"same shape, got {tuple(a.shape)} and {tuple(b.shape)}."
+        )
+    if a.dtype != b.dtype:
+        b = ops.cast(b, a.dtype)
+    return a, b
+
+
+def nt_xent_loss(embeddings_a, embeddings_b, temperature: float = 0.1):
+    """Scores how well each sample picks out its other view among the `2N - 1` others.
+
+    With `z = l2_normalize(concat([embeddings_a, embeddings_b]))` (2N rows)
+    and `s_ij = z_i . z_j / temperature`, anchor `i` has the positive
+    `p(i) = i + N (mod 2N)` and
+    `loss_i = -log( exp(s_ip) / sum_{k != i} exp(s_ik) )`;
+    the result is the mean of `loss_i` over all `2N` anchors (SimCLR's
+    symmetric loss, both views serving as anchors).
+
+    Args:
+        embeddings_a: `(N, D)` embeddings of the first view.
+        embeddings_b: `(N, D)` embeddings of the second view; row `i` is the
+            same instance as row `i` of `embeddings_a`.
+        temperature: softmax temperature `tau > 0`. Defaults to `0.1`.
+
+    Returns:
+        A scalar float32 loss (float64 for float64 inputs).
+
+    Raises:
+        ValueError: naming the argument, for a wrong rank, views of different
+            shapes, an empty batch, NaN/Inf values or `temperature <= 0`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras_dml.losses.ntxent import nt_xent_loss
+    >>> view_1 = np.array([[1.0, 0.0], [0.0, 1.0]], "float32")
+    >>> view_2 = np.array([[1.0, 0.1], [0.1, 1.0]], "float32")
+    >>> round(float(nt_xent_loss(view_1, view_2, temperature=0.5)), 4)
+    0.2899
+
+    Reference:
+        Chen, Kornblith, Norouzi & Hinton, "A Simple Framework for Contrastive
+        Learning of Visual Representations", ICML 2020.
+    """
+    _check_temperature(temperature)
+    a, b = _as_views(embeddings_a, embeddings_b)
+    n = ops.shape(a)[0]
+    logits = distances.cosine_similarity(ops.concatenate([a, b], axis=0)) / temperature
+    # Rows i and i + N share an instance id, so the label masks mark exactly the other view.
+    instance_ids = ops.tile(ops.arange(n, dtype="int32"), [2])
+    positive_mask, _ = label_masks(instance_ids)
+    not_self = ops.logical_not(ops.cast(ops.eye(2 * n), "bool"))
+    log_prob = dml_ops.masked_log_softmax(logits, not_self, axis=1)
+    return -ops.mean(dml_ops.masked_sum(log_prob, positive_mask, axis=1))
+
+
+def _nt_xent_from_stacked_views(labels, embeddings, *, temperature: float = 0.1):
+    """`nt_xent_loss` on `y_pred = concat([view_1, view_2])`; labels are ignored."""
+    del labels
+    # With an unknown static batch, `split` still fails at run time on an odd batch (TF)
+    # instead of silently dropping a row.
+    view_1, view_2 = ops.split(embeddings, 2, axis=0)
+    return nt_xent_loss(view_1, view_2, temperature=temperature)
+
+
+@keras.saving.register_keras_serializable(package="keras_dml")
+class NTXentLoss(MetricLoss):
+    """Trains embeddings so that two augmented views of one input are closer than any other pair.
+
+    `y_pred` must be both views stacked along the batch axis,
+    `concat([view_1, view_2])` of shape `(2N, D)`: rows `i` and `i + N` are a
+    positive pair, and each anchor's negatives are the other `2N - 2` rows.
+    Similarities are cosines divided by `temperature`; the loss is the
+    cross-entropy of picking the positive, averaged over all `2N` anchors.
+    `y_true` is not used beyond a shape check: give it `N` rows (one per input,
+    as `fit` does when the model builds both views itself) or `2N` rows (one
+    per row of `y_pred`), e.g. zeros or instance ids.
+
+    Two ways to get the stacked views:
+
+    - in the model: apply random augmentation twice to the same inputs, run
+      both through one encoder and `keras.ops.concatenate(..., axis=0)` the
+      outputs (see the example);
+    - in the input pipeline: batch first, then map each batch `x` to
+      `concat([augment(x), augment(x)])` and `y` to `concat([ids, ids])`.
+
+    Args:
+        temperature: softmax temperature `tau > 0`; SimCLR uses 0.1 to 0.5
+            depending on the batch size. Defaults to `0.1`.
+        name: name of the loss instance.
+        reduction: kept for Keras compatibility; the loss is already a scalar.
+        dtype: dtype of the loss computation; defaults to `keras.backend.floatx()`.
+            The softmax is computed in float32 for half-precision inputs.
+
+    Example:
+
+    >>> import numpy as np
+    >>> import keras
+    >>> from keras_dml.losses.ntxent import NTXentLoss
+    >>> view_1 = np.array([[1.0, 0.0], [0.0, 1.0]], "float32")
+    >>> view_2 = np.array([[1.0, 0.1], [0.1, 1.0]], "float32")
+    >>> y_pred = np.concatenate([view_1, view_2])  # rows 0 & 2 and 1 & 3 are pairs
+    >>> round(float(NTXentLoss(temperature=0.5)(np.zeros(4), y_pred)), 4)
+    0.2899
+
+    Building the two views inside the model, one shared encoder:
+
+    >>> encoder = keras.Sequential([keras.layers.Dense(16, "relu"), keras.layers.Dense(4)])
+    >>> augment = keras.layers.GaussianNoise(0.1)
+    >>> inputs = keras.Input((8,))
+    >>> views = keras.ops.concatenate([encoder(augment(inputs)), encoder(augment(inputs))], axis=0)
+    >>> model = keras.Model(inputs, views)
+    >>> model.compile(optimizer="adam", loss=NTXentLoss(temperature=0.1))
+    >>> x = np.random.default_rng(0).normal(size=(32, 8)).astype("float32")
+    >>> history = model.fit(x, np.zeros(32), batch_size=8, epochs=1, verbose=0)
+
+    Reference:
+        Chen, Kornblith, Norouzi & Hinton, "A Simple Framework for Contrastive
+        Learning of Visual Representations", ICML 2020.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        name: str = "nt_xent_loss",
+        reduction: str = "sum_over_batch_size",
+        dtype: str | None = None,
+    ):
+        _check_temperature(temperature)
+        super().__init__(
+            _nt_xent_from_stacked_views,
+            name=name,
+            reduction=reduction,
+            dtype=dtype,
+            temperature=temperature,
+        )
+        self.temperature = temperature
+
+    def call(self, y_true, y_pred):
+        y_true = ops.convert_to_tensor(y_true)
+        y_pred = ops.convert_to_tensor(y_pred)
+        n_true = y_true.shape[0] if len(y_true.shape) else None
+        n_pred = y_pred.shape[0] if len(y_pred.shape) else None
+        if n_pred is not None and n_pred % 2:
+            raise ValueError(
+                "`y_pred` must stack two views, concat([view_1, view_2]), so its batch size must "
+                f"be even; got {n_pred} rows."
+            )
+        if n_true is not None and n_pred is not None and n_true != n_pred:
+            if 2 * n_true != n_pred:
+                raise ValueError(
+                    f"`y_true` has {n_true} rows but `y_pred` has {n_pred}; with two stacked "
+                    f"views `y_true` must have {n_pred // 2} (one per input) or {n_pred} rows "
+                    "(one per view)."
+                )
+            # One label per input covers both of its views.
+            y_true = ops.concatenate([y_true, y_true], axis=0)
+        return super().call(y_true, y_pred)

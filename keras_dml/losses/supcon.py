@@ -1,0 +1,123 @@
+"""Supervised contrastive loss (SupCon, Khosla et al. 2020): InfoNCE with label positives."""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from keras_dml import distances
+from keras_dml import ops as dml_ops
+from keras_dml.losses.base import MetricLoss, label_masks, validate_inputs
+
+
+def _check_temperature(value, arg: str) -> None:
+    if isinstance(value, (int, float)) and not value > 0:
+        raise ValueError(f"`{arg}` must be > 0, got {value}.")
+
+
+def supcon_loss(
+    labels,
+    embeddings,
+    *,
+    temperature: float = 0.07,
+    base_temperature: float = 0.07,
+):
+    """Pulls every same-label sample towards each anchor against all other samples of the batch.
+
+    With `z` the L2-normalised embeddings, `s_ij = z_i . z_j / temperature`
+    and `P(i)` the samples with anchor `i`'s label other than `i` itself
+    (the paper's L_out):
+    `loss_i = -(temperature / base_temperature) * (1 / |P(i)|)
+    * sum_{p in P(i)} log( exp(s_ip) / sum_{k != i} exp(s_ik) )`.
+    The result is the mean of `loss_i` over the anchors with `|P(i)| >= 1`,
+    and 0 (with zero gradient) when no anchor has a positive.
+
+    The official code averages over every anchor, counting an anchor without
+    positives as 0; here such anchors are left out of the mean, so the value
+    does not shrink with the number of singleton labels. Both agree whenever
+    each anchor has a positive, as with two or more views per instance.
+
+    Args:
+        labels: `(B,)` integer class labels. For `V` views of `N` instances,
+            stack the views (`B = V * N`) and repeat the labels `V` times;
+            with instance ids as labels, this is the self-supervised SimCLR
+            loss (`nt_xent_loss` times `temperature / base_temperature`).
+        embeddings: `(B, D)` float embeddings, normalised here.
+        temperature: softmax temperature `tau > 0`. Defaults to `0.07`.
+        base_temperature: `tau_base > 0`; the loss is scaled by
+            `tau / tau_base`, as in the official code, so that its gradient
+            magnitude does not depend on `tau`. Defaults to `0.07`.
+
+    Returns:
+        A scalar float32 loss (float64 for float64 inputs).
+    """
+    _check_temperature(temperature, "temperature")
+    _check_temperature(base_temperature, "base_temperature")
+    labels, embeddings = validate_inputs(labels, embeddings, "labels", "embeddings")
+    logits = distances.cosine_similarity(embeddings) / temperature
+    positive_mask, _ = label_masks(labels)
+    not_self = ops.logical_not(ops.cast(ops.eye(ops.shape(labels)[0]), "bool"))
+    log_prob = dml_ops.masked_log_softmax(logits, not_self, axis=1)
+    mean_log_prob_positive = dml_ops.masked_mean(log_prob, positive_mask, axis=1)
+    has_positive = ops.any(positive_mask, axis=1)
+    scale = temperature / base_temperature
+    return -scale * dml_ops.masked_mean(mean_log_prob_positive, has_positive)
+
+
+@keras.saving.register_keras_serializable(package="keras_dml")
+class SupConLoss(MetricLoss):
+    """Trains embeddings so that each sample is closer to all samples of its class than to others.
+
+    Every sample is an anchor; its positives are the other samples with the
+    same label and the softmax runs over all other samples of the batch, on
+    cosine similarities divided by `temperature` (the paper's L_out). The loss
+    is the mean over anchors with at least one positive, scaled by
+    `temperature / base_temperature`; a batch without any positive pair gives
+    0. Any number of views works: stack them along the batch axis and repeat
+    the labels.
+
+    Args:
+        temperature: softmax temperature `tau > 0`. Defaults to `0.07`.
+        base_temperature: the loss is multiplied by `tau / base_temperature`
+            (official code). Defaults to `0.07`.
+        name: name of the loss instance.
+        reduction: kept for Keras compatibility; the loss is already a scalar.
+        dtype: dtype of the loss computation; defaults to `keras.backend.floatx()`.
+            The softmax is computed in float32 for half-precision inputs.
+
+    Example:
+
+    >>> import numpy as np
+    >>> import keras
+    >>> from keras_dml.losses.supcon import SupConLoss
+    >>> labels = np.array([0, 0, 0, 1])  # the last sample has no positive: only a negative
+    >>> embeddings = np.array([[1.0, 0.0], [1.0, 0.1], [0.9, 0.3], [0.0, 1.0]], "float32")
+    >>> round(float(SupConLoss(temperature=0.5, base_temperature=0.5)(labels, embeddings)), 4)
+    0.7868
+    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    >>> model.compile(optimizer="adam", loss=SupConLoss())
+
+    Reference:
+        Khosla et al., "Supervised Contrastive Learning", NeurIPS 2020.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.07,
+        base_temperature: float = 0.07,
+        name: str = "supcon_loss",
+        reduction: str = "sum_over_batch_size",
+        dtype: str | None = None,
+    ):
+        _check_temperature(temperature, "temperature")
+        _check_temperature(base_temperature, "base_temperature")
+        super().__init__(
+            supcon_loss,
+            name=name,
+            reduction=reduction,
+            dtype=dtype,
+            temperature=temperature,
+            base_temperature=base_temperature,
+        )
+        self.temperature = temperature
+        self.base_temperature = base_temperature
