@@ -1,0 +1,604 @@
+"""What every nearest-neighbour index shares: input checks, ids, metadata and persistence.
+
+An index stores embeddings (one row per item) with an id and optional
+JSON-serialisable metadata per item, and answers `search(queries, k)` with the
+ids and scores of the `k` nearest items. Subclasses implement only
+`_search(queries, k)`, which works on stored row numbers.
+
+Persistence never uses pickle: a saved index is a directory holding
+
+| file | content |
+| --- | --- |
+| `index.json` | format and version, index class, config, sizes; size and SHA-256 of each file |
+| `embeddings.npy` | float32 `(size, dim)`, the stored (possibly normalised) vectors |
+| `ids.npy` | int64 or unicode `(size,)` |
+| `metadata.json` | a JSON list, one entry per item (only when metadata was given) |
+| `scann/` | ScaNN's own serialisation (`ScaNNIndex` only) |
+
+Loading reads `.npy` files with `allow_pickle=False` and checks every size and
+checksum first, so a directory from someone else cannot run code, and a
+truncated, edited or mixed-up directory raises a `ValueError` that says which
+file is wrong.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+
+FORMAT_NAME = "keras-dml-index"
+FORMAT_VERSION = 1
+DISTANCES = ("dot", "squared_l2")
+
+_HEADER = "index.json"
+_EMBEDDINGS = "embeddings.npy"
+_IDS = "ids.npy"
+_METADATA = "metadata.json"
+
+# Below this norm a vector is left as it is instead of being divided by ~0.
+_NORM_EPSILON = 1e-12
+
+
+def l2_normalize_rows(x: np.ndarray) -> np.ndarray:
+    """Scales each row to unit L2 norm in NumPy; an all-zero row stays zero.
+
+    Mirrors `keras_dml.distances.l2_normalize` (same epsilon) without going
+    through a backend tensor, so index search stays NumPy-only.
+
+    Args:
+        x: float32 array of shape `(n, dim)`.
+
+    Returns:
+        A new float32 array of the same shape.
+    """
+    square_sum = np.einsum("ij,ij->i", x, x)[:, None]
+    return (x / np.sqrt(np.maximum(square_sum, _NORM_EPSILON))).astype(np.float32, copy=False)
+
+
+def all_finite(x: np.ndarray) -> bool:
+    """Returns whether a float32 array holds no NaN or Inf, cheaply.
+
+    NaN and Inf propagate into the dot product of the flattened array with
+    itself; a product that overflows on finite values is re-checked exactly.
+    """
+    flat = x.reshape(-1)
+    if math.isfinite(float(np.dot(flat, flat))):
+        return True
+    return bool(np.isfinite(x).all())
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Index(abc.ABC):
+    """Base class of `ExactIndex` and `ScaNNIndex`: add items, search, save and load.
+
+    Use a subclass; `Index.load(directory)` loads a saved index of either kind.
+
+    Args:
+        distance: `"dot"` (inner product; a similarity, larger is closer) or
+            `"squared_l2"` (squared euclidean distance, smaller is closer).
+        normalize: whether to L2-normalise stored embeddings and queries.
+            Defaults to `True` for `"dot"`, so that scores are cosine
+            similarities, and `False` for `"squared_l2"`.
+
+    Raises:
+        ValueError: if `distance` is not one of the names above.
+    """
+
+    # Subclasses register here so that `Index.load` can dispatch on the class
+    # name written in `index.json` without importing anything by name.
+    _registry: ClassVar[dict[str, type[Index]]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        Index._registry[cls.__name__] = cls
+
+    def __init__(self, distance: str = "dot", normalize: bool | None = None):
+        if distance not in DISTANCES:
+            raise ValueError(
+                f"`distance` must be one of {DISTANCES}, got {distance!r}. Use 'dot' "
+                "with normalize=True for cosine similarity."
+            )
+        self.distance = distance
+        self.normalize = (distance == "dot") if normalize is None else bool(normalize)
+        self._embeddings: np.ndarray | None = None
+        self._ids: np.ndarray | None = None
+        self._metadata: list[Any] | None = None
+        self._id_to_row: dict[Any, int] | None = None
+
+    # ------------------------------------------------------------------ state
+
+    def __len__(self) -> int:
+        return 0 if self._embeddings is None else int(self._embeddings.shape[0])
+
+    def __repr__(self) -> str:
+        name = type(self).__name__
+        return f"{name}(size={len(self)}, dim={self.dim}, distance={self.distance!r})"
+
+    @property
+    def dim(self) -> int | None:
+        """Embedding dimension, or None before the first `add`."""
+        return None if self._embeddings is None else int(self._embeddings.shape[1])
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        """Stored vectors `(size, dim)` (normalised when `normalize`), read-only."""
+        return self._read_only(self._embeddings, np.zeros((0, self.dim or 0), np.float32))
+
+    @property
+    def ids(self) -> np.ndarray:
+        """Ids `(size,)` in storage order (int64 or unicode), read-only."""
+        return self._read_only(self._ids, np.zeros((0,), np.int64))
+
+    @property
+    def metadata(self) -> list[Any] | None:
+        """Per-item metadata in storage order, or None if none was ever given."""
+        return None if self._metadata is None else list(self._metadata)
+
+    @property
+    def higher_is_better(self) -> bool:
+        """True when scores are similarities (`"dot"`), False for distances."""
+        return self.distance == "dot"
+
+    @staticmethod
+    def _read_only(array, empty):
+        view = (empty if array is None else array).view()
+        view.flags.writeable = False
+        return view
+
+    # ---------------------------------------------------------------- adding
+
+    def add(
+        self,
+        embeddings,
+        ids: Sequence[Any] | np.ndarray | None = None,
+        metadata: Sequence[Any] | None = None,
+    ) -> None:
+        """Adds items to the index; add in large batches, each call copies the store.
+
+        Args:
+            embeddings: array-like `(n, dim)` of finite floats (NumPy, a
+                TensorFlow or Keras tensor). Every call must use the same `dim`.
+            ids: `n` unique integer or string ids. Defaults to consecutive
+                integers after the largest id in the index (0, 1, 2, ... for
+                a new index). An index holds either integer or string ids, not
+                both.
+            metadata: `n` JSON-serialisable values (dicts, strings, numbers),
+                returned by `get_metadata`.
+
+        Raises:
+            ValueError: if `embeddings` has the wrong rank or dimension or is
+                not finite; if `ids` has the wrong length, a wrong type or
+                duplicates; if `metadata` has the wrong length or is not JSON
+                serialisable.
+
+        Example:
+
+        >>> import numpy as np
+        >>> from keras_dml.index import ExactIndex
+        >>> index = ExactIndex()
+        >>> index.add(np.eye(3, dtype="float32"), ids=[10, 20, 30])
+        >>> len(index)
+        3
+        """
+        # ScaNN and BLAS want one contiguous block.
+        embeddings = np.ascontiguousarray(self._check_matrix(embeddings, "embeddings"))
+        n = embeddings.shape[0]
+        ids = self._check_new_ids(ids, n)
+        if metadata is not None:
+            metadata = list(metadata)
+            if len(metadata) != n:
+                raise ValueError(
+                    f"`metadata` must have one entry per embedding ({n}), got {len(metadata)}."
+                )
+            try:
+                json.dumps(metadata)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"`metadata` must be JSON serialisable: {error}") from None
+        if n == 0:
+            return
+        if self.normalize:
+            embeddings = l2_normalize_rows(embeddings)
+        old = len(self)
+        if self._embeddings is None:
+            self._embeddings, self._ids = embeddings, ids
+        else:
+            self._embeddings = np.concatenate([self._embeddings, embeddings])
+            self._ids = np.concatenate([self._ids, ids])
+        if metadata is not None or self._metadata is not None:
+            previous = self._metadata if self._metadata is not None else [None] * old
+            self._metadata = previous + (metadata if metadata is not None else [None] * n)
+        if self._id_to_row is not None:
+            self._id_to_row.update((key, old + row) for row, key in enumerate(ids.tolist()))
+        self._on_change()
+
+    def _check_matrix(self, x, name: str) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 2:
+            raise ValueError(f"`{name}` must have shape (num_vectors, dim), got shape {x.shape}.")
+        if self._embeddings is not None and x.shape[1] != self._embeddings.shape[1]:
+            raise ValueError(
+                f"`{name}` has dimension {x.shape[1]} but the index holds vectors of "
+                f"dimension {self.dim}."
+            )
+        if not all_finite(x):
+            raise ValueError(f"`{name}` contains NaN or Inf values.")
+        return x
+
+    def _check_new_ids(self, ids, n: int) -> np.ndarray:
+        integer_ids = self._ids is None or self._ids.dtype.kind == "i"
+        if ids is None:
+            if not integer_ids:
+                raise ValueError("`ids` are required: this index holds string ids.")
+            start = int(self._ids.max()) + 1 if len(self) else 0
+            return np.arange(start, start + n, dtype=np.int64)
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or ids.shape[0] != n:
+            raise ValueError(f"`ids` must be a 1-D sequence of {n} ids, got shape {ids.shape}.")
+        if n == 0:
+            return ids.astype(np.int64 if integer_ids else str)
+        if ids.dtype.kind in "iu":
+            ids = ids.astype(np.int64)
+        elif ids.dtype.kind in "US":
+            ids = ids.astype(str)
+        else:
+            raise ValueError(f"`ids` must be integers or strings, got dtype {ids.dtype}.")
+        if self._ids is not None and (ids.dtype.kind == "i") != integer_ids:
+            kind = "integer" if integer_ids else "string"
+            raise ValueError(f"`ids` must be {kind} ids like the ones already in the index.")
+        if np.unique(ids).shape[0] != n:
+            raise ValueError("`ids` contains duplicates.")
+        if len(self) and any(key in self._lookup() for key in ids.tolist()):
+            raise ValueError("`ids` contains ids that are already in the index.")
+        return ids
+
+    def _lookup(self) -> dict[Any, int]:
+        if self._id_to_row is None:
+            self._id_to_row = {key: row for row, key in enumerate(self.ids.tolist())}
+        return self._id_to_row
+
+    def _on_change(self) -> None:
+        """Called after the stored vectors change; subclasses drop derived state."""
+        return None
+
+    # -------------------------------------------------------------- searching
+
+    def search(self, queries, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Finds the `k` nearest stored items of each query.
+
+        Queries go through the same normalisation as stored embeddings.
+
+        Args:
+            queries: array-like `(num_queries, dim)`, or `(dim,)` for one query.
+            k: number of neighbours, `1 <= k <= len(index)`.
+
+        Returns:
+            `(ids, scores)`, each `(num_queries, k)` (or `(k,)` for a 1-D
+            query), best first. Scores are inner products for `"dot"`
+            (descending) and squared distances for `"squared_l2"` (ascending).
+
+        Raises:
+            ValueError: if the index is empty; if `k` is not an integer in
+                `[1, len(index)]`; if `queries` has the wrong rank or dimension
+                or contains NaN or Inf.
+
+        Example:
+
+        >>> import numpy as np
+        >>> from keras_dml.index import ExactIndex
+        >>> index = ExactIndex()
+        >>> index.add(np.eye(3, dtype="float32"), ids=[10, 20, 30])
+        >>> ids, scores = index.search(np.array([0.0, 2.0, 0.1], "float32"), k=2)
+        >>> ids.tolist()
+        [20, 30]
+        """
+        size = len(self)
+        if size == 0:
+            raise ValueError("The index is empty: call `add()` before `search()`.")
+        if type(k) is not int:  # the common case skips the slower checks
+            if isinstance(k, bool) or not isinstance(k, np.integer):
+                raise ValueError(f"`k` must be a positive integer, got {k!r}.")
+            k = int(k)
+        if k < 1:
+            raise ValueError(f"`k` must be a positive integer, got {k!r}.")
+        if k > size:
+            raise ValueError(f"`k` ({k}) is larger than the number of indexed items ({size}).")
+        queries = np.asarray(queries, dtype=np.float32)
+        single = queries.ndim == 1
+        queries = self._prepare_queries(queries[None] if single else queries)
+        if queries.shape[0] == 0:
+            rows = np.zeros((0, k), np.int64)
+            scores = np.zeros((0, k), np.float32)
+        else:
+            rows, scores = self._search(queries, k)
+        ids = self._ids[rows]
+        if single:
+            return ids[0], scores[0]
+        return ids, scores
+
+    def _prepare_queries(self, queries: np.ndarray) -> np.ndarray:
+        """Checks queries and normalises them like the stored vectors.
+
+        One pass computes the squared norms that serve both the NaN/Inf check
+        and the normalisation: single-query latency is dominated by such
+        per-call overheads, not by the search itself.
+        """
+        if queries.ndim != 2:
+            raise ValueError(
+                f"`queries` must have shape (num_queries, dim), got shape {queries.shape}."
+            )
+        if queries.shape[1] != self._embeddings.shape[1]:
+            raise ValueError(
+                f"`queries` has dimension {queries.shape[1]} but the index holds vectors of "
+                f"dimension {self.dim}."
+            )
+        if queries.shape[0] == 1:
+            square_sum = float(np.dot(queries[0], queries[0]))
+            finite = math.isfinite(square_sum)
+        else:
+            square_sums = np.einsum("ij,ij->i", queries, queries)
+            finite = bool(np.isfinite(square_sums).all())
+        # An overflowing norm of finite values is re-checked exactly.
+        if not finite and not np.isfinite(queries).all():
+            raise ValueError("`queries` contains NaN or Inf values.")
+        if not self.normalize:
+            return np.ascontiguousarray(queries)
+        if queries.shape[0] == 1:
+            return queries / np.float32(math.sqrt(max(square_sum, _NORM_EPSILON)))
+        return queries / np.sqrt(np.maximum(square_sums, _NORM_EPSILON))[:, None]
+
+    @abc.abstractmethod
+    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Returns `(rows, scores)` of shape `(num_queries, k)` for checked queries."""
+
+    def get_metadata(self, ids) -> list[Any]:
+        """Returns the metadata of `ids` (e.g. the ids returned by `search`).
+
+        Args:
+            ids: an id or an array-like of ids of any shape.
+
+        Returns:
+            Nested lists shaped like `ids` (or a single value for a single id),
+            holding None where no metadata was given.
+
+        Raises:
+            KeyError: if an id is not in the index.
+        """
+        table = self._lookup()
+        array = np.asarray(ids)
+        metadata = self._metadata
+
+        def fetch(key):
+            if key not in table:
+                raise KeyError(f"Id {key!r} is not in the index.")
+            return None if metadata is None else metadata[table[key]]
+
+        if array.ndim == 0:
+            return fetch(array.item())
+        # Filled element by element: NumPy would otherwise unpack list-valued metadata.
+        out = np.empty(array.size, dtype=object)
+        for position, key in enumerate(array.reshape(-1).tolist()):
+            out[position] = fetch(key)
+        return out.reshape(array.shape).tolist()
+
+    # ----------------------------------------------------------------- config
+
+    def get_config(self) -> dict[str, Any]:
+        """Returns the constructor arguments, JSON serialisable."""
+        return {"distance": self.distance, "normalize": self.normalize}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Index:
+        """Creates an empty index from `get_config()` output."""
+        return cls(**config)
+
+    # ------------------------------------------------------------ persistence
+
+    def save(self, directory: str, overwrite: bool = False) -> None:
+        """Saves the index to a new directory (JSON and `.npy` files, no pickle).
+
+        The directory is written next to its final place and renamed at the
+        end, so an interrupted save never leaves a half-written index behind.
+
+        Args:
+            directory: path of the directory to create.
+            overwrite: replace an existing saved index at `directory`.
+
+        Raises:
+            FileExistsError: if `directory` exists and `overwrite` is False, or
+                if it exists, is not empty and is not a saved index.
+        """
+        directory = os.path.abspath(os.fspath(directory))
+        if os.path.exists(directory):
+            if not overwrite:
+                raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it.")
+            if os.listdir(directory) and not os.path.isfile(os.path.join(directory, _HEADER)):
+                raise FileExistsError(
+                    f"{directory} is not empty and is not a saved index; refusing to replace it."
+                )
+        parent = os.path.dirname(directory)
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.", dir=parent)
+        try:
+            self._write(staging)
+            if os.path.exists(directory):
+                shutil.rmtree(directory)
+            os.replace(staging, directory)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    def _write(self, directory: str) -> None:
+        dim = self.dim or 0
+        embeddings = self._embeddings if self._embeddings is not None else np.zeros((0, dim))
+        ids = self._ids if self._ids is not None else np.zeros((0,), np.int64)
+        np.save(os.path.join(directory, _EMBEDDINGS), embeddings.astype(np.float32))
+        np.save(os.path.join(directory, _IDS), ids)
+        if self._metadata is not None:
+            with open(os.path.join(directory, _METADATA), "w") as f:
+                json.dump(self._metadata, f)
+        self._write_extra(directory)
+        files = {}
+        for root, _, names in os.walk(directory):
+            for name in names:
+                path = os.path.join(root, name)
+                relative = os.path.relpath(path, directory).replace(os.sep, "/")
+                files[relative] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+        header = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "index_class": type(self).__name__,
+            "config": self.get_config(),
+            "size": len(self),
+            "dim": self.dim,
+            "id_kind": "int" if ids.dtype.kind == "i" else "str",
+            "has_metadata": self._metadata is not None,
+            "files": dict(sorted(files.items())),
+        }
+        with open(os.path.join(directory, _HEADER), "w") as f:
+            json.dump(header, f, indent=2)
+
+    def _write_extra(self, directory: str) -> None:
+        """Writes subclass files into the staging directory."""
+        return None
+
+    @classmethod
+    def load(cls, directory: str) -> Index:
+        """Loads an index saved with `save()`, checking every file first.
+
+        `Index.load` returns whichever index class was saved;
+        `ExactIndex.load` / `ScaNNIndex.load` also check the class.
+
+        Args:
+            directory: a directory written by `save()`.
+
+        Returns:
+            The index, ready to search.
+
+        Raises:
+            FileNotFoundError: if `directory` does not exist.
+            ValueError: if the directory is not a saved index, has an unknown
+                format version, holds another index class than requested, or
+                has a missing, truncated or modified file.
+
+        Example:
+
+        >>> import tempfile, os
+        >>> import numpy as np
+        >>> from keras_dml.index import ExactIndex, Index
+        >>> index = ExactIndex()
+        >>> index.add(np.eye(3, dtype="float32"))
+        >>> path = os.path.join(tempfile.mkdtemp(), "my_index")
+        >>> index.save(path)
+        >>> len(Index.load(path))
+        3
+        """
+        directory = os.path.abspath(os.fspath(directory))
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"No saved index at {directory}.")
+        header = _read_header(directory)
+        name = header.get("index_class")
+        target = Index._registry.get(name)
+        if target is None or target is Index:
+            raise ValueError(f"{directory}: unknown index class {name!r} in {_HEADER}.")
+        if cls is not Index and not issubclass(target, cls):
+            raise ValueError(f"{directory} holds a {name}, not a {cls.__name__}.")
+        _verify_files(directory, header)
+        index = target.from_config(header["config"])
+        size, dim = header["size"], header["dim"]
+        embeddings = _load_npy(directory, _EMBEDDINGS)
+        ids = _load_npy(directory, _IDS)
+        expected_kind = "i" if header["id_kind"] == "int" else "U"
+        if embeddings.dtype != np.float32 or embeddings.shape != (size, dim or 0):
+            raise ValueError(
+                f"{directory}: {_EMBEDDINGS} has shape {embeddings.shape} and dtype "
+                f"{embeddings.dtype}; {_HEADER} expects ({size}, {dim}) float32."
+            )
+        if ids.shape != (size,) or ids.dtype.kind != expected_kind:
+            raise ValueError(
+                f"{directory}: {_IDS} has shape {ids.shape} and dtype {ids.dtype}; "
+                f"{_HEADER} expects ({size},) {header['id_kind']} ids."
+            )
+        if header["has_metadata"]:
+            with open(os.path.join(directory, _METADATA)) as f:
+                metadata = json.load(f)
+            if not isinstance(metadata, list) or len(metadata) != size:
+                raise ValueError(f"{directory}: {_METADATA} must be a list of {size} entries.")
+            index._metadata = metadata
+        if size:
+            index._embeddings, index._ids = embeddings, ids
+        index._read_extra(directory, header)
+        return index
+
+    def _read_extra(self, directory: str, header: dict[str, Any]) -> None:
+        """Restores subclass state from a verified directory."""
+        return None
+
+
+def _read_header(directory: str) -> dict[str, Any]:
+    path = os.path.join(directory, _HEADER)
+    if not os.path.isfile(path):
+        raise ValueError(f"{directory} is not a saved keras-dml index: {_HEADER} is missing.")
+    try:
+        with open(path) as f:
+            header = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is truncated or corrupt: {error}") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
+        raise ValueError(f"{path} is not a keras-dml index header.")
+    version = header.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has format_version {version!r}; this keras-dml reads version "
+            f"{FORMAT_VERSION}. Save the index again with a matching keras-dml."
+        )
+    required = ("index_class", "config", "size", "dim", "id_kind", "has_metadata", "files")
+    missing = [key for key in required if key not in header]
+    if missing:
+        raise ValueError(f"{path} is missing the fields {missing}.")
+    return header
+
+
+def _verify_files(directory: str, header: dict[str, Any]) -> None:
+    """Checks that exactly the listed files exist with the recorded size and hash."""
+    listed = header["files"]
+    for relative, expected in listed.items():
+        path = os.path.join(directory, *relative.split("/"))
+        if os.path.isabs(relative) or ".." in relative.split("/"):
+            raise ValueError(f"{directory}: {_HEADER} lists an unsafe path {relative!r}.")
+        if not os.path.isfile(path):
+            raise ValueError(f"{directory}: {relative} is missing.")
+        size = os.path.getsize(path)
+        if size != expected["bytes"]:
+            raise ValueError(
+                f"{directory}: {relative} has {size} bytes, expected {expected['bytes']}; "
+                "the file is truncated or comes from a different save."
+            )
+        if _sha256(path) != expected["sha256"]:
+            raise ValueError(
+                f"{directory}: {relative} does not match its checksum in {_HEADER}; it was "
+                "modified or comes from a different save."
+            )
+
+
+def _load_npy(directory: str, name: str) -> np.ndarray:
+    path = os.path.join(directory, name)
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise ValueError(f"{path} cannot be read as a plain .npy array: {error}") from None
