@@ -3,10 +3,14 @@
 The losses are importable from the top level (`keras_dml.TripletLoss`); the
 other parts live in sub-packages named after what they are:
 `keras_dml.distances`, `keras_dml.losses`, `keras_dml.mining`,
-`keras_dml.evaluation`.
+`keras_dml.heads`, `keras_dml.layers`, `keras_dml.models`,
+`keras_dml.evaluation`, `keras_dml.index`. Two sub-packages need TensorFlow
+whatever the Keras backend and are imported explicitly:
+`keras_dml.data` (tf.data pipelines) and `keras_dml.export` (SavedModel,
+TFLite).
 """
 
-from keras_dml import distances, evaluation, losses, mining
+from keras_dml import distances, evaluation, heads, index, layers, losses, mining, models
 from keras_dml.losses import (
     CircleLoss,
     ContrastiveLoss,
@@ -37,6 +41,10 @@ __all__ = [
     "__version__",
     "distances",
     "evaluation",
+    "heads",
+    "index",
+    "layers",
     "losses",
     "mining",
+    "models",
 ]

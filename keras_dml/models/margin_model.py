@@ -1,0 +1,263 @@
+"""MarginModel: train a backbone through a margin head with plain `compile()` and `fit()`."""
+
+from __future__ import annotations
+
+import re
+
+import keras
+from keras import ops
+
+from keras_dml.heads.base import CosineHead
+
+
+@keras.saving.register_keras_serializable(package="keras_dml")
+class MarginModel(keras.Model):
+    """Wrap a backbone and a margin head to train embeddings with `compile()` and `fit(x, y)`.
+
+    `model(x)` and `model.predict(x)` return the backbone's embeddings; the
+    head is used only to compute the loss, so retrieval and export need only
+    `model.embedding_model()` (the backbone alone) or `model.embed(x)`.
+
+    Training: `compute_loss` calls `head(embeddings, y)` for the
+    margin-adjusted logits and applies the compiled loss, by default
+    `SparseCategoricalCrossentropy(from_logits=True)`, plus any loss the head
+    or the backbone adds (e.g. SoftTriple's centre regulariser). Metrics given
+    to `compile(metrics=...)`, e.g. `"accuracy"`, are computed on the head's
+    inference logits (scaled cosines, no margin). No custom `train_step`:
+    tested on the TensorFlow and JAX backends.
+
+    Centres learning rate: `compile(centers_optimizer=...)` trains the head's
+    variables with their own optimizer (an optimizer, its name, or a number:
+    the learning rate of a copy of `optimizer`). It uses Keras's
+    `MultiOptimizer` with an `OptimizerMap` keyed on the head's layer name
+    (variables under `<head name>/`), so it is stored in the compile config
+    and survives `.keras` save/load; do not give a backbone layer the head's
+    name.
+
+    Args:
+        backbone: a Keras model (or layer) mapping inputs to `(batch, dim)`
+            embeddings.
+        head: a `keras_dml.heads` layer, e.g. `ArcFace(num_classes)`.
+        **kwargs: `keras.Model` arguments (`name`, ...).
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> from keras_dml.heads import ArcFace
+    >>> backbone = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    >>> model = MarginModel(backbone, ArcFace(num_classes=3, scale=16.0))
+    >>> model.compile(optimizer="adam", metrics=["accuracy"], centers_optimizer=1e-2)
+    >>> x, y = np.random.rand(32, 8).astype("float32"), np.arange(32) % 3
+    >>> history = model.fit(x, y, epochs=1, verbose=0)
+    >>> model.embed(x).shape
+    (32, 4)
+
+    Reference: Deng et al., "ArcFace", CVPR 2019 (backbone + margin softmax
+    head, head dropped at test time).
+    """
+
+    def __init__(self, backbone: keras.layers.Layer, head: CosineHead, **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(backbone, keras.layers.Layer):
+            raise ValueError(f"`backbone` must be a Keras model or layer, got {type(backbone)}.")
+        if not isinstance(head, keras.layers.Layer):
+            raise ValueError(f"`head` must be a keras_dml head layer, got {type(head)}.")
+        self.backbone = backbone
+        self.head = head
+        self._input_shape_for_export = None
+        output_shape = _known_output_shape(backbone)
+        if output_shape is not None:
+            self._build_head(output_shape)
+            self.built = True
+
+    def build(self, input_shape):
+        self._input_shape_for_export = tuple(input_shape)
+        if not self.backbone.built:
+            self.backbone.build(input_shape)
+        self._build_head(self.backbone.compute_output_shape(input_shape))
+        self.built = True
+
+    def _build_head(self, embedding_shape):
+        embedding_shape = tuple(embedding_shape)
+        if len(embedding_shape) != 2:
+            raise ValueError(
+                "`backbone` must output embeddings of shape (batch, dim), got shape "
+                f"{embedding_shape}."
+            )
+        if not self.head.built:
+            self.head.build(embedding_shape)
+
+    def call(self, inputs, training=None):
+        embeddings = self.backbone(inputs, training=training)
+        if not self.head.built:
+            self._build_head(embeddings.shape)
+        return embeddings
+
+    # -- training ---------------------------------------------------------------
+
+    def compile(
+        self,
+        optimizer="rmsprop",
+        loss=None,
+        metrics=None,
+        centers_optimizer=None,
+        **kwargs,
+    ):
+        """Configures training; `loss` defaults to sparse cross-entropy on the head's logits.
+
+        Args:
+            optimizer: optimizer of the backbone (and of the centres unless
+                `centers_optimizer` is given).
+            loss: loss applied to `(labels, head logits)`.
+            metrics: metrics computed on `(labels, head inference logits)`.
+            centers_optimizer: optional optimizer for the head's variables: a
+                `keras.optimizers.Optimizer`, a name, or a float, the learning
+                rate of a copy of `optimizer` (e.g. 100x the backbone's, as
+                SoftTriple's paper).
+            **kwargs: other `keras.Model.compile` arguments.
+        """
+        if loss is None:
+            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        if centers_optimizer is not None:
+            optimizer = self._split_optimizer(optimizer, centers_optimizer)
+        super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
+
+    def compile_from_config(self, config):
+        # The stored config holds the final optimizer (a MultiOptimizer when
+        # `centers_optimizer` was given) and loss, so plain `compile` rebuilds it.
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
+    def _split_optimizer(self, optimizer, centers_optimizer):
+        optimizer = keras.optimizers.get(optimizer)
+        if isinstance(centers_optimizer, (int, float)) and not isinstance(centers_optimizer, bool):
+            if centers_optimizer <= 0:
+                raise ValueError(
+                    f"`centers_optimizer` as a learning rate must be > 0, got {centers_optimizer}."
+                )
+            config = optimizer.get_config()
+            config.update(learning_rate=float(centers_optimizer), name=f"centers_{optimizer.name}")
+            centers_optimizer = optimizer.__class__.from_config(config)
+        else:
+            centers_optimizer = keras.optimizers.get(centers_optimizer)
+        # OptimizerMap keys are full-match regexes over variable paths. The head's
+        # variables live under its name, with or without a parent prefix
+        # depending on where it was built (the prefix can differ after loading).
+        mapping = {f"(?:.*/)?{re.escape(self.head.name)}/.*": centers_optimizer}
+        return keras.optimizers.MultiOptimizer(
+            keras.optimizers.OptimizerMap(default_optimizer=optimizer, optimizer_map=mapping)
+        )
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        if y is None:
+            raise ValueError("`y` (integer class labels) is required to train a MarginModel.")
+        if "int" not in keras.backend.standardize_dtype(y.dtype):
+            # Inside a compiled step values are unknown: reject by dtype.
+            raise ValueError(f"`y` must hold integer class labels, got dtype {y.dtype}.")
+        labels = ops.cast(ops.reshape(y, (-1,)), "int32")
+        logits, head_losses = self._call_head(y_pred, labels, training)
+        loss = super().compute_loss(
+            x=x, y=labels, y_pred=logits, sample_weight=sample_weight, training=training
+        )
+        for extra in head_losses:
+            loss = loss + ops.cast(ops.sum(extra), loss.dtype)
+        self._update_compiled_metrics(y_pred, labels, sample_weight)
+        return loss
+
+    def _call_head(self, embeddings, labels, training):
+        """Runs the head with its current variables; returns `(logits, losses it added)`.
+
+        `stateless_call` collects the head's `add_loss` on every backend (on
+        JAX, `compute_loss` runs in a scope that would drop them) and returns
+        its updated non-trainable variables (AdaCos's scale), written back here.
+        """
+        head = self.head
+        logits, non_trainable, losses = head.stateless_call(
+            head.trainable_variables,
+            head.non_trainable_variables,
+            embeddings,
+            labels,
+            return_losses=True,
+            training=training,
+        )
+        if training:
+            for variable, value in zip(head.non_trainable_variables, non_trainable, strict=True):
+                variable.assign(value)
+        return logits, losses
+
+    def _update_compiled_metrics(self, embeddings, labels, sample_weight):
+        # Compiled metrics want class logits, not embeddings. They are updated
+        # here, where the head's variables hold their current values on every
+        # backend, and `compute_metrics` only reports them.
+        metrics = [m for m in self.metrics if m.name != "loss"]
+        if not metrics:
+            return
+        logits, _ = self._call_head(embeddings, None, training=False)
+        for metric in metrics:
+            metric.update_state(labels, logits, sample_weight=sample_weight)
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        del x  # metrics are updated in `compute_loss`, on the head's logits
+        if any(not getattr(m, "built", True) for m in self.metrics):
+            # Keras builds metric state symbolically before the first step.
+            labels = ops.cast(ops.reshape(y, (-1,)), "int32")
+            self._update_compiled_metrics(y_pred, labels, sample_weight)
+        return self.get_metrics_result()
+
+    # -- inference --------------------------------------------------------------
+
+    def embedding_model(self) -> keras.Model:
+        """The backbone alone, as a Keras model: save, export or index this one."""
+        if isinstance(self.backbone, keras.Model):
+            return self.backbone
+        shape = self._input_shape_for_export
+        if shape is None:
+            raise ValueError(
+                "Build the model (call it on data) before asking for its embedding model."
+            )
+        inputs = keras.Input(shape=tuple(shape)[1:])
+        return keras.Model(inputs, self.backbone(inputs), name=f"{self.name}_embedding")
+
+    def embed(self, x, batch_size: int | None = None, verbose: int = 0):
+        """Embeddings of `x` from the backbone, as a NumPy array (the head is not used)."""
+        return self.embedding_model().predict(x, batch_size=batch_size, verbose=verbose)
+
+    # -- serialisation ------------------------------------------------------------
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(
+            {
+                "backbone": keras.saving.serialize_keras_object(self.backbone),
+                "head": keras.saving.serialize_keras_object(self.head),
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        backbone = keras.saving.deserialize_keras_object(
+            config.pop("backbone"), custom_objects=custom_objects
+        )
+        head = keras.saving.deserialize_keras_object(
+            config.pop("head"), custom_objects=custom_objects
+        )
+        return cls(backbone=backbone, head=head, **config)
+
+
+def _known_output_shape(backbone):
+    """The backbone's output shape when it is already known (functional, built Sequential)."""
+    if not isinstance(backbone, keras.Model):
+        return None
+    try:
+        shape = backbone.output_shape
+    except (AttributeError, ValueError, RuntimeError):
+        return None
+    if not isinstance(shape, tuple) or not all(d is None or isinstance(d, int) for d in shape):
+        raise ValueError(
+            f"`backbone` must have a single output of shape (batch, dim), got {shape}."
+        )
+    return shape
