@@ -1,0 +1,489 @@
+"""Retrieval metrics on embeddings: Precision@1, Recall@K, R-Precision, MAP@R and NMI.
+
+Definitions follow Musgrave, Belongie and Lim, "A Metric Learning Reality
+Check" (ECCV 2020) and their `pytorch-metric-learning` `AccuracyCalculator`.
+For a query whose class has R references (itself excluded):
+
+- Precision@1: is the nearest reference of the query's class;
+- Recall@K: is any of the K nearest references of the query's class;
+- R-Precision: (references of the query's class among the R nearest) / R;
+- MAP@R: (1/R) * sum over i <= R of P(i) * rel(i), where P(i) is the
+  precision of the i nearest and rel(i) says whether the i-th is relevant;
+- NMI: normalised mutual information (arithmetic normalisation, as
+  scikit-learn's default) between the labels and a k-means clustering of the
+  query embeddings with k = number of classes.
+
+A query with R = 0 (its class has no other sample: a "lone" query) cannot be
+scored: it is left out of every nearest-neighbour metric, as in the Reality
+Check protocol, and still counts for NMI.
+
+Nothing of size queries x references is ever held at once: queries are scored
+in chunks against all references with the active Keras backend (a GPU is used
+when the backend has one) and only each chunk's top-k indices are kept.
+
+Example:
+
+>>> import numpy as np
+>>> from keras_dml.evaluation import retrieval_metrics
+>>> x = np.array([[0.0, 1.0], [0.1, 1.0], [1.0, 0.0], [1.0, 0.1]], "float32")
+>>> metrics = retrieval_metrics(x, [0, 0, 1, 1], k=(1, 2))
+>>> sorted(metrics)
+['map_at_r', 'nmi', 'precision_at_1', 'r_precision', 'recall_at_1', 'recall_at_2']
+>>> metrics["precision_at_1"], metrics["map_at_r"]
+(1.0, 1.0)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_dml import distances as distances_lib
+
+# Working memory of one chunk of queries (float32 scores against every
+# reference, plus the chunk's top-k); the default chunk size keeps under it.
+_CHUNK_BYTES = 256 * 2**20
+
+
+def _as_embeddings(x, arg: str) -> np.ndarray:
+    x = np.asarray(ops.convert_to_numpy(x) if not isinstance(x, np.ndarray) else x)
+    if x.ndim != 2:
+        raise ValueError(f"`{arg}` must be embeddings of shape (n, dim), got shape {x.shape}.")
+    if x.shape[0] == 0:
+        raise ValueError(f"`{arg}` is empty; at least one embedding is needed.")
+    # Kind "V" covers ml_dtypes' bfloat16, which backends hand over for bfloat16 tensors.
+    if x.dtype.kind not in "fiuV":
+        raise ValueError(f"`{arg}` must hold real numbers, got dtype {x.dtype}.")
+    try:
+        x = x.astype("float32", copy=False)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"`{arg}` must hold real numbers, got dtype {x.dtype}.") from error
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"`{arg}` contains NaN or Inf.")
+    return x
+
+
+def _as_labels(y, n: int, arg: str, embeddings_arg: str) -> np.ndarray:
+    y = np.asarray(ops.convert_to_numpy(y) if not isinstance(y, (np.ndarray, list, tuple)) else y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y.reshape(-1)
+    if y.ndim != 1:
+        raise ValueError(f"`{arg}` must be labels of shape (n,) or (n, 1), got shape {y.shape}.")
+    if y.shape[0] != n:
+        raise ValueError(
+            f"`{arg}` has {y.shape[0]} labels but `{embeddings_arg}` has {n} embeddings; "
+            "they must match."
+        )
+    if np.issubdtype(y.dtype, np.floating) and not np.all(np.isfinite(y)):
+        raise ValueError(f"`{arg}` contains NaN or Inf.")
+    return y
+
+
+def _as_ks(k) -> tuple[int, ...]:
+    ks = (k,) if isinstance(k, (int, np.integer)) else tuple(k)
+    if not ks or any(
+        isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in ks
+    ):
+        raise ValueError(f"`k` must be a positive integer or a sequence of them, got {k!r}.")
+    return tuple(dict.fromkeys(int(v) for v in ks))
+
+
+_BUILTIN = ("cosine", "angular", "dot", "euclidean", "squared_euclidean")
+
+
+class _Scorer:
+    """Ranking scores (larger is nearer) of query chunks against fixed references.
+
+    For the built-in distances the score drops terms that are constant per
+    query (`|q|^2` for euclidean, the square root), so ranking needs one
+    matmul per chunk; `distances()` maps scores back to the named measure.
+    """
+
+    def __init__(self, references: np.ndarray, distance):
+        self.distance = distances_lib.get(distance)
+        name = self.distance.name
+        self.builtin = self.distance is distances_lib.get(name) if name in _BUILTIN else False
+        if self.builtin and name in ("cosine", "angular"):
+            references = _l2_normalize(references)
+        self.references = ops.convert_to_tensor(references)
+        self.bias = None
+        if self.builtin and name in ("euclidean", "squared_euclidean"):
+            # -|q - r|^2 = 2 q.r - |r|^2 - |q|^2, and |q|^2 does not change a query's ranking.
+            self.references = ops.convert_to_tensor(2.0 * references)
+            self.bias = ops.convert_to_tensor(-np.sum(np.square(references), axis=1)[None, :])
+
+    def prepare(self, queries: np.ndarray) -> np.ndarray:
+        if self.builtin and self.distance.name in ("cosine", "angular"):
+            return _l2_normalize(queries)
+        return queries
+
+    def scores(self, queries: np.ndarray):
+        queries = ops.convert_to_tensor(queries)
+        if not self.builtin:
+            return ops.cast(self.distance.similarity(queries, self.references), "float32")
+        scores = ops.matmul(queries, ops.transpose(self.references))
+        return scores if self.bias is None else scores + self.bias
+
+    def distances(self, queries: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        name = self.distance.name
+        if not self.builtin:
+            return -scores
+        if name == "cosine":
+            return 1.0 - scores
+        if name == "angular":
+            return np.maximum(1.0 - scores, 0.0)
+        if name == "dot":
+            return -scores
+        squared = np.maximum(np.sum(np.square(queries), axis=1, keepdims=True) - scores, 0.0)
+        return squared if name == "squared_euclidean" else np.sqrt(squared)
+
+
+def _l2_normalize(x: np.ndarray) -> np.ndarray:
+    norm = np.sqrt(np.maximum(np.sum(np.square(x), axis=1, keepdims=True), 1e-12))
+    return x / norm
+
+
+def _check_batch_size(batch_size) -> None:
+    if batch_size is not None and (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, (int, np.integer))
+        or batch_size < 1
+    ):
+        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+
+
+def _chunk_rows(batch_size: int | None, n_references: int, k: int) -> int:
+    """Queries per chunk: `batch_size`, or as many as fit in `_CHUNK_BYTES`.
+
+    A chunk holds float32 scores against every reference and, per query, the
+    top-k indices, scores and relevance flags (about 24 bytes per neighbour).
+    """
+    if batch_size is not None:
+        return int(batch_size)
+    return max(1, _CHUNK_BYTES // (4 * n_references + 24 * k))
+
+
+def _round_k(k: int, available: int) -> int:
+    # Eight steps per power of two: a compiling backend (JAX) sees few distinct
+    # shapes, and no chunk asks for more than 1/8 more neighbours than it needs.
+    step = max(1, 1 << max(int(k - 1).bit_length() - 3, 0))
+    return min(-(-int(k) // step) * step, available)
+
+
+@contextlib.contextmanager
+def _full_precision_matmul():
+    """Computes float32 matmuls in full float32 for the duration.
+
+    TensorFlow and JAX default to TF32 on recent NVIDIA GPUs, which keeps 10
+    mantissa bits: enough to reorder close neighbours, so metrics would depend
+    on the GPU and on the chunk size. Held around a whole evaluation, not each
+    chunk: JAX re-dispatches every op after its precision setting changes.
+    """
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        with jax.default_matmul_precision("highest"):
+            yield
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        enabled = tf.config.experimental.tensor_float_32_execution_enabled()
+        tf.config.experimental.enable_tensor_float_32_execution(False)
+        try:
+            yield
+        finally:
+            tf.config.experimental.enable_tensor_float_32_execution(enabled)
+    elif backend == "torch":
+        import torch
+
+        previous = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(previous)
+    else:
+        yield
+
+
+def _top_k_chunks(
+    scorer: _Scorer,
+    queries: np.ndarray,
+    query_ids: np.ndarray,
+    ks: np.ndarray,
+    n_references: int,
+    exclude_self: bool,
+    batch_size: int | None,
+    with_scores: bool = False,
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None, int]]:
+    """Yields `(positions, indices, scores, k)` for chunks of `query_ids`.
+
+    `positions` index into `query_ids`; row j of `indices` holds the `k`
+    nearest references of query `query_ids[positions[j]]`, nearest first, with
+    ties broken by lower reference index (TensorFlow and JAX `top_k`; torch
+    does not promise an order among ties). `k` is at least `ks` of every query
+    of the chunk; `ks` must be ascending. With `exclude_self`, query i is
+    reference i and never its own neighbour. `scores` is None unless
+    `with_scores`.
+    """
+    available = n_references - int(exclude_self)
+    start = 0
+    while start < len(query_ids):
+        rows = _chunk_rows(batch_size, n_references, _round_k(ks[start], available))
+        if batch_size is None:
+            # `ks` ascends: size the chunk again for the k of its last query.
+            last = min(start + rows, len(query_ids)) - 1
+            rows = _chunk_rows(None, n_references, _round_k(ks[last], available))
+        positions = np.arange(start, min(start + rows, len(query_ids)))
+        start = positions[-1] + 1
+        ids = query_ids[positions]
+        k = _round_k(ks[positions[-1]], available)
+        chunk = scorer.prepare(queries[ids])
+        # Asking for one more and dropping the query itself (or, when it is not
+        # among them, the last) gives the k nearest others without masking the
+        # diagonal of the chunk.
+        values, indices = ops.top_k(scorer.scores(chunk), k + int(exclude_self))
+        indices = np.asarray(ops.convert_to_numpy(indices))
+        values = np.asarray(ops.convert_to_numpy(values)) if with_scores else None
+        if exclude_self:
+            keep = indices != ids[:, None]
+            keep[keep.all(axis=1), -1] = False
+            indices = indices[keep].reshape(len(ids), k)
+            values = None if values is None else values[keep].reshape(len(ids), k)
+        yield positions, indices, values, k
+
+
+def nearest_neighbors(
+    queries,
+    references=None,
+    k: int = 10,
+    distance="cosine",
+    batch_size: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Finds the `k` nearest references of each query, exactly, in chunks.
+
+    Args:
+        queries: `(Q, D)` embeddings.
+        references: `(N, D)` embeddings; `None` searches `queries` among
+            themselves, leaving each query out of its own neighbours.
+        k: neighbours per query; at most the number of references (less one
+            without `references`).
+        distance: a name from `keras_dml.distances` (`"cosine"`, `"euclidean"`,
+            `"squared_euclidean"`, `"dot"`, `"angular"`, or an alias) or a
+            `keras_dml.distances.Distance`.
+        batch_size: queries scored at once; by default as many as keep a
+            chunk's working memory near 256 MiB.
+
+    Returns:
+        `(indices, distances)`, both `(Q, k)`, nearest first: int64 reference
+        indices and float32 distances in the chosen measure (`1 - cos` for
+        cosine, `-x.y` for dot). Ties go to the lower reference index on the
+        TensorFlow and JAX backends.
+
+    Raises:
+        ValueError: for wrong shapes, NaN/Inf, an unknown distance or a `k`
+            larger than the number of references.
+    """
+    queries = _as_embeddings(queries, "queries")
+    exclude_self = references is None
+    references = queries if exclude_self else _as_embeddings(references, "references")
+    if references.shape[1] != queries.shape[1]:
+        raise ValueError(
+            f"`references` have dimension {references.shape[1]} but `queries` have "
+            f"{queries.shape[1]}; they must match."
+        )
+    available = len(references) - int(exclude_self)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= available:
+        raise ValueError(f"`k` must be an integer in [1, {available}], got {k!r}.")
+    _check_batch_size(batch_size)
+    scorer = _Scorer(references, distance)
+    n = len(queries)
+    out_indices = np.empty((n, k), "int64")
+    out_distances = np.empty((n, k), "float32")
+    chunks = _top_k_chunks(
+        scorer, queries, np.arange(n), np.full(n, k), len(references), exclude_self, batch_size,
+        with_scores=True,
+    )
+    with _full_precision_matmul():
+        for positions, indices, scores, _ in chunks:
+            out_indices[positions] = indices[:, :k]
+            out_distances[positions] = scorer.distances(queries[positions], scores[:, :k])
+    return out_indices, out_distances
+
+
+def _kmeans_assignments(embeddings: np.ndarray, n_clusters: int, seed: int) -> np.ndarray:
+    from sklearn.cluster import KMeans
+
+    if n_clusters <= 1:
+        return np.zeros(len(embeddings), "int64")
+    kmeans = KMeans(n_clusters=n_clusters, n_init=1, random_state=seed)
+    return kmeans.fit_predict(embeddings.astype("float64"))
+
+
+def retrieval_metrics(
+    embeddings,
+    labels,
+    reference_embeddings=None,
+    reference_labels=None,
+    k: int | Sequence[int] = (1, 2, 4, 8),
+    distance="cosine",
+    *,
+    nmi: bool = True,
+    batch_size: int | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Scores how well embeddings retrieve their own class: P@1, Recall@K, R-Precision, MAP@R, NMI.
+
+    Without a reference set, every embedding is a query searched among all the
+    others (leave-one-out). With `reference_embeddings`/`reference_labels`,
+    queries are searched among the references only; a query that is itself in
+    the reference set is not removed then, so pass the references without
+    the queries.
+
+    Queries whose class has no reference (a class with a single sample in
+    leave-one-out) cannot be scored and are left out of every nearest-
+    neighbour metric, as in the Reality Check protocol; when no query can be
+    scored those metrics are NaN, with a warning. NMI clusters the query
+    embeddings (L2-normalised first for cosine and angular) with scikit-learn's
+    k-means, k = the number of query classes.
+
+    Queries are scored in chunks against all references, and each chunk
+    keeps only its top-k (k = the larger of `max(k)` and the chunk's largest
+    R): with the default `batch_size`, a chunk's working memory stays near
+    256 MiB, so 100,000 x 128 embeddings never build the 100,000 x 100,000
+    matrix. Time grows with N^2 and, through top-k, with the class sizes.
+    Scores are computed in full float32 (not TF32) on every device; ties in
+    distance go to the lower reference index on TensorFlow and JAX.
+
+    Args:
+        embeddings: `(N, D)` query embeddings (NumPy array or backend tensor).
+        labels: `(N,)` or `(N, 1)` class labels: integers, or any values that
+            compare equal within a class (strings work).
+        reference_embeddings: optional `(M, D)` reference embeddings.
+        reference_labels: `(M,)` labels of the references; given exactly when
+            `reference_embeddings` is.
+        k: the K of Recall@K, an int or a sequence of them.
+        distance: a name from `keras_dml.distances` (`"cosine"`, `"euclidean"`,
+            `"squared_euclidean"`, `"dot"`, `"angular"`, or an alias) or a
+            `keras_dml.distances.Distance`.
+        nmi: compute NMI (k-means is the slow part on large sets).
+        batch_size: queries scored at once; by default as many as keep a
+            chunk's working memory near 256 MiB.
+        seed: k-means seed, so that NMI is reproducible.
+
+    Returns:
+        A dict of Python floats, in this order: `precision_at_1`,
+        `recall_at_{K}` for each K, `r_precision`, `map_at_r` and, with
+        `nmi=True`, `nmi`.
+
+    Raises:
+        ValueError: naming the argument, for wrong ranks or shapes, mismatched
+            lengths or dimensions, empty inputs, NaN/Inf embeddings, a bad `k`,
+            or an unknown distance.
+
+    Example:
+
+    ```python
+    embed = keras.Model(model.input, model.get_layer("embedding").output)
+    metrics = keras_dml.evaluation.retrieval_metrics(embed.predict(x_test), y_test)
+    print(f"MAP@R {metrics['map_at_r']:.3f}  R@1 {metrics['recall_at_1']:.3f}")
+    ```
+
+    Reference:
+        Musgrave, Belongie, Lim, "A Metric Learning Reality Check", ECCV 2020.
+    """
+    ks = _as_ks(k)
+    queries = _as_embeddings(embeddings, "embeddings")
+    query_labels = _as_labels(labels, len(queries), "labels", "embeddings")
+    if (reference_embeddings is None) != (reference_labels is None):
+        raise ValueError(
+            "`reference_embeddings` and `reference_labels` must be given together, got only "
+            + ("`reference_embeddings`." if reference_labels is None else "`reference_labels`.")
+        )
+    leave_one_out = reference_embeddings is None
+    if leave_one_out:
+        references, ref_labels = queries, query_labels
+    else:
+        references = _as_embeddings(reference_embeddings, "reference_embeddings")
+        ref_labels = _as_labels(
+            reference_labels, len(references), "reference_labels", "reference_embeddings"
+        )
+        if references.shape[1] != queries.shape[1]:
+            raise ValueError(
+                f"`reference_embeddings` have dimension {references.shape[1]} but `embeddings` "
+                f"have {queries.shape[1]}; they must match."
+            )
+    distances_lib.get(distance)  # an unknown name fails before any work
+    _check_batch_size(batch_size)
+
+    try:
+        _, codes = np.unique(np.concatenate([query_labels, ref_labels]), return_inverse=True)
+    except TypeError as error:
+        raise ValueError(
+            "`labels` and `reference_labels` must hold comparable values of one type."
+        ) from error
+    codes = codes.reshape(-1).astype("int32")
+    query_codes = codes[: len(queries)]
+    ref_codes = query_codes if leave_one_out else codes[len(queries) :]
+    # R: references of the query's class, the query itself not counted.
+    class_sizes = np.bincount(ref_codes, minlength=int(codes.max()) + 1)
+    relevant = class_sizes[query_codes] - int(leave_one_out)
+
+    counts = dict.fromkeys(["precision_at_1", *(f"recall_at_{v}" for v in ks)], 0)
+    scored = np.flatnonzero(relevant > 0)
+    # Per-query values, summed exactly at the end: the chunking cannot change the result.
+    r_precision = np.zeros(len(scored))
+    average_precision = np.zeros(len(scored))
+    if len(scored):
+        # Chunks of similar R ask top_k for similar k.
+        scored = scored[np.argsort(relevant[scored], kind="stable")]
+        n_available = len(references) - int(leave_one_out)
+        wanted = np.minimum(np.maximum(relevant[scored], max(ks)), n_available)
+        chunks = _top_k_chunks(
+            _Scorer(references, distance), queries, scored, wanted, len(references),
+            leave_one_out, batch_size,
+        )
+        with _full_precision_matmul():
+            for positions, indices, _, width in chunks:
+                ids = scored[positions]
+                hits = ref_codes[indices] == query_codes[ids][:, None]
+                r = relevant[ids]
+                counts["precision_at_1"] += int(hits[:, 0].sum())
+                for v in ks:
+                    counts[f"recall_at_{v}"] += int(hits[:, :v].any(axis=1).sum())
+                # Row-major nonzero lists each row's hits in rank order, so a hit's
+                # place among its row's hits is its count of relevant so far.
+                rows, ranks = np.nonzero(hits & (np.arange(width)[None, :] < r[:, None]))
+                row_starts = np.searchsorted(rows, np.arange(len(ids)))
+                hits_so_far = np.arange(1, len(rows) + 1) - row_starts[rows]
+                r_precision[positions] = np.bincount(rows, minlength=len(ids)) / r
+                average_precision[positions] = (
+                    np.bincount(rows, weights=hits_so_far / (ranks + 1), minlength=len(ids)) / r
+                )
+        metrics = {name: count / len(scored) for name, count in counts.items()}
+        metrics["r_precision"] = math.fsum(r_precision) / len(scored)
+        metrics["map_at_r"] = math.fsum(average_precision) / len(scored)
+    else:
+        warnings.warn(
+            "No query has a reference of its own class (every class has a single sample?); "
+            "the nearest-neighbour metrics are NaN.",
+            stacklevel=2,
+        )
+        metrics = dict.fromkeys([*counts, "r_precision", "map_at_r"], float("nan"))
+
+    if nmi:
+        from sklearn.metrics import normalized_mutual_info_score
+
+        name = distances_lib.get(distance).name
+        points = _l2_normalize(queries) if name in ("cosine", "angular") else queries
+        n_classes = len(np.unique(query_codes))
+        clusters = _kmeans_assignments(points, n_classes, seed)
+        metrics["nmi"] = float(normalized_mutual_info_score(query_codes, clusters))
+    return {name: float(value) for name, value in metrics.items()}

@@ -1,0 +1,356 @@
+"""Retrieval metrics against a deliberately naive, loop-by-loop NumPy reference."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_dml import distances
+from keras_dml.evaluation import nearest_neighbors, retrieval, retrieval_metrics
+
+DISTANCES = ["cosine", "euclidean", "squared_euclidean", "dot", "angular"]
+# torch.topk does not promise which of two equal scores comes first.
+STABLE_TIES = keras.backend.backend() in ("tensorflow", "jax")
+
+
+def naive_distance(a, b, name):
+    if callable(name):
+        return name(a, b)
+    a = [float(v) for v in a]
+    b = [float(v) for v in b]
+    dot = sum(x * y for x, y in zip(a, b, strict=True))
+    if name in ("cosine", "angular"):
+        norm_a = math.sqrt(sum(x * x for x in a))
+        norm_b = math.sqrt(sum(y * y for y in b))
+        cos = dot / (norm_a * norm_b)
+        return 1.0 - cos if name == "cosine" else max(1.0 - cos, 0.0)
+    if name == "dot":
+        return -dot
+    squared = sum((x - y) ** 2 for x, y in zip(a, b, strict=True))
+    return squared if name == "squared_euclidean" else math.sqrt(squared)
+
+
+def naive_ranking(query, references, name, skip=None):
+    """Reference indices sorted by distance, ties to the lower index."""
+    candidates = [j for j in range(len(references)) if j != skip]
+    dists = {j: naive_distance(query, references[j], name) for j in candidates}
+    return sorted(candidates, key=lambda j: (dists[j], j)), dists
+
+
+def naive_metrics(embeddings, labels, ref_embeddings=None, ref_labels=None, ks=(1, 2, 4, 8),
+                  name="cosine"):
+    leave_one_out = ref_embeddings is None
+    if leave_one_out:
+        ref_embeddings, ref_labels = embeddings, labels
+    totals = {"precision_at_1": 0.0, **{f"recall_at_{k}": 0.0 for k in ks},
+              "r_precision": 0.0, "map_at_r": 0.0}
+    scored = 0
+    for i in range(len(embeddings)):
+        skip = i if leave_one_out else None
+        ranking, _ = naive_ranking(embeddings[i], ref_embeddings, name, skip)
+        relevant = [ref_labels[j] == labels[i] for j in ranking]
+        r = sum(relevant)
+        if r == 0:
+            continue
+        scored += 1
+        totals["precision_at_1"] += relevant[0]
+        for k in ks:
+            totals[f"recall_at_{k}"] += any(relevant[:k])
+        totals["r_precision"] += sum(relevant[:r]) / r
+        hits, average_precision = 0, 0.0
+        for position in range(r):
+            if relevant[position]:
+                hits += 1
+                average_precision += hits / (position + 1)
+        totals["map_at_r"] += average_precision / r
+    if scored == 0:
+        return {key: float("nan") for key in totals}
+    return {key: value / scored for key, value in totals.items()}
+
+
+def naive_nmi(classes, clusters):
+    n = len(classes)
+    class_ids, cluster_ids = sorted(set(classes)), sorted(set(clusters))
+
+    def entropy(values, ids):
+        h = 0.0
+        for v in ids:
+            p = sum(1 for x in values if x == v) / n
+            h -= p * math.log(p)
+        return h
+
+    mutual = 0.0
+    for c in class_ids:
+        for k in cluster_ids:
+            joint = sum(1 for a, b in zip(classes, clusters, strict=True) if a == c and b == k) / n
+            if joint:
+                p_c = sum(1 for a in classes if a == c) / n
+                p_k = sum(1 for b in clusters if b == k) / n
+                mutual += joint * math.log(joint / (p_c * p_k))
+    h_classes, h_clusters = entropy(classes, class_ids), entropy(clusters, cluster_ids)
+    if h_classes == 0 and h_clusters == 0:
+        return 1.0
+    return mutual / ((h_classes + h_clusters) / 2)
+
+
+def random_set(seed, n=40, dim=6, classes=5):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, size=n)
+    centres = rng.normal(size=(classes, dim))
+    embeddings = centres[labels] * 0.8 + rng.normal(size=(n, dim))
+    return embeddings.astype("float32"), labels
+
+
+def assert_metrics_close(actual, expected, atol=1e-6):
+    assert list(actual)[: len(expected)] == list(expected)
+    for key, value in expected.items():
+        assert actual[key] == pytest.approx(value, abs=atol, nan_ok=True), key
+
+
+@pytest.mark.parametrize("name", DISTANCES)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_leave_one_out_matches_naive_reference(name, seed):
+    embeddings, labels = random_set(seed)
+    actual = retrieval_metrics(embeddings, labels, distance=name, nmi=False)
+    assert_metrics_close(actual, naive_metrics(embeddings, labels, name=name))
+    assert "nmi" not in actual
+
+
+@pytest.mark.parametrize("name", ["cosine", "euclidean"])
+@pytest.mark.parametrize("seed", [3, 4])
+def test_reference_set_matches_naive_reference(name, seed):
+    queries, query_labels = random_set(seed, n=25)
+    references, ref_labels = random_set(seed + 100, n=50)
+    # Class 7 has no reference: those queries are left out.
+    query_labels[:3] = 7
+    actual = retrieval_metrics(queries, query_labels, references, ref_labels, k=(1, 3, 5),
+                               distance=name, nmi=False)
+    expected = naive_metrics(queries, query_labels, references, ref_labels, ks=(1, 3, 5),
+                             name=name)
+    assert_metrics_close(actual, expected)
+
+
+def test_keys_and_order():
+    embeddings, labels = random_set(0)
+    metrics = retrieval_metrics(embeddings, labels)
+    assert list(metrics) == ["precision_at_1", "recall_at_1", "recall_at_2", "recall_at_4",
+                             "recall_at_8", "r_precision", "map_at_r", "nmi"]
+    assert all(type(v) is float for v in metrics.values())
+    assert list(retrieval_metrics(embeddings, labels, k=5, nmi=False)) == [
+        "precision_at_1", "recall_at_5", "r_precision", "map_at_r"]
+
+
+def test_hand_computed_example():
+    # 1-D points, euclidean; labels a a b b a. Leave-one-out rankings by hand:
+    # q0 (0.0): 1(a) 2(b) 3(b) 4(a)  R=2  P@1=1 R-prec=1/2 AP=(1/1)/2
+    # q1 (1.0): 0(a) 2(b) 3(b) 4(a)  R=2  P@1=1 R-prec=1/2 AP=1/2
+    # q2 (2.5): 3(b) 1(a) 0(a) 4(a)  R=1  P@1=1 R-prec=1   AP=1
+    # q3 (3.0): 2(b) 1(a) 0(a) 4(a)  R=1  P@1=1 R-prec=1   AP=1
+    # q4 (9.0): 3(b) 2(b) 1(a) 0(a)  R=2  P@1=0 R-prec=0   AP=0
+    x = np.array([[0.0], [1.0], [2.5], [3.0], [9.0]], "float32")
+    labels = ["a", "a", "b", "b", "a"]
+    metrics = retrieval_metrics(x, labels, k=(1, 2, 3), distance="euclidean", nmi=False)
+    assert metrics["precision_at_1"] == pytest.approx(4 / 5)
+    assert metrics["recall_at_2"] == pytest.approx(4 / 5)
+    assert metrics["recall_at_3"] == pytest.approx(5 / 5)
+    assert metrics["r_precision"] == pytest.approx((0.5 + 0.5 + 1 + 1 + 0) / 5)
+    assert metrics["map_at_r"] == pytest.approx((0.5 + 0.5 + 1 + 1 + 0) / 5)
+
+
+def test_single_sample_classes_are_left_out():
+    embeddings, labels = random_set(5, n=30, classes=4)
+    labels = labels.copy()
+    labels[[0, 1, 2]] = [10, 11, 12]  # three classes of one sample each
+    actual = retrieval_metrics(embeddings, labels, nmi=False)
+    assert_metrics_close(actual, naive_metrics(embeddings, labels))
+    scored_only = retrieval_metrics(embeddings[3:], labels[3:], nmi=False)
+    # Lone queries are out of the averages but stay in the search as references.
+    assert actual != scored_only
+
+
+def test_all_lone_queries_give_nan_with_a_warning():
+    x = np.eye(4, dtype="float32")
+    with pytest.warns(UserWarning, match="No query"):
+        metrics = retrieval_metrics(x, [0, 1, 2, 3])
+    assert math.isnan(metrics["map_at_r"]) and math.isnan(metrics["precision_at_1"])
+    assert metrics["nmi"] == pytest.approx(1.0)
+    with pytest.warns(UserWarning):
+        assert math.isnan(retrieval_metrics(x[:1], [0])["recall_at_1"])
+
+
+@pytest.mark.skipif(not STABLE_TIES, reason="this backend's top_k does not order ties")
+@pytest.mark.parametrize("name", ["dot", "squared_euclidean", "euclidean"])
+def test_ties_go_to_the_lower_index(name):
+    # Small integer vectors: every score is exact in float32, so ties are real ties.
+    rng = np.random.default_rng(7)
+    x = rng.integers(-1, 2, size=(30, 3)).astype("float32")
+    labels = rng.integers(0, 3, size=30)
+    actual = retrieval_metrics(x, labels, k=(1, 2, 4, 8), distance=name, nmi=False)
+    assert_metrics_close(actual, naive_metrics(x, labels, name=name))
+
+
+@pytest.mark.skipif(not STABLE_TIES, reason="this backend's top_k does not order ties")
+def test_duplicate_embeddings():
+    x = np.repeat(np.eye(3, dtype="float32"), 4, axis=0)
+    labels = np.array([0, 1, 0, 1, 2, 2, 2, 2, 0, 0, 1, 1])
+    actual = retrieval_metrics(x, labels, nmi=False)
+    assert_metrics_close(actual, naive_metrics(x, labels))
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_chunking_does_not_change_results(batch_size):
+    embeddings, labels = random_set(8, n=50)
+    full = retrieval_metrics(embeddings, labels, nmi=False)
+    assert retrieval_metrics(embeddings, labels, nmi=False, batch_size=batch_size) == full
+
+
+def test_chunks_never_hold_all_pairs(monkeypatch):
+    shapes = []
+    scores = retrieval._Scorer.scores
+
+    def recording_scores(self, queries):
+        result = scores(self, queries)
+        shapes.append(tuple(result.shape))
+        return result
+
+    monkeypatch.setattr(retrieval._Scorer, "scores", recording_scores)
+    embeddings, labels = random_set(9, n=60)
+    retrieval_metrics(embeddings, labels, batch_size=7, nmi=False)
+    assert shapes and max(rows for rows, _ in shapes) == 7
+    # The default chunk for 100,000 references is a 256 MiB slice, not 100,000 rows.
+    rows = retrieval._chunk_rows(None, 100_000, k=8)
+    assert rows * 100_000 * 4 <= 256 * 2**20 and rows < 1000
+    # Large classes (a long top-k per query) shrink the chunk further.
+    assert retrieval._chunk_rows(None, 100_000, k=65_536) < rows
+
+
+def test_default_chunks_follow_class_sizes(monkeypatch):
+    monkeypatch.setattr(retrieval, "_CHUNK_BYTES", 8 * 4 * 200)
+    shapes = []
+    scores = retrieval._Scorer.scores
+
+    def recording_scores(self, queries):
+        result = scores(self, queries)
+        shapes.append(tuple(result.shape))
+        return result
+
+    monkeypatch.setattr(retrieval._Scorer, "scores", recording_scores)
+    rng = np.random.default_rng(16)
+    labels = np.concatenate([np.repeat(np.arange(40), 2), np.full(120, 99)])  # R = 1 and 119
+    embeddings = rng.normal(size=(200, 4)).astype("float32")
+    actual = retrieval_metrics(embeddings, labels, nmi=False)
+    assert len(shapes) > 2 and min(rows for rows, _ in shapes) < max(rows for rows, _ in shapes)
+    assert_metrics_close(actual, naive_metrics(embeddings, labels))
+
+
+def test_nmi_matches_naive_formula():
+    embeddings, labels = random_set(10, n=60, classes=4)
+    metrics = retrieval_metrics(embeddings, labels, seed=3)
+    clusters = retrieval._kmeans_assignments(retrieval._l2_normalize(embeddings), 4, seed=3)
+    assert metrics["nmi"] == pytest.approx(naive_nmi(labels.tolist(), clusters.tolist()))
+    assert retrieval_metrics(embeddings, labels, seed=3)["nmi"] == metrics["nmi"]
+
+
+def test_nmi_is_one_for_separated_classes():
+    rng = np.random.default_rng(11)
+    labels = np.repeat(np.arange(5), 10)
+    embeddings = np.eye(5)[labels] * 10 + rng.normal(scale=0.01, size=(50, 5))
+    metrics = retrieval_metrics(embeddings, labels, distance="euclidean")
+    assert metrics["nmi"] == pytest.approx(1.0)
+    assert metrics["map_at_r"] == pytest.approx(1.0)
+    assert metrics["precision_at_1"] == pytest.approx(1.0)
+
+
+def test_accepts_tensors_column_labels_strings_and_half_precision():
+    embeddings, labels = random_set(12)
+    expected = retrieval_metrics(embeddings, labels, nmi=False)
+    as_tensors = retrieval_metrics(
+        ops.convert_to_tensor(embeddings), ops.convert_to_tensor(labels.reshape(-1, 1)), nmi=False
+    )
+    assert as_tensors == expected
+    as_strings = retrieval_metrics(embeddings, [f"class-{v}" for v in labels], nmi=False)
+    assert as_strings == expected
+    bfloat16 = ops.cast(ops.convert_to_tensor(embeddings), "bfloat16")
+    assert_metrics_close(
+        retrieval_metrics(bfloat16, labels, nmi=False),
+        naive_metrics(np.asarray(ops.convert_to_numpy(ops.cast(bfloat16, "float32"))), labels),
+    )
+    half = embeddings.astype("float16")
+    assert_metrics_close(
+        retrieval_metrics(half, labels, nmi=False),
+        naive_metrics(half.astype("float32"), labels),
+    )
+
+
+def test_custom_distance_object():
+    manhattan = distances.Distance(
+        "manhattan",
+        lambda x, y=None: ops.sum(ops.abs(ops.expand_dims(x, 1) - ops.expand_dims(y, 0)), -1),
+        is_similarity=False,
+    )
+
+    def naive_manhattan(a, b):
+        return sum(abs(float(x) - float(y)) for x, y in zip(a, b, strict=True))
+
+    embeddings, labels = random_set(13, n=20)
+    actual = retrieval_metrics(embeddings, labels, distance=manhattan, nmi=False)
+    assert_metrics_close(actual, naive_metrics(embeddings, labels, name=naive_manhattan),
+                         atol=1e-5)
+
+
+@pytest.mark.parametrize("name", DISTANCES)
+def test_nearest_neighbors_matches_naive(name):
+    queries, _ = random_set(14, n=12)
+    references, _ = random_set(15, n=30)
+    indices, dists = nearest_neighbors(queries, references, k=5, distance=name, batch_size=4)
+    for i in range(len(queries)):
+        ranking, naive = naive_ranking(queries[i], references, name)
+        assert indices[i].tolist() == ranking[:5]
+        np.testing.assert_allclose(dists[i], [naive[j] for j in ranking[:5]], atol=1e-4)
+
+
+def test_nearest_neighbors_leave_one_out_never_returns_self():
+    x = np.repeat(np.eye(2, dtype="float32"), 3, axis=0)  # three copies of each point
+    indices, dists = nearest_neighbors(x, k=5)
+    assert not np.any(indices == np.arange(6)[:, None])
+    if STABLE_TIES:
+        assert indices[0].tolist() == [1, 2, 3, 4, 5]
+        np.testing.assert_allclose(dists[0], [0, 0, 1, 1, 1], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"embeddings": np.zeros((4,))}, "`embeddings` must be embeddings of shape"),
+        ({"embeddings": np.zeros((0, 3))}, "`embeddings` is empty"),
+        ({"labels": [0, 1, 2]}, "`labels` has 3 labels but `embeddings` has 4"),
+        ({"labels": np.zeros((4, 2))}, "`labels` must be labels of shape"),
+        ({"labels": [0.0, 1.0, np.nan, 1.0]}, "`labels` contains NaN"),
+        ({"embeddings": np.array([[0.0, 1.0]] * 3 + [[np.nan, 0.0]])}, "`embeddings` contains NaN"),
+        ({"reference_embeddings": np.ones((3, 2))}, "given together"),
+        ({"reference_labels": [0, 1, 2]}, "given together"),
+        ({"reference_embeddings": np.ones((3, 5)), "reference_labels": [0, 1, 2]},
+         "`reference_embeddings` have dimension 5"),
+        ({"reference_embeddings": np.ones((3, 2)), "reference_labels": [0, 1]},
+         "`reference_labels` has 2 labels"),
+        ({"k": 0}, "`k` must be a positive integer"),
+        ({"k": (1, 2.5)}, "`k` must be a positive integer"),
+        ({"k": ()}, "`k` must be a positive integer"),
+        ({"distance": "hamming"}, "Unknown `distance`"),
+        ({"batch_size": 0}, "`batch_size` must be a positive integer"),
+        ({"embeddings": np.ones((4, 2), bool)}, "`embeddings` must hold real numbers"),
+    ],
+)
+def test_bad_inputs_raise_value_errors_naming_the_argument(kwargs, match):
+    args = {"embeddings": np.eye(4, 2, dtype="float32"), "labels": [0, 0, 1, 1], **kwargs}
+    with pytest.raises(ValueError, match=match):
+        retrieval_metrics(**args)
+
+
+def test_nearest_neighbors_bad_k():
+    with pytest.raises(ValueError, match=r"`k` must be an integer in \[1, 3\]"):
+        nearest_neighbors(np.eye(4, dtype="float32"), k=4)
+    with pytest.raises(ValueError, match="`references` have dimension 3"):
+        nearest_neighbors(np.eye(4, 2, dtype="float32"), np.eye(3, dtype="float32"), k=1)
