@@ -193,7 +193,10 @@ def m_per_class_dataset(
             batch_x = tf.nest.map_structure(lambda a: tf.gather(a, indices), features)
             return batch_x, tf.gather(label_tensor, indices)
 
-        batches = batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        # Sequential on purpose: a parallel map reads ahead by a timing-dependent
+        # amount, which advances the per-class reshuffle state differently from run
+        # to run and breaks the seeded sequence of later passes.
+        batches = batches.map(gather)
     if num_batches is not None:
         batches = batches.take(num_batches)
     return batches.prefetch(tf.data.AUTOTUNE)
