@@ -104,7 +104,8 @@ def main(argv=None) -> None:
     if args.semihard_large and "TripletSemiHardLoss" in args.losses:
         runs.append(("TripletSemiHardLoss", args.semihard_large))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow")
-    print(f"# machine: {platform.machine()} {os.cpu_count()} CPUs, python {platform.python_version()}")
+    machine = f"{platform.machine()} {os.cpu_count()} CPUs, python {platform.python_version()}"
+    print(f"# machine: {machine}")
     print(f"# D={args.dim}, {args.classes} classes, median of {args.repeats} steps")
     print(f"| {'loss':<22} | {'B':>5} | {'fwd+bwd ms':>10} | {'peak MB':>8} |")
     print(f"|{'-' * 24}|{'-' * 7}|{'-' * 12}|{'-' * 10}|")

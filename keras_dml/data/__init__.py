@@ -1,5 +1,22 @@
-"""Input pipelines for metric learning: class-balanced (P × M) batches with `tf.data`."""
+"""Input pipelines for metric learning.
 
-from keras_dml.data.sampler import m_per_class_dataset
+- `SimCLRAugmentation`: two-view image augmentation in `keras.ops` (any backend).
+- `m_per_class_dataset`: class-balanced (P × M) batches with `tf.data`.
 
-__all__ = ["m_per_class_dataset"]
+The `tf.data` parts import TensorFlow on first use, so importing this package
+under the JAX or torch backend does not pull TensorFlow in.
+"""
+
+from keras_dml.data.augment import SimCLRAugmentation
+
+_LAZY = {"m_per_class_dataset": "keras_dml.data.sampler"}
+
+__all__ = ["SimCLRAugmentation", "m_per_class_dataset"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'keras_dml.data' has no attribute {name!r}")

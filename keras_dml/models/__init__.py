@@ -2,10 +2,16 @@
 
 - `MarginModel`: backbone + margin head (ArcFace, CosFace, SoftTriple, ...).
 - `S2SD`: similarity-based self-distillation from high-dimensional target heads.
+- `LoCo`: local contrastive learning with overlapping, gradient-isolated units.
 - `SiameseModel`: two inputs, one shared backbone, a distance output (contrastive loss).
 """
 
-from keras_dml.models.margin_model import MarginModel
+from keras_dml.models.loco import LoCo, LoCoDecoder
+from keras_dml.models.margin_model import (
+    MarginCrossentropy,
+    MarginModel,
+    inverse_frequency_weights,
+)
 from keras_dml.models.s2sd import S2SD, similarity_distillation
 from keras_dml.models.siamese import (
     ContrastivePairLoss,
@@ -17,7 +23,11 @@ from keras_dml.models.siamese import (
 
 __all__ = [
     "ContrastivePairLoss",
+    "LoCo",
+    "LoCoDecoder",
+    "MarginCrossentropy",
     "MarginModel",
+    "inverse_frequency_weights",
     "S2SD",
     "SiameseModel",
     "make_pair_indices",
