@@ -8,7 +8,7 @@ BACKEND_AGNOSTIC_TESTS = $(shell cat tests/backend_agnostic.txt 2>/dev/null)
 
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo test test-tf test-jax lint bench clean
+.PHONY: demo test test-tf test-jax lint bench docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,24 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e ".[dev]"
 	touch $(STAMP)
 
+DEMO_DIR ?= runs/demo
+
+# The whole journey on the bundled digits: train, export, search, evaluate.
+# The last command prints where every artefact is and the metrics table.
 demo: $(STAMP)
-	$(PY) examples/digits_triplet.py
+	$(VENV)/bin/keras-dml train --dataset digits --loss triplet --epochs 15 --out $(DEMO_DIR)
+	$(VENV)/bin/keras-dml export $(DEMO_DIR) --tflite int8
+	$(VENV)/bin/keras-dml search $(DEMO_DIR) --query-index 0 -k 5
+	$(VENV)/bin/keras-dml evaluate $(DEMO_DIR)
+
+DOCS_STAMP := $(VENV)/.docs-installed
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+# API reference from the docstrings; --strict turns every warning into an error.
+docs: $(DOCS_STAMP)
+	$(VENV)/bin/mkdocs build --strict --site-dir site
 
 test: test-tf test-jax
 
@@ -34,4 +50,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_losses.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache site

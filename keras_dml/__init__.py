@@ -10,7 +10,18 @@ whatever the Keras backend and are imported explicitly:
 TFLite).
 """
 
-from keras_dml import distances, evaluation, heads, index, layers, losses, mining, models
+from keras_dml import (
+    callbacks,
+    distances,
+    evaluation,
+    heads,
+    index,
+    layers,
+    losses,
+    mining,
+    models,
+    plots,
+)
 from keras_dml.losses import (
     CircleLoss,
     ContrastiveLoss,
@@ -19,6 +30,7 @@ from keras_dml.losses import (
     MultiSimilarityLoss,
     NPairsLoss,
     NTXentLoss,
+    QuadrupletLoss,
     SupConLoss,
     TripletHardLoss,
     TripletLoss,
@@ -34,11 +46,13 @@ __all__ = [
     "MultiSimilarityLoss",
     "NPairsLoss",
     "NTXentLoss",
+    "QuadrupletLoss",
     "SupConLoss",
     "TripletHardLoss",
     "TripletLoss",
     "TripletSemiHardLoss",
     "__version__",
+    "callbacks",
     "distances",
     "evaluation",
     "heads",
@@ -47,4 +61,5 @@ __all__ = [
     "losses",
     "mining",
     "models",
+    "plots",
 ]

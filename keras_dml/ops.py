@@ -60,6 +60,7 @@ def masked_logsumexp(values, mask, axis=-1, keepdims: bool = False, add_one: boo
     multi-similarity and circle losses) an empty mask gives exactly 0.
     Without it, an empty mask gives `_NEG_LARGE`; callers mask such rows out.
     """
+    values = ops.convert_to_tensor(values)
     mask = ops.cast(mask, "bool")
     shift = ops.max(ops.where(mask, values, ops.full_like(values, _NEG_LARGE)), axis=axis,
                     keepdims=True)
@@ -90,6 +91,7 @@ def masked_log_softmax(values, mask, axis=-1):
     the normaliser; select them away (e.g. with `masked_mean`). A row with an
     empty mask gives finite values too.
     """
+    values = ops.convert_to_tensor(values)
     return values - masked_logsumexp(values, mask, axis=axis, keepdims=True)
 
 

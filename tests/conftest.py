@@ -34,10 +34,16 @@ def loss_gradient(fn, x):
     if backend == "torch":
         import torch
 
-        var = torch.tensor(x, requires_grad=True)
+        x = np.asarray(x)
+        if x.dtype.name == "bfloat16":  # torch cannot read NumPy's (ml_dtypes) bfloat16
+            var = torch.tensor(x.astype("float32")).to(torch.bfloat16).requires_grad_()
+        else:
+            var = torch.tensor(x, requires_grad=True)
         value = fn(var)
+        if not value.requires_grad:  # the value does not depend on x
+            return value.detach().float().numpy(), np.zeros(x.shape, "float32")
         value.backward()
-        return value.detach().numpy(), var.grad.numpy()
+        return value.detach().float().numpy(), var.grad.float().numpy()
     raise NotImplementedError(f"No gradient helper for backend {backend!r}.")
 
 

@@ -19,6 +19,7 @@ ALL_LOSSES = [
     keras_dml.LiftedStructLoss(),
     keras_dml.NTXentLoss(),
     keras_dml.SupConLoss(),
+    keras_dml.QuadrupletLoss(),
 ]
 IDS = [type(loss).__name__ for loss in ALL_LOSSES]
 

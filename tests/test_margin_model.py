@@ -6,16 +6,18 @@ Backend-agnostic: runs under TensorFlow and JAX.
 from __future__ import annotations
 
 import doctest
+import math
 
 import keras
 import numpy as np
 import pytest
-from conftest import mixed_precision
+from conftest import loss_gradient, mixed_precision
 from keras import ops
 
-from keras_dml.heads import AdaCos, ArcFace, CosFace, SoftTriple, SubCenterArcFace
+from keras_dml.heads import AdaCos, ArcFace, CosFace, ProxyAnchor, SoftTriple, SubCenterArcFace
 from keras_dml.layers import MetricEmbedding
 from keras_dml.models import MarginModel, margin_model
+from keras_dml.models.margin_model import MarginCrossentropy, inverse_frequency_weights
 
 N, D_IN, D_EMB, C = 60, 8, 4, 3
 
@@ -193,6 +195,113 @@ def test_bad_inputs_raise_value_errors():
         model.fit(x, (y + 0.5).astype("float32"), epochs=1, verbose=0)
     with pytest.raises(ValueError, match="`y`"):
         model.fit(x, epochs=1, verbose=0)
+
+
+# -- focal loss, label smoothing, class weights ---------------------------------------------
+
+
+def ref_margin_crossentropy(logits, labels, gamma=0.0, smoothing=0.0, class_weights=None):
+    """Per sample: -Σ_j q_j (1 - p_j)^γ log p_j; weighted mean over the batch."""
+    total, weight_sum = 0.0, 0.0
+    for i, row in enumerate(logits):
+        top = max(row)
+        log_z = top + math.log(sum(math.exp(v - top) for v in row))
+        loss = 0.0
+        for j, v in enumerate(row):
+            q = (1.0 - smoothing) * (j == labels[i]) + smoothing / len(row)
+            log_p = v - log_z
+            loss += -q * (1.0 - math.exp(log_p)) ** gamma * log_p
+        w = 1.0 if class_weights is None else class_weights[labels[i]]
+        total += w * loss
+        weight_sum += w
+    return total / weight_sum
+
+
+@pytest.mark.parametrize(
+    "gamma, smoothing, weights",
+    [(0.0, 0.0, None), (2.0, 0.0, None), (0.0, 0.1, None), (1.5, 0.2, [0.5, 2.0, 1.0, 0.1])],
+)
+def test_margin_crossentropy_matches_reference(gamma, smoothing, weights):
+    rng = np.random.default_rng(0)
+    logits = (rng.normal(size=(12, 4)) * 5).astype("float32")
+    labels = rng.integers(0, 4, size=12)
+    loss = MarginCrossentropy(gamma=gamma, label_smoothing=smoothing, class_weights=weights)
+    expected = ref_margin_crossentropy(logits.astype("float64"), labels, gamma, smoothing, weights)
+    assert float(np_(loss(labels, logits))) == pytest.approx(expected, rel=1e-5)
+    if weights is None:  # Keras's own dense-label losses agree
+        one_hot = np.eye(4, dtype="float32")[labels]
+        keras_loss = keras.losses.CategoricalFocalCrossentropy(
+            alpha=1.0, gamma=gamma, from_logits=True, label_smoothing=smoothing
+        )
+        assert float(np_(keras_loss(one_hot, logits))) == pytest.approx(expected, rel=1e-4)
+
+
+def test_margin_crossentropy_gradients_finite_at_saturated_logits():
+    labels = np.array([0, 1, 2])
+    logits = np.array([[200.0, -200.0, 0.0], [0.0, 0.0, 0.0], [-200.0, 0.0, 200.0]], "float32")
+    for loss in (MarginCrossentropy(gamma=0.5), MarginCrossentropy(2.0, 0.1, [1.0, 0.0, 3.0])):
+        value, grad = loss_gradient(lambda v, f=loss: f(labels, v), logits)
+        assert np.isfinite(value) and np.all(np.isfinite(grad)) and np.any(grad != 0)
+
+
+def test_compile_options_give_focal_smoothed_class_weighted_loss(tmp_path):
+    x, y = make_data(8)
+    weights = inverse_frequency_weights([10, 20, 40], power=0.5)
+    head = ArcFace(C, scale=16.0, margin=0.2)
+    model = MarginModel(make_backbone(), head)
+    model.compile(optimizer="adam", focal_gamma=2.0, label_smoothing=0.1, class_weights=weights)
+    assert isinstance(model.loss, MarginCrossentropy)
+    history = model.fit(x, y, epochs=2, batch_size=20, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    loss = model.evaluate(x, y, batch_size=N, verbose=0)
+    logits = np_(head(model.embed(x), y))  # margin-adjusted: the smoothing applies to them
+    expected = ref_margin_crossentropy(logits, y, 2.0, 0.1, weights)
+    assert loss == pytest.approx(expected, rel=1e-5)
+
+    model.save(tmp_path / "focal.keras")
+    reloaded = keras.saving.load_model(tmp_path / "focal.keras")
+    assert isinstance(reloaded.loss, MarginCrossentropy)
+    assert reloaded.loss.get_config() == model.loss.get_config()
+    assert reloaded.evaluate(x, y, batch_size=N, verbose=0) == pytest.approx(loss, rel=1e-5)
+    # No options: the plain sparse cross-entropy, as before.
+    model.compile(optimizer="adam")
+    assert isinstance(model.loss, keras.losses.SparseCategoricalCrossentropy)
+
+
+def test_inverse_frequency_weights_and_option_errors():
+    weights = inverse_frequency_weights([100, 10, 1], power=1.0)
+    np.testing.assert_allclose(weights, np.array([0.01, 0.1, 1.0]) / np.mean([0.01, 0.1, 1.0]))
+    assert inverse_frequency_weights([5, 50], power=0.0) == [1.0, 1.0]
+    with pytest.raises(ValueError, match="class_counts"):
+        inverse_frequency_weights([3, 0])
+    model = MarginModel(make_backbone(), ArcFace(C))
+    with pytest.raises(ValueError, match="class_weights"):
+        model.compile(optimizer="adam", class_weights=[1.0, 2.0])  # C = 3 classes
+    with pytest.raises(ValueError, match="class_weights"):
+        model.compile(optimizer="adam", class_weights=[1.0, -1.0, 1.0])
+    with pytest.raises(ValueError, match="`loss`"):
+        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", focal_gamma=2.0)
+    with pytest.raises(ValueError, match="own loss"):
+        MarginModel(make_backbone(), ProxyAnchor(C)).compile(optimizer="adam", label_smoothing=0.1)
+    with pytest.raises(ValueError, match="gamma"):
+        MarginCrossentropy(gamma=-1.0)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        MarginCrossentropy(label_smoothing=1.0)
+    loss = MarginCrossentropy(1.0, 0.1, [1, 2])
+    restored = keras.losses.deserialize(keras.losses.serialize(loss))
+    assert restored.get_config()["class_weights"] == [1.0, 2.0]
+
+
+def test_focal_fit_under_mixed_float16_has_no_nan():
+    x, y = make_data(9)
+    with mixed_precision("mixed_float16"):
+        model = MarginModel(make_backbone(), ArcFace(C))
+        model.compile(
+            optimizer="adam", focal_gamma=2.0, label_smoothing=0.1, class_weights=[1, 2, 3]
+        )
+        history = model.fit(x * 100.0, y, epochs=2, batch_size=20, verbose=0)
+    assert keras.config.dtype_policy().name == "float32"
+    assert np.all(np.isfinite(history.history["loss"]))
 
 
 def test_docstring_example():

@@ -83,6 +83,12 @@ def variable_gradients(model, fn):
 
         grads = jax.grad(stateless)([v.value for v in variables])
         return dict(zip([v.path for v in variables], grads, strict=True))
+    if keras.backend.backend() == "torch":
+        import torch
+
+        tensors = [v.value for v in variables]
+        grads = torch.autograd.grad(fn(), tensors, allow_unused=True)
+        return dict(zip([v.path for v in variables], grads, strict=True))
     raise NotImplementedError(keras.backend.backend())
 
 
@@ -357,10 +363,11 @@ MIRRORED_SCRIPT = textwrap.dedent(
     import keras_dml
     from keras_dml.models.s2sd import S2SD
 
-    def build():
+    def build(cross_replica=True):
         backbone = keras.Sequential([keras.Input((12,)), keras.layers.Dense(16, "relu")])
         return S2SD(backbone, embedding_dim=4, target_dims=(8, 16), distillation_weight=5.0,
-                    feature_distillation=True, feature_distillation_delay=0)
+                    feature_distillation=True, feature_distillation_delay=0,
+                    cross_replica=cross_replica)
 
     rng = np.random.default_rng(0)
     y = (np.arange(32) % 4).astype("int32")
@@ -368,20 +375,34 @@ MIRRORED_SCRIPT = textwrap.dedent(
 
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     assert strategy.num_replicas_in_sync == 2
-    keras.utils.set_random_seed(0)
-    with strategy.scope():
-        model = build()
-        model.compile(optimizer=keras.optimizers.SGD(0.1), loss=keras_dml.MultiSimilarityLoss())
-    reference = build()
-    reference.compile(optimizer=keras.optimizers.SGD(0.1), loss=keras_dml.MultiSimilarityLoss())
-    reference.set_weights(model.get_weights())
 
-    # One step where both replicas see the same 16 samples must move the weights
-    # exactly like one single-device step on those 16 samples.
+    def pair(cross_replica):
+        keras.utils.set_random_seed(0)
+        with strategy.scope():
+            model = build(cross_replica)
+            model.compile(optimizer=keras.optimizers.SGD(0.1),
+                          loss=keras_dml.MultiSimilarityLoss(cross_replica=cross_replica))
+        reference = build(cross_replica)
+        reference.compile(optimizer=keras.optimizers.SGD(0.1),
+                          loss=keras_dml.MultiSimilarityLoss(cross_replica=cross_replica))
+        reference.set_weights(model.get_weights())
+        return model, reference
+
+    # Per-replica S2SD: when both replicas see the same 16 samples, one step must
+    # move the weights exactly like one single-device step on those 16 samples.
+    model, reference = pair(cross_replica=False)
     x16, y16 = x[:16], y[:16]
     model.fit(np.concatenate([x16, x16]), np.concatenate([y16, y16]), batch_size=32,
               epochs=1, shuffle=False, verbose=0)
     reference.fit(x16, y16, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    for a, b in zip(model.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+    # Cross-replica S2SD (the default): a step on 2 x 16 samples equals one
+    # single-device step on the global batch of 32.
+    model, reference = pair(cross_replica=True)
+    model.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
+    reference.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
     for a, b in zip(model.get_weights(), reference.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     assert int(model.feature_distillation_step.numpy()) == 1

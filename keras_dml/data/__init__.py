@@ -9,9 +9,13 @@ under the JAX or torch backend does not pull TensorFlow in.
 
 from keras_dml.data.augment import SimCLRAugmentation
 
-_LAZY = {"m_per_class_dataset": "keras_dml.data.sampler"}
+_LAZY = {
+    "m_per_class_dataset": "keras_dml.data.sampler",
+    "ZeroShotArrays": "keras_dml.data.digits",
+    "load_digits_zero_shot": "keras_dml.data.digits",
+}
 
-__all__ = ["SimCLRAugmentation", "m_per_class_dataset"]
+__all__ = ["SimCLRAugmentation", "ZeroShotArrays", "load_digits_zero_shot", "m_per_class_dataset"]
 
 
 def __getattr__(name):

@@ -174,6 +174,15 @@ class CosineHead(keras.layers.Layer):
         del labels, training
         return similarity
 
+    def default_loss(self):
+        """The loss `MarginModel.compile()` uses when none is given; None means softmax CE.
+
+        Heads whose loss is not a softmax cross-entropy over their logits
+        (e.g. `ProxyAnchor`) return a `keras.losses.Loss` over
+        `(labels, head logits)` here.
+        """
+        return None
+
     def compute_output_shape(self, embeddings_shape, labels_shape=None):
         return (embeddings_shape[0], self.num_classes)
 

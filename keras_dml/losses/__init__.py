@@ -7,6 +7,7 @@ from keras_dml.losses.lifted_struct import LiftedStructLoss, lifted_struct_loss
 from keras_dml.losses.multi_similarity import MultiSimilarityLoss, multi_similarity_loss
 from keras_dml.losses.npairs import NPairsLoss, npairs_loss, npairs_loss_from_similarity
 from keras_dml.losses.ntxent import NTXentLoss, nt_xent_loss
+from keras_dml.losses.quadruplet import QuadrupletLoss, hardest_negative_pair, quadruplet_loss
 from keras_dml.losses.supcon import SupConLoss, supcon_loss
 from keras_dml.losses.triplet import (
     TripletHardLoss,
@@ -25,11 +26,14 @@ __all__ = [
     "MultiSimilarityLoss",
     "NPairsLoss",
     "NTXentLoss",
+    "QuadrupletLoss",
     "SupConLoss",
     "TripletHardLoss",
     "TripletLoss",
     "TripletSemiHardLoss",
     "circle_loss",
+    "hardest_negative_pair",
+    "quadruplet_loss",
     "contrastive_loss",
     "lifted_struct_loss",
     "multi_similarity_loss",

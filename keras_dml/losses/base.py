@@ -1,18 +1,30 @@
-"""What every metric loss shares: input checks, label masks and the Loss base class.
+"""What every metric loss shares: input checks, label masks, references and the Loss base class.
 
 A metric loss is a plain function `fn(labels, embeddings, **options)` that
 returns a scalar, wrapped by a small `MetricLoss` subclass whose constructor
 stores `options`, so that `get_config()` lists exactly them (Keras's own
 `LossFunctionWrapper` pattern).
+
+Queries and references: every anchor row of `embeddings` (a query) is
+compared with a set of references, by default the batch itself. A pair or
+triplet loss also takes `references=References(...)`, e.g. the batches of
+all replicas (`gather_references`, what `cross_replica=True` does under
+`tf.distribute`) or a memory of past batches; the loss is then the one of the
+queries against those references, and `References.mean` turns sums over the
+queries into the loss of the whole (global) batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import keras
 import numpy as np
 from keras import ops
+
+from keras_dml import distances as distances_lib
+from keras_dml import distributed
 
 
 def concrete_value(x) -> np.ndarray | None:
@@ -108,16 +120,39 @@ def validate_inputs(labels, embeddings, labels_arg: str = "y_true", embeddings_a
     return labels, embeddings
 
 
-def label_masks(labels, ref_labels=None):
+def self_pair_mask(num_queries, num_references, query_offset=0):
+    """Boolean `(B, R)` mask, True at `(i, i + query_offset)`: each query paired with itself.
+
+    Query `i` is reference `i + query_offset` when the queries are a slice of
+    the references (a replica's rows inside the gathered global batch).
+    """
+    rows = ops.expand_dims(ops.arange(num_queries, dtype="int32"), 1)
+    columns = ops.expand_dims(ops.arange(num_references, dtype="int32"), 0)
+    return ops.equal(columns, rows + ops.cast(query_offset, "int32"))
+
+
+def label_masks(labels, ref_labels=None, query_offset=None):
     """Boolean `(B, R)` masks of positive and negative pairs.
 
     Args:
-        labels: `(B,)` int labels of the anchors.
+        labels: `(B,)` int labels of the anchors (queries).
         ref_labels: `(R,)` labels of the references; defaults to `labels`, in
             which case an anchor is never its own positive.
+        query_offset: with `ref_labels`, the index of query 0 among the
+            references when the queries are a slice of them (query `i` is
+            reference `i + query_offset`); that self-pair is then no positive.
+            None (the default with `ref_labels`): queries and references are
+            different samples.
 
     Returns:
         `(positive_mask, negative_mask)`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> pos, neg = label_masks(np.array([1, 1]), np.array([0, 1, 1]), query_offset=1)
+    >>> np.asarray(pos).tolist()
+    [[False, False, True], [False, True, False]]
     """
     refs = labels if ref_labels is None else ref_labels
     same = ops.equal(ops.expand_dims(labels, 1), ops.expand_dims(refs, 0))
@@ -125,17 +160,200 @@ def label_masks(labels, ref_labels=None):
     if ref_labels is None:
         n = ops.shape(labels)[0]
         same = ops.logical_and(same, ops.logical_not(ops.cast(ops.eye(n), "bool")))
+    elif query_offset is not None:
+        is_self = self_pair_mask(ops.shape(labels)[0], ops.shape(refs)[0], query_offset)
+        same = ops.logical_and(same, ops.logical_not(is_self))
     return same, negative
+
+
+# Measures whose self-distance is exactly 0 in `distances` (their `y=None` form
+# zeroes the diagonal); with separate references the self-pairs are zeroed the
+# same way, so rounding cannot leave a tiny distance (and sqrt's steep slope) there.
+_ZERO_SELF_DISTANCE = ("euclidean", "squared_euclidean", "angular")
+
+
+@dataclasses.dataclass(frozen=True)
+class References:
+    """The samples a metric loss compares its queries with, and how it averages over queries.
+
+    Attributes:
+        labels: `(R,)` int32 labels of the references.
+        embeddings: `(R, D)` float embeddings of the references.
+        query_offset: index of query 0 among the references when the queries
+            are a slice of them (query `i` is reference `i + query_offset`,
+            a pair that is never used); None when they are other samples
+            (e.g. a memory of past batches).
+        across_replicas: True when the references are the gathered batches
+            of all `tf.distribute` replicas: `mean` then sums its numerator
+            and denominator over the replicas, so that every replica's loss
+            is the loss of the global batch.
+
+    Example: the references of a batch against itself (what every loss uses
+    by default) and against a larger set.
+
+    >>> import numpy as np
+    >>> from keras_dml.losses.contrastive import contrastive_loss
+    >>> labels = np.array([0, 1], "int32")
+    >>> emb = np.array([[0.0, 0.0], [0.0, 0.5]], "float32")
+    >>> refs = References(np.array([0, 1, 0], "int32"), np.array([[0, 0], [0, 0.5], [0, 0.1]],
+    ...                   "float32"), query_offset=0)
+    >>> round(float(contrastive_loss(labels, emb, references=refs)), 4)
+    0.55
+    """
+
+    labels: Any
+    embeddings: Any
+    query_offset: Any = None
+    across_replicas: bool = False
+    # The references are the query batch itself: `pairwise` keeps the exact
+    # `y=None` numerics of `keras_dml.distances`.
+    _is_query_batch: bool = dataclasses.field(default=False, repr=False)
+
+    @classmethod
+    def of_batch(cls, labels, embeddings) -> References:
+        """The batch as its own references (the default of every loss)."""
+        return cls(labels, embeddings, query_offset=0, _is_query_batch=True)
+
+    def masks(self, labels):
+        """`(positive, negative)` `(B, R)` masks of the queries with `labels`."""
+        if self._is_query_batch:
+            return label_masks(labels)
+        return label_masks(labels, self.labels, query_offset=self.query_offset)
+
+    def not_self(self, num_queries):
+        """`(B, R)` bool, False where a query meets itself (all True without `query_offset`)."""
+        num_refs = ops.shape(self.embeddings)[0]
+        if self.query_offset is None:
+            return ops.ones((num_queries, num_refs), dtype="bool")
+        return ops.logical_not(self_pair_mask(num_queries, num_refs, self.query_offset))
+
+    def pairwise(self, embeddings, distance: str | distances_lib.Distance, kind: str = "distance"):
+        """The `(B, R)` matrix between queries and references, as a distance or a similarity.
+
+        Args:
+            embeddings: `(B, D)` query embeddings.
+            distance: a name or `Distance` of `keras_dml.distances`.
+            kind: `"distance"` (smaller is closer: `1 - cos`, `-dot`) or
+                `"similarity"` (larger is closer: `-d` for distances).
+        """
+        measure = distances_lib.get(distance)
+        convert = measure.distance if kind == "distance" else measure.similarity
+        if self._is_query_batch:
+            return convert(embeddings)
+        if self.query_offset is not None and measure.name in _ZERO_SELF_DISTANCE:
+            offset, raw = self.query_offset, measure.fn
+
+            def with_zero_self(x, y=None):
+                values = raw(x, y)
+                is_self = self_pair_mask(ops.shape(values)[0], ops.shape(values)[1], offset)
+                return values * (1.0 - ops.cast(is_self, values.dtype))
+
+            measure = distances_lib.Distance(measure.name, with_zero_self, measure.is_similarity)
+            convert = measure.distance if kind == "distance" else measure.similarity
+        return convert(embeddings, self.embeddings)
+
+    def gather_rows(self, values):
+        """Per-query values `(B, ...)` of every reference: across replicas, all replicas' rows.
+
+        For a loss whose pair term needs something computed per row for the
+        reference as well (lifted structure's log-sum-exp over a row's
+        negatives). Only defined when the references are the query batch or
+        the replicas' gathered batches.
+        """
+        if self._is_query_batch:
+            return values
+        if not self.across_replicas:
+            raise ValueError(
+                "This loss needs per-row values of its references, which only the batch itself "
+                "or the gathered replica batches provide."
+            )
+        return distributed.gather(values)
+
+    def mean(self, total, count):
+        """`total / max(count, 1)`: a mean over queries, pairs or triplets of the (global) batch.
+
+        `total` sums the per-query, per-pair or per-triplet terms of these
+        queries and `count` counts them. Across replicas both are summed
+        over the replicas first, so every replica returns the global-batch
+        loss (numerator and denominator of a ratio are summed separately:
+        averaging the replicas' means would weight them wrongly).
+        """
+        count = ops.cast(count, total.dtype)
+        if self.across_replicas:
+            total = distributed.sum_over_replicas(total)
+            count = distributed.sum_over_replicas(ops.stop_gradient(count))
+        return total / ops.maximum(count, 1.0)
+
+    def mean_over_queries(self, per_query):
+        """The mean of a `(B,)` per-query term over all queries (of all replicas)."""
+        return self.mean(ops.sum(per_query), ops.shape(per_query)[0])
+
+
+def resolve_references(labels, embeddings, references: References | None) -> References:
+    """`references`, or the batch itself when None."""
+    if references is None:
+        return References.of_batch(labels, embeddings)
+    if not isinstance(references, References):
+        raise ValueError(
+            f"`references` must be a keras_dml.losses.base.References, got {type(references)}."
+        )
+    return references
+
+
+def gather_references(labels, embeddings, instance_labels: bool = False) -> References | None:
+    """The batches of all `tf.distribute` replicas as references; None outside a multi-replica run.
+
+    The embeddings are gathered differentiably (see `keras_dml.distributed`),
+    the labels as constants.
+
+    Args:
+        labels: `(B,)` int32 labels of this replica.
+        embeddings: `(B, D)` float embeddings of this replica.
+        instance_labels: the labels are ids local to the replica (0..B-1, e.g.
+            NT-Xent's instance ids): each replica's ids are shifted by its row
+            offset, so they stay distinct across replicas.
+
+    Returns:
+        `References` with `query_offset` the position of this replica's rows
+        and `across_replicas=True`, or None.
+    """
+    if distributed.replica_context() is None:
+        return None
+    offset = distributed.local_row_offset(ops.shape(labels)[0])
+    if instance_labels:
+        labels = labels + ops.cast(offset, labels.dtype)
+    return References(
+        labels=distributed.gather(ops.stop_gradient(labels)),
+        embeddings=distributed.gather(embeddings),
+        query_offset=offset,
+        across_replicas=True,
+    )
 
 
 class MetricLoss(keras.losses.Loss):
     """Base class: a `keras.losses.Loss` around a metric-loss function.
 
     Subclasses call `super().__init__(fn, name=..., reduction=..., dtype=...,
-    **options)`; `call` validates `y_true`/`y_pred` and returns
-    `fn(labels, embeddings, **options)`, a scalar. `get_config` returns the
-    options, so every subclass round-trips through `from_config` and `.keras`
-    files without writing its own.
+    cross_replica=..., **options)`; `call` validates `y_true`/`y_pred` and
+    returns `fn(labels, embeddings, **options)`, a scalar. `get_config`
+    returns the options, so every subclass round-trips through `from_config`
+    and `.keras` files without writing its own.
+
+    Under `tf.distribute` (TensorFlow backend):
+
+    - The value is divided by the number of replicas, as Keras does for its
+      own mean losses: Keras sums the replicas' gradients (and multiplies the
+      logged loss back), but it divides only losses it reduces from
+      per-sample values, never an already-scalar loss. Without this a metric
+      loss under `MirroredStrategy` would train with N times the gradient.
+    - With `cross_replica=True` (for losses whose `fn` takes `references=`),
+      the embeddings and labels of all replicas are gathered and every local
+      query is compared with the whole global batch; the means inside `fn`
+      sum their numerators and denominators over the replicas. The loss and
+      its gradient then equal those of a single device on the global batch
+      (each replica still back-propagates only through its own rows; the
+      gather's backward pass routes the other replicas' gradients to them).
+      Outside a multi-replica context, and on JAX and torch, this is a no-op.
     """
 
     def __init__(
@@ -144,22 +362,51 @@ class MetricLoss(keras.losses.Loss):
         name: str | None = None,
         reduction: str = "sum_over_batch_size",
         dtype: str | None = None,
+        cross_replica: bool | None = None,
         **options: Any,
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.fn = fn
         self._options = options
+        # None: the loss has no cross-replica form (not listed in its config).
+        self.cross_replica = None if cross_replica is None else bool(cross_replica)
 
     def __call__(self, y_true, y_pred, sample_weight=None):
         # Keras casts y_true to the loss dtype before `call`; check the labels first.
         check_labels_dtype(y_true, "y_true")
-        return super().__call__(y_true, y_pred, sample_weight=sample_weight)
+        loss = super().__call__(y_true, y_pred, sample_weight=sample_weight)
+        if sample_weight is None:
+            # With a sample weight the value was broadcast to per-sample values
+            # and Keras's own reduction already divided it.
+            loss = distributed.scale_for_replicas(loss)
+        return loss
 
     def call(self, y_true, y_pred):
         labels, embeddings = validate_inputs(y_true, y_pred)
-        return self.fn(labels, embeddings, **self._options)
+        return self.compute(labels, embeddings)
+
+    def compute(self, labels, embeddings, instance_labels: bool = False):
+        """`fn` on validated inputs, with the other replicas' batches as references if enabled.
+
+        Not divided by the number of replicas (models that combine several
+        terms, like `S2SD`, call this and divide once).
+
+        Args:
+            labels: `(B,)` int32 labels.
+            embeddings: `(B, D)` float embeddings.
+            instance_labels: the labels are replica-local instance ids (see
+                `gather_references`).
+        """
+        options = dict(self._options)
+        if self.cross_replica:
+            references = gather_references(labels, embeddings, instance_labels=instance_labels)
+            if references is not None:
+                options["references"] = references
+        return self.fn(labels, embeddings, **options)
 
     def get_config(self) -> dict:
         config = super().get_config()
         config.update(self._options)
+        if self.cross_replica is not None:
+            config["cross_replica"] = self.cross_replica
         return config

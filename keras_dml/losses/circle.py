@@ -7,7 +7,7 @@ from keras import ops
 
 from keras_dml import distances
 from keras_dml import ops as dml_ops
-from keras_dml.losses.base import MetricLoss, label_masks
+from keras_dml.losses.base import MetricLoss, References, resolve_references
 
 
 def circle_loss(
@@ -17,6 +17,7 @@ def circle_loss(
     margin: float = 0.25,
     gamma: float = 256.0,
     distance: str | distances.Distance = "cosine",
+    references: References | None = None,
 ):
     """Re-weights every similarity by its distance from its optimum, then applies a soft-plus.
 
@@ -39,12 +40,16 @@ def circle_loss(
         gamma: scale `gamma`.
         distance: a name accepted by `keras_dml.distances.get`; distances are
             turned into similarities (`-d`).
+        references: what the anchors are paired with; the batch itself by
+            default. The mean runs over the contributing anchors of all
+            queries (across replicas: of the global batch).
 
     Returns:
         A scalar loss.
     """
-    similarity = distances.get(distance).similarity(embeddings)
-    positive_mask, negative_mask = label_masks(labels)
+    references = resolve_references(labels, embeddings, references)
+    similarity = references.pairwise(embeddings, distance, kind="similarity")
+    positive_mask, negative_mask = references.masks(labels)
     alpha_positive = ops.stop_gradient(ops.relu(1.0 + margin - similarity))
     alpha_negative = ops.stop_gradient(ops.relu(similarity + margin))
     positive_logits = -gamma * alpha_positive * (similarity - (1.0 - margin))
@@ -56,7 +61,9 @@ def circle_loss(
         + dml_ops.masked_logsumexp(positive_logits, positive_mask)
     )
     has_pairs = ops.logical_and(ops.any(positive_mask, axis=1), ops.any(negative_mask, axis=1))
-    return dml_ops.masked_mean(per_anchor, has_pairs)
+    return references.mean(
+        dml_ops.masked_sum(per_anchor, has_pairs), dml_ops.masked_count(has_pairs)
+    )
 
 
 @keras.saving.register_keras_serializable(package="keras_dml")
@@ -80,6 +87,9 @@ class CircleLoss(MetricLoss):
         gamma: scale `gamma`. Defaults to `256.0`.
         distance: `"cosine"` (default) or `"dot"`; a distance such as
             `"euclidean"` is used as the similarity `-d`.
+        cross_replica: under `tf.distribute`, compare each sample with the
+            batches of all replicas, so that the loss equals the one of the
+            global batch (a no-op elsewhere). Defaults to `True`.
         name: name of the loss instance.
         reduction: kept for Keras compatibility; the loss is already a scalar.
         dtype: dtype of the loss computation; defaults to `keras.backend.floatx()`.
@@ -106,6 +116,7 @@ class CircleLoss(MetricLoss):
         margin: float = 0.25,
         gamma: float = 256.0,
         distance: str = "cosine",
+        cross_replica: bool = True,
         name: str = "circle_loss",
         reduction: str = "sum_over_batch_size",
         dtype: str | None = None,
@@ -118,6 +129,7 @@ class CircleLoss(MetricLoss):
             name=name,
             reduction=reduction,
             dtype=dtype,
+            cross_replica=cross_replica,
             margin=margin,
             gamma=gamma,
             distance=distance,

@@ -7,7 +7,7 @@ from keras import ops
 
 from keras_dml import distances
 from keras_dml import ops as dml_ops
-from keras_dml.losses.base import MetricLoss, label_masks
+from keras_dml.losses.base import MetricLoss, References, resolve_references
 
 
 def contrastive_loss(
@@ -18,6 +18,7 @@ def contrastive_loss(
     neg_margin: float = 1.0,
     squared: bool = False,
     distance: str | distances.Distance = "euclidean",
+    references: References | None = None,
 ):
     """Pulls same-label pairs within `pos_margin` and pushes other pairs beyond `neg_margin`.
 
@@ -41,20 +42,28 @@ def contrastive_loss(
         squared: square each hinge term.
         distance: a name accepted by `keras_dml.distances.get`; similarities
             are turned into distances (`1 - cos` for `"cosine"`).
+        references: what the samples are paired with; the batch itself by
+            default. Each of the two means runs over the pairs of all queries
+            (across replicas: of the global batch).
 
     Returns:
         A scalar loss.
     """
-    distance_matrix = distances.get(distance).distance(embeddings)
-    positive_mask, negative_mask = label_masks(labels)
+    references = resolve_references(labels, embeddings, references)
+    distance_matrix = references.pairwise(embeddings, distance)
+    positive_mask, negative_mask = references.masks(labels)
     positive_terms = ops.relu(distance_matrix - pos_margin)
     negative_terms = ops.relu(neg_margin - distance_matrix)
     if squared:
         positive_terms = ops.square(positive_terms)
         negative_terms = ops.square(negative_terms)
-    return dml_ops.masked_mean(positive_terms, positive_mask) + dml_ops.masked_mean(
-        negative_terms, negative_mask
+    positive_mean = references.mean(
+        dml_ops.masked_sum(positive_terms, positive_mask), dml_ops.masked_count(positive_mask)
     )
+    negative_mean = references.mean(
+        dml_ops.masked_sum(negative_terms, negative_mask), dml_ops.masked_count(negative_mask)
+    )
+    return positive_mean + negative_mean
 
 
 @keras.saving.register_keras_serializable(package="keras_dml")
@@ -75,6 +84,9 @@ class ContrastiveLoss(MetricLoss):
             Defaults to `False`.
         distance: `"euclidean"` (default), `"squared_euclidean"`, `"cosine"`
             (used as `1 - cos`), `"angular"` or `"dot"` (used as `-dot`).
+        cross_replica: under `tf.distribute`, compare each sample with the
+            batches of all replicas, so that the loss equals the one of the
+            global batch (a no-op elsewhere). Defaults to `True`.
         name: name of the loss instance.
         reduction: kept for Keras compatibility; the loss is already a scalar.
         dtype: dtype of the loss computation; defaults to `keras.backend.floatx()`.
@@ -102,6 +114,7 @@ class ContrastiveLoss(MetricLoss):
         neg_margin: float = 1.0,
         squared: bool = False,
         distance: str = "euclidean",
+        cross_replica: bool = True,
         name: str = "contrastive_loss",
         reduction: str = "sum_over_batch_size",
         dtype: str | None = None,
@@ -112,6 +125,7 @@ class ContrastiveLoss(MetricLoss):
             name=name,
             reduction=reduction,
             dtype=dtype,
+            cross_replica=cross_replica,
             pos_margin=pos_margin,
             neg_margin=neg_margin,
             squared=squared,

@@ -7,7 +7,7 @@ from keras import ops
 
 from keras_dml import distances
 from keras_dml import ops as dml_ops
-from keras_dml.losses.base import MetricLoss, label_masks
+from keras_dml.losses.base import MetricLoss, References, resolve_references
 
 
 def lifted_struct_loss(
@@ -16,6 +16,7 @@ def lifted_struct_loss(
     *,
     margin: float = 1.0,
     distance: str | distances.Distance = "euclidean",
+    references: References | None = None,
 ):
     """Pushes each positive pair closer than all negatives of both its members, by a margin.
 
@@ -38,18 +39,26 @@ def lifted_struct_loss(
         margin: margin `m`.
         distance: a name accepted by `keras_dml.distances.get`; similarities
             are turned into distances (`1 - cos` for `"cosine"`).
+        references: the batch itself (default) or, under `tf.distribute`, the
+            gathered batches of all replicas (`J_ij` needs the negatives of
+            both members, so the references must be query rows of some
+            replica). The mean runs over the positive pairs of the global batch.
 
     Returns:
         A scalar loss.
     """
-    distance_matrix = distances.get(distance).distance(embeddings)
-    positive_mask, negative_mask = label_masks(labels)
+    references = resolve_references(labels, embeddings, references)
+    distance_matrix = references.pairwise(embeddings, distance)
+    positive_mask, negative_mask = references.masks(labels)
     # A row without negatives gets a large negative stand-in for -inf, which
     # the relu below turns into 0 with a zero gradient.
     negative_lse = dml_ops.masked_logsumexp(margin - distance_matrix, negative_mask)
-    pair_lse = ops.logaddexp(ops.expand_dims(negative_lse, 1), ops.expand_dims(negative_lse, 0))
-    hinge = ops.relu(pair_lse + distance_matrix)
-    return 0.5 * dml_ops.masked_mean(ops.square(hinge), positive_mask)
+    # Each reference row's own log-sum-exp (computed by the replica holding it).
+    reference_lse = references.gather_rows(negative_lse)
+    pair_lse = ops.logaddexp(ops.expand_dims(negative_lse, 1), ops.expand_dims(reference_lse, 0))
+    squared_hinge = ops.square(ops.relu(pair_lse + distance_matrix))
+    total = dml_ops.masked_sum(squared_hinge, positive_mask)
+    return 0.5 * references.mean(total, dml_ops.masked_count(positive_mask))
 
 
 @keras.saving.register_keras_serializable(package="keras_dml")
@@ -65,6 +74,9 @@ class LiftedStructLoss(MetricLoss):
         distance: `"euclidean"` (default, as in the paper),
             `"squared_euclidean"`, `"cosine"` (used as `1 - cos`), `"angular"`
             or `"dot"` (used as `-dot`).
+        cross_replica: under `tf.distribute`, compare each sample with the
+            batches of all replicas, so that the loss equals the one of the
+            global batch (a no-op elsewhere). Defaults to `True`.
         name: name of the loss instance.
         reduction: kept for Keras compatibility; the loss is already a scalar.
         dtype: dtype of the loss computation; defaults to `keras.backend.floatx()`.
@@ -90,6 +102,7 @@ class LiftedStructLoss(MetricLoss):
         self,
         margin: float = 1.0,
         distance: str = "euclidean",
+        cross_replica: bool = True,
         name: str = "lifted_struct_loss",
         reduction: str = "sum_over_batch_size",
         dtype: str | None = None,
@@ -100,6 +113,7 @@ class LiftedStructLoss(MetricLoss):
             name=name,
             reduction=reduction,
             dtype=dtype,
+            cross_replica=cross_replica,
             margin=margin,
             distance=distance,
         )

@@ -7,7 +7,7 @@ from keras import ops
 
 from keras_dml import distances
 from keras_dml import ops as dml_ops
-from keras_dml.losses.base import MetricLoss, label_masks
+from keras_dml.losses.base import MetricLoss, References, resolve_references
 
 
 def multi_similarity_loss(
@@ -19,6 +19,7 @@ def multi_similarity_loss(
     base: float = 0.5,
     epsilon: float = 0.1,
     distance: str | distances.Distance = "cosine",
+    references: References | None = None,
 ):
     """Weights each anchor's informative pairs by their self- and relative similarities.
 
@@ -49,12 +50,16 @@ def multi_similarity_loss(
         epsilon: mining margin (`margin` in the official code).
         distance: a name accepted by `keras_dml.distances.get`; distances are
             turned into similarities (`-d`).
+        references: what the anchors mine their pairs from; the batch itself
+            by default. The sum runs over the anchors of all queries and is
+            divided by their number (across replicas: the global batch size).
 
     Returns:
         A scalar loss.
     """
-    similarity = distances.get(distance).similarity(embeddings)
-    positive_mask, negative_mask = label_masks(labels)
+    references = resolve_references(labels, embeddings, references)
+    similarity = references.pairwise(embeddings, distance, kind="similarity")
+    positive_mask, negative_mask = references.masks(labels)
     # Mining only selects pairs, so its thresholds carry no gradient.
     mining_similarity = ops.stop_gradient(similarity)
     hardest_negative = dml_ops.masked_max(mining_similarity, negative_mask, keepdims=True)
@@ -70,8 +75,7 @@ def multi_similarity_loss(
     )
     contributes = ops.logical_and(ops.any(mined_positive, axis=1), ops.any(mined_negative, axis=1))
     per_anchor = positive_term + negative_term
-    batch_size = ops.cast(ops.shape(per_anchor)[0], per_anchor.dtype)
-    return dml_ops.masked_sum(per_anchor, contributes) / batch_size
+    return references.mean(dml_ops.masked_sum(per_anchor, contributes), ops.shape(per_anchor)[0])
 
 
 @keras.saving.register_keras_serializable(package="keras_dml")
@@ -93,6 +97,9 @@ class MultiSimilarityLoss(MetricLoss):
         epsilon: mining margin. Defaults to `0.1`.
         distance: `"cosine"` (default) or `"dot"`; a distance such as
             `"euclidean"` is used as the similarity `-d`.
+        cross_replica: under `tf.distribute`, compare each sample with the
+            batches of all replicas, so that the loss equals the one of the
+            global batch (a no-op elsewhere). Defaults to `True`.
         name: name of the loss instance.
         reduction: kept for Keras compatibility; the loss is already a scalar.
         dtype: dtype of the loss computation; defaults to `keras.backend.floatx()`.
@@ -121,6 +128,7 @@ class MultiSimilarityLoss(MetricLoss):
         base: float = 0.5,
         epsilon: float = 0.1,
         distance: str = "cosine",
+        cross_replica: bool = True,
         name: str = "multi_similarity_loss",
         reduction: str = "sum_over_batch_size",
         dtype: str | None = None,
@@ -134,6 +142,7 @@ class MultiSimilarityLoss(MetricLoss):
             name=name,
             reduction=reduction,
             dtype=dtype,
+            cross_replica=cross_replica,
             alpha=alpha,
             beta=beta,
             base=base,

@@ -21,7 +21,12 @@ from keras import ops
 
 from keras_dml import distances
 from keras_dml import ops as dml_ops
-from keras_dml.losses.base import MetricLoss, label_masks, validate_inputs
+from keras_dml.losses.base import (
+    MetricLoss,
+    References,
+    resolve_references,
+    validate_inputs,
+)
 
 
 def npairs_loss(
@@ -30,6 +35,7 @@ def npairs_loss(
     *,
     l2_reg: float = 0.001,
     distance: str | distances.Distance = "dot",
+    references: References | None = None,
 ):
     """Classifies, for every anchor, which other samples of the batch share its label.
 
@@ -60,19 +66,27 @@ def npairs_loss(
             halves). Use `0.0` with `distance="cosine"`.
         distance: a name accepted by `keras_dml.distances.get`; distances are
             turned into similarities by negation.
+        references: the candidates of each anchor's softmax; the batch itself
+            by default. Both means (over anchors with a positive, and the
+            regulariser's over samples) run over all queries (across
+            replicas: the global batch).
 
     Returns:
         A scalar float32 loss (float64 for float64 inputs).
     """
     labels, embeddings = validate_inputs(labels, embeddings, "labels", "embeddings")
-    similarity = distances.get(distance).similarity(embeddings)
-    positive_mask, _ = label_masks(labels)
-    not_self = ops.logical_not(ops.cast(ops.eye(ops.shape(labels)[0]), "bool"))
+    references = resolve_references(labels, embeddings, references)
+    similarity = references.pairwise(embeddings, distance, kind="similarity")
+    positive_mask, _ = references.masks(labels)
+    not_self = references.not_self(ops.shape(labels)[0])
     log_prob = dml_ops.masked_log_softmax(similarity, not_self, axis=1)
     per_anchor = -dml_ops.masked_mean(log_prob, positive_mask, axis=1)
-    loss = dml_ops.masked_mean(per_anchor, ops.any(positive_mask, axis=1))
+    has_positive = ops.any(positive_mask, axis=1)
+    loss = references.mean(
+        dml_ops.masked_sum(per_anchor, has_positive), dml_ops.masked_count(has_positive)
+    )
     if l2_reg:
-        loss = loss + l2_reg * ops.mean(ops.sum(ops.square(embeddings), axis=1))
+        loss = loss + l2_reg * references.mean_over_queries(ops.sum(ops.square(embeddings), axis=1))
     return loss
 
 
@@ -163,6 +177,9 @@ class NPairsLoss(MetricLoss):
         distance: similarity used as logits: `"dot"` (default, as in the
             paper), `"cosine"`, or a distance name (`"euclidean"`, ...) whose
             negation is used.
+        cross_replica: under `tf.distribute`, compare each sample with the
+            batches of all replicas, so that the loss equals the one of the
+            global batch (a no-op elsewhere). Defaults to `True`.
         name: name of the loss instance.
         reduction: kept for Keras compatibility; the loss is already a scalar.
         dtype: dtype of the loss computation; defaults to `keras.backend.floatx()`.
@@ -189,6 +206,7 @@ class NPairsLoss(MetricLoss):
         self,
         l2_reg: float = 0.001,
         distance: str = "dot",
+        cross_replica: bool = True,
         name: str = "npairs_loss",
         reduction: str = "sum_over_batch_size",
         dtype: str | None = None,
@@ -201,6 +219,7 @@ class NPairsLoss(MetricLoss):
             name=name,
             reduction=reduction,
             dtype=dtype,
+            cross_replica=cross_replica,
             l2_reg=l2_reg,
             distance=distance,
         )

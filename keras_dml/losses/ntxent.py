@@ -16,7 +16,14 @@ from keras import ops
 
 from keras_dml import distances
 from keras_dml import ops as dml_ops
-from keras_dml.losses.base import MetricLoss, concrete_value, label_masks
+from keras_dml.losses.base import (
+    MetricLoss,
+    References,
+    concrete_value,
+    label_masks,
+    validate_inputs,
+)
+from keras_dml.losses.supcon import supcon_loss
 
 
 def _check_temperature(temperature, arg: str = "temperature") -> None:
@@ -101,8 +108,31 @@ def nt_xent_loss(embeddings_a, embeddings_b, temperature: float = 0.1):
     return -ops.mean(dml_ops.masked_sum(log_prob, positive_mask, axis=1))
 
 
-def _nt_xent_from_stacked_views(labels, embeddings, *, temperature: float = 0.1):
-    """`nt_xent_loss` on `y_pred = concat([view_1, view_2])`; labels are ignored."""
+def _nt_xent_from_stacked_views(
+    labels, embeddings, *, temperature: float = 0.1, references: References | None = None
+):
+    """`nt_xent_loss` on `y_pred = concat([view_1, view_2])`.
+
+    Without `references` the labels are ignored. With references (the
+    gathered batches of all replicas), `labels` are the instance ids of the
+    rows, local to this replica (`i` for rows `i` and `i + N`), and the
+    references' labels are those ids shifted by each replica's row offset:
+    every anchor's positive is then its other view and its negatives are the
+    other `2N_global - 2` rows, the NT-Xent loss of the global batch (the
+    order of the rows does not matter to it). The mean runs over all
+    `2N_global` anchors.
+    """
+    if references is not None:
+        labels = ops.convert_to_tensor(labels)
+        instance_ids = labels + ops.cast(references.query_offset, labels.dtype)
+        # NT-Xent is SupCon with instance ids as labels and no temperature scaling.
+        return supcon_loss(
+            instance_ids,
+            embeddings,
+            temperature=temperature,
+            base_temperature=temperature,
+            references=references,
+        )
     del labels
     # With an unknown static batch, `split` still fails at run time on an odd batch (TF)
     # instead of silently dropping a row.
@@ -134,6 +164,10 @@ class NTXentLoss(MetricLoss):
     Args:
         temperature: softmax temperature `tau > 0`; SimCLR uses 0.1 to 0.5
             depending on the batch size. Defaults to `0.1`.
+        cross_replica: under `tf.distribute`, each anchor's negatives are the
+            rows of all replicas (`2N_global - 2`, SimCLR's large-batch
+            setting), and the loss equals the one of the global batch; a
+            no-op elsewhere. Defaults to `True`.
         name: name of the loss instance.
         reduction: kept for Keras compatibility; the loss is already a scalar.
         dtype: dtype of the loss computation; defaults to `keras.backend.floatx()`.
@@ -169,6 +203,7 @@ class NTXentLoss(MetricLoss):
     def __init__(
         self,
         temperature: float = 0.1,
+        cross_replica: bool = True,
         name: str = "nt_xent_loss",
         reduction: str = "sum_over_batch_size",
         dtype: str | None = None,
@@ -179,6 +214,7 @@ class NTXentLoss(MetricLoss):
             name=name,
             reduction=reduction,
             dtype=dtype,
+            cross_replica=cross_replica,
             temperature=temperature,
         )
         self.temperature = temperature
@@ -202,4 +238,8 @@ class NTXentLoss(MetricLoss):
                 )
             # One label per input covers both of its views.
             y_true = ops.concatenate([y_true, y_true], axis=0)
-        return super().call(y_true, y_pred)
+        _, embeddings = validate_inputs(y_true, y_pred)
+        # Rows i and i + N are one instance; these ids find the other view
+        # among the gathered replica batches too.
+        instance_ids = ops.tile(ops.arange(ops.shape(embeddings)[0] // 2, dtype="int32"), [2])
+        return self.compute(instance_ids, embeddings, instance_labels=True)

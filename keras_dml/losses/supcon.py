@@ -5,9 +5,13 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from keras_dml import distances
 from keras_dml import ops as dml_ops
-from keras_dml.losses.base import MetricLoss, label_masks, validate_inputs
+from keras_dml.losses.base import (
+    MetricLoss,
+    References,
+    resolve_references,
+    validate_inputs,
+)
 
 
 def _check_temperature(value, arg: str) -> None:
@@ -21,6 +25,7 @@ def supcon_loss(
     *,
     temperature: float = 0.07,
     base_temperature: float = 0.07,
+    references: References | None = None,
 ):
     """Pulls every same-label sample towards each anchor against all other samples of the batch.
 
@@ -47,6 +52,9 @@ def supcon_loss(
         base_temperature: `tau_base > 0`; the loss is scaled by
             `tau / tau_base`, as in the official code, so that its gradient
             magnitude does not depend on `tau`. Defaults to `0.07`.
+        references: the samples each anchor's softmax runs over; the batch
+            itself by default. The mean runs over the anchors with a positive
+            among all queries (across replicas: the global batch).
 
     Returns:
         A scalar float32 loss (float64 for float64 inputs).
@@ -54,14 +62,16 @@ def supcon_loss(
     _check_temperature(temperature, "temperature")
     _check_temperature(base_temperature, "base_temperature")
     labels, embeddings = validate_inputs(labels, embeddings, "labels", "embeddings")
-    logits = distances.cosine_similarity(embeddings) / temperature
-    positive_mask, _ = label_masks(labels)
-    not_self = ops.logical_not(ops.cast(ops.eye(ops.shape(labels)[0]), "bool"))
+    references = resolve_references(labels, embeddings, references)
+    logits = references.pairwise(embeddings, "cosine", kind="similarity") / temperature
+    positive_mask, _ = references.masks(labels)
+    not_self = references.not_self(ops.shape(labels)[0])
     log_prob = dml_ops.masked_log_softmax(logits, not_self, axis=1)
     mean_log_prob_positive = dml_ops.masked_mean(log_prob, positive_mask, axis=1)
     has_positive = ops.any(positive_mask, axis=1)
     scale = temperature / base_temperature
-    return -scale * dml_ops.masked_mean(mean_log_prob_positive, has_positive)
+    total = dml_ops.masked_sum(mean_log_prob_positive, has_positive)
+    return -scale * references.mean(total, dml_ops.masked_count(has_positive))
 
 
 @keras.saving.register_keras_serializable(package="keras_dml")
@@ -80,6 +90,9 @@ class SupConLoss(MetricLoss):
         temperature: softmax temperature `tau > 0`. Defaults to `0.07`.
         base_temperature: the loss is multiplied by `tau / base_temperature`
             (official code). Defaults to `0.07`.
+        cross_replica: under `tf.distribute`, compare each sample with the
+            batches of all replicas, so that the loss equals the one of the
+            global batch (a no-op elsewhere). Defaults to `True`.
         name: name of the loss instance.
         reduction: kept for Keras compatibility; the loss is already a scalar.
         dtype: dtype of the loss computation; defaults to `keras.backend.floatx()`.
@@ -105,6 +118,7 @@ class SupConLoss(MetricLoss):
         self,
         temperature: float = 0.07,
         base_temperature: float = 0.07,
+        cross_replica: bool = True,
         name: str = "supcon_loss",
         reduction: str = "sum_over_batch_size",
         dtype: str | None = None,
@@ -116,6 +130,7 @@ class SupConLoss(MetricLoss):
             name=name,
             reduction=reduction,
             dtype=dtype,
+            cross_replica=cross_replica,
             temperature=temperature,
             base_temperature=base_temperature,
         )

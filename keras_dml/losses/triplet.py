@@ -5,6 +5,11 @@
 number for number, with the same argument names, so that migrating is a
 change of import. They differ from addons only where addons returns NaN: a
 batch without any positive pair gives 0 (addons issues #2447, #1676).
+
+Every triplet loss takes `references=` (see `keras_dml.losses.base.References`)
+and, as a Keras loss, `cross_replica=True`: under `tf.distribute` each anchor
+mines its positives and negatives among the batches of all replicas, and the
+value equals that of one device on the global batch.
 """
 
 from __future__ import annotations
@@ -15,21 +20,27 @@ from keras import ops
 from keras_dml import distances as distances_lib
 from keras_dml import mining
 from keras_dml import ops as dml_ops
-from keras_dml.losses.base import MetricLoss, label_masks
+from keras_dml.losses.base import MetricLoss, References, resolve_references
 
 _TFA_METRICS = {"L2": "euclidean", "squared-L2": "squared_euclidean", "angular": "angular"}
 
 
-def _tfa_distances(embeddings, distance_metric: str):
+def _tfa_distances(embeddings, distance_metric: str, references: References):
     if distance_metric not in _TFA_METRICS:
         raise ValueError(
             f"`distance_metric` must be one of {sorted(_TFA_METRICS)} (tensorflow-addons' names), "
             f"got {distance_metric!r}."
         )
-    return distances_lib.get(_TFA_METRICS[distance_metric])(embeddings)
+    return references.pairwise(embeddings, _TFA_METRICS[distance_metric])
 
 
-def triplet_semihard_loss(labels, embeddings, margin: float = 1.0, distance_metric: str = "L2"):
+def triplet_semihard_loss(
+    labels,
+    embeddings,
+    margin: float = 1.0,
+    distance_metric: str = "L2",
+    references: References | None = None,
+):
     """Semi-hard triplet loss with tensorflow-addons' exact semantics.
 
     For every positive pair (a, p), a != p, the negative is the closest one
@@ -41,19 +52,28 @@ def triplet_semihard_loss(labels, embeddings, margin: float = 1.0, distance_metr
         embeddings: `(B, D)` float embeddings (not normalised here).
         margin: the triplet margin.
         distance_metric: `"L2"`, `"squared-L2"` or `"angular"`.
+        references: what the anchors are compared with; the batch itself by
+            default. The mean runs over the positive pairs of all queries
+            (of all replicas, across replicas).
 
     Returns:
         A scalar; 0 when the batch holds no positive pair.
     """
-    distances = _tfa_distances(embeddings, distance_metric)
-    positives, negatives = label_masks(labels)
+    references = resolve_references(labels, embeddings, references)
+    distances = _tfa_distances(embeddings, distance_metric, references)
+    positives, negatives = references.masks(labels)
     negative_distances, _ = mining.semi_hard_negatives(distances, negatives)
     hinge = ops.maximum(margin + distances - negative_distances, 0.0)
-    return dml_ops.masked_mean(hinge, positives)
+    return references.mean(dml_ops.masked_sum(hinge, positives), dml_ops.masked_count(positives))
 
 
 def triplet_hard_loss(
-    labels, embeddings, margin: float = 1.0, soft: bool = False, distance_metric: str = "L2"
+    labels,
+    embeddings,
+    margin: float = 1.0,
+    soft: bool = False,
+    distance_metric: str = "L2",
+    references: References | None = None,
 ):
     """Batch-hard triplet loss with tensorflow-addons' exact semantics.
 
@@ -69,12 +89,15 @@ def triplet_hard_loss(
         margin: the triplet margin (unused when `soft=True`).
         soft: use the soft-margin (softplus) form.
         distance_metric: `"L2"`, `"squared-L2"` or `"angular"`.
+        references: what the anchors are compared with; the batch itself by
+            default. The mean runs over all anchors (of all replicas).
 
     Returns:
         A scalar.
     """
-    distances = _tfa_distances(embeddings, distance_metric)
-    positives, negatives = label_masks(labels)
+    references = resolve_references(labels, embeddings, references)
+    distances = _tfa_distances(embeddings, distance_metric, references)
+    positives, negatives = references.masks(labels)
     hardest_negative, has_negative = mining.hardest_negative(distances, negatives)
     hardest_negative = ops.where(has_negative, hardest_negative, ops.max(distances, axis=1))
     hardest_positive = dml_ops.masked_max(distances, positives, axis=1)
@@ -82,7 +105,7 @@ def triplet_hard_loss(
     hardest_positive = ops.where(has_positive, hardest_positive, ops.min(distances, axis=1))
     gap = hardest_positive - hardest_negative
     per_anchor = ops.softplus(gap) if soft else ops.maximum(gap + margin, 0.0)
-    return ops.mean(per_anchor)
+    return references.mean_over_queries(per_anchor)
 
 
 def triplet_loss(
@@ -93,6 +116,7 @@ def triplet_loss(
     positive_mining: str = "all",
     soft_margin: bool = False,
     distance: str = "euclidean",
+    references: References | None = None,
 ):
     """Triplet loss with a choice of positive and negative mining.
 
@@ -110,24 +134,28 @@ def triplet_loss(
             (Hermans et al.'s soft margin; `margin` is then unused).
         distance: any name of `keras_dml.distances`; similarities are turned
             into distances (`1 - cos`, `-dot`).
+        references: what the anchors mine their positives and negatives
+            from; the batch itself by default.
 
     Returns:
         A scalar: the mean over the selected (anchor, positive) pairs, or, for
         `negative_mining="all"`, the mean over triplets with a non-zero loss
-        (the batch-all convention). Anchors without a positive or a negative
-        are left out; a batch with no valid triplet gives 0.
+        (the batch-all convention), of all queries (of all replicas). Anchors
+        without a positive or a negative are left out; a batch with no valid
+        triplet gives 0.
     """
     if negative_mining not in mining.NEGATIVE_MINING:
         raise ValueError(
             f"`negative_mining` must be one of {mining.NEGATIVE_MINING}, got {negative_mining!r}."
         )
-    distances = distances_lib.get(distance).distance(embeddings)
-    positives, negatives = label_masks(labels)
+    references = resolve_references(labels, embeddings, references)
+    distances = references.pairwise(embeddings, distance)
+    positives, negatives = references.masks(labels)
     pairs = mining.select_positives(distances, positives, positive_mining)
     pairs = ops.logical_and(pairs, ops.any(negatives, axis=1, keepdims=True))
 
     if negative_mining == "all":
-        return _batch_all(distances, pairs, negatives, margin, soft_margin)
+        return references.mean(*_batch_all(distances, pairs, negatives, margin, soft_margin))
     if negative_mining == "semi-hard":
         negative_distances, _ = mining.semi_hard_negatives(distances, negatives)
     else:
@@ -135,10 +163,11 @@ def triplet_loss(
         negative_distances = ops.expand_dims(miner(distances, negatives)[0], 1)
     gap = distances - negative_distances
     per_pair = ops.softplus(gap) if soft_margin else ops.maximum(gap + margin, 0.0)
-    return dml_ops.masked_mean(per_pair, pairs)
+    return references.mean(dml_ops.masked_sum(per_pair, pairs), dml_ops.masked_count(pairs))
 
 
 def _batch_all(distances, pairs, negatives, margin, soft_margin):
+    """`(sum of the triplet terms, number of triplets with a non-zero term)`."""
     if soft_margin:
         # softplus is not piecewise linear, so no prefix-sum shortcut: one anchor
         # at a time keeps memory at O(B·R).
@@ -151,11 +180,9 @@ def _batch_all(distances, pairs, negatives, margin, soft_margin):
             )
 
         sums_and_counts = ops.map(one_anchor, (distances, pairs, negatives))
-        total = ops.sum(sums_and_counts[:, 0])
-        return total / ops.maximum(ops.sum(sums_and_counts[:, 1]), 1.0)
+        return ops.sum(sums_and_counts[:, 0]), ops.sum(sums_and_counts[:, 1])
     sums, counts = mining.sum_of_hinges_over_negatives(distances, negatives, distances + margin)
-    total = dml_ops.masked_sum(sums, pairs)
-    return total / ops.maximum(dml_ops.masked_sum(counts, pairs), 1.0)
+    return dml_ops.masked_sum(sums, pairs), dml_ops.masked_sum(counts, pairs)
 
 
 @keras.saving.register_keras_serializable(package="keras_dml")
@@ -175,6 +202,9 @@ class TripletLoss(MetricLoss):
         positive_mining: `"all"`, `"hard"` or `"easy"`.
         soft_margin: use `softplus(d(a, p) - d(a, n))` instead of the hinge.
         distance: a name from `keras_dml.distances` (`"euclidean"` default).
+        cross_replica: under `tf.distribute`, mine among the batches of all
+            replicas, so that the loss equals the one of the global batch
+            (a no-op elsewhere). Defaults to `True`.
         name: loss name.
         reduction: Keras reduction; the loss is already a scalar mean.
         dtype: the loss's compute dtype (float32 by default, also under
@@ -203,6 +233,7 @@ class TripletLoss(MetricLoss):
         positive_mining: str = "all",
         soft_margin: bool = False,
         distance: str = "euclidean",
+        cross_replica: bool = True,
         name: str = "triplet_loss",
         reduction: str = "sum_over_batch_size",
         dtype: str | None = None,
@@ -223,6 +254,7 @@ class TripletLoss(MetricLoss):
             name=name,
             reduction=reduction,
             dtype=dtype,
+            cross_replica=cross_replica,
             margin=margin,
             negative_mining=negative_mining,
             positive_mining=positive_mining,
@@ -238,6 +270,8 @@ class TripletSemiHardLoss(MetricLoss):
     Args:
         margin: triplet margin (1.0, as in addons).
         distance_metric: `"L2"` (default), `"squared-L2"` or `"angular"`.
+        cross_replica: under `tf.distribute`, mine among the batches of all
+            replicas (the global batch); a no-op elsewhere. Defaults to `True`.
         name: loss name.
         reduction: Keras reduction; the loss is already a scalar.
         dtype: compute dtype (float32 by default).
@@ -258,6 +292,7 @@ class TripletSemiHardLoss(MetricLoss):
         self,
         margin: float = 1.0,
         distance_metric: str = "L2",
+        cross_replica: bool = True,
         name: str = "triplet_semihard_loss",
         reduction: str = "sum_over_batch_size",
         dtype: str | None = None,
@@ -268,6 +303,7 @@ class TripletSemiHardLoss(MetricLoss):
             name=name,
             reduction=reduction,
             dtype=dtype,
+            cross_replica=cross_replica,
             margin=margin,
             distance_metric=distance_metric,
         )
@@ -281,6 +317,8 @@ class TripletHardLoss(MetricLoss):
         margin: triplet margin (1.0, as in addons).
         soft: soft-margin form `log1p(exp(d(a, p*) - d(a, n*)))`.
         distance_metric: `"L2"` (default), `"squared-L2"` or `"angular"`.
+        cross_replica: under `tf.distribute`, mine among the batches of all
+            replicas (the global batch); a no-op elsewhere. Defaults to `True`.
         name: loss name.
         reduction: Keras reduction; the loss is already a scalar.
         dtype: compute dtype (float32 by default).
@@ -302,6 +340,7 @@ class TripletHardLoss(MetricLoss):
         margin: float = 1.0,
         soft: bool = False,
         distance_metric: str = "L2",
+        cross_replica: bool = True,
         name: str = "triplet_hard_loss",
         reduction: str = "sum_over_batch_size",
         dtype: str | None = None,
@@ -312,6 +351,7 @@ class TripletHardLoss(MetricLoss):
             name=name,
             reduction=reduction,
             dtype=dtype,
+            cross_replica=cross_replica,
             margin=margin,
             soft=soft,
             distance_metric=distance_metric,

@@ -20,11 +20,17 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_dml import distributed
 from keras_dml.distances import cosine_similarity
 from keras_dml.losses.base import check_labels_dtype
 
 
-def similarity_distillation(student_embeddings, teacher_embeddings, temperature: float = 1.0):
+def similarity_distillation(
+    student_embeddings,
+    teacher_embeddings,
+    temperature: float = 1.0,
+    cross_replica: bool = False,
+):
     """Scores how far the student's batch similarities are from the teacher's; add it to a loss.
 
     With `D_s` and `D_t` the cosine-similarity matrices of the rows of the two
@@ -43,6 +49,10 @@ def similarity_distillation(student_embeddings, teacher_embeddings, temperature:
         teacher_embeddings: `(B, D_t)` embeddings whose similarities are the
             target; they get no gradient.
         temperature: softmax temperature `T` > 0.
+        cross_replica: under `tf.distribute`, compare each local row with the
+            rows of all replicas (the columns of the global batch's
+            similarity matrices) and average over the global batch, so that
+            the value is the global batch's distillation; a no-op elsewhere.
 
     Returns:
         A float32 scalar, >= 0, zero when both batches have the same
@@ -74,15 +84,30 @@ def similarity_distillation(student_embeddings, teacher_embeddings, temperature:
                 f"The student batch has {student.shape[0]} rows and the teacher batch "
                 f"{teacher.shape[0]}; distillation compares the same samples, so they must match."
             )
+    across_replicas = cross_replica and distributed.replica_context() is not None
+    if across_replicas:
+        # Columns of every replica; the gather is differentiable, so the
+        # student's other-replica columns send their gradient home.
+        student_columns = distributed.gather(student)
+        teacher_columns = distributed.gather(teacher)
+    else:
+        student_columns = teacher_columns = None
     # Similarities in float32: a float16 softmax over a large batch loses the
     # small probabilities that carry most of the ranking information.
-    student_logits = ops.cast(cosine_similarity(student), "float32") / temperature
-    teacher_logits = ops.cast(cosine_similarity(teacher), "float32") / temperature
+    student_logits = ops.cast(cosine_similarity(student, student_columns), "float32") / temperature
+    teacher_logits = ops.cast(cosine_similarity(teacher, teacher_columns), "float32") / temperature
     student_log_probs = ops.log_softmax(student_logits, axis=-1)
     teacher_log_probs = ops.log_softmax(teacher_logits, axis=-1)
     row_kl = ops.sum(ops.exp(teacher_log_probs) * (teacher_log_probs - student_log_probs), axis=-1)
+    if across_replicas:
+        rows = ops.cast(ops.shape(row_kl)[0], row_kl.dtype)
+        mean_kl = distributed.sum_over_replicas(ops.sum(row_kl)) / ops.maximum(
+            distributed.sum_over_replicas(rows), 1.0
+        )
+    else:
+        mean_kl = ops.mean(row_kl)
     # Rounding can leave a tiny negative KL when the two rows are equal.
-    return ops.maximum(ops.mean(row_kl), 0.0) * (temperature**2)
+    return ops.maximum(mean_kl, 0.0) * (temperature**2)
 
 
 @keras.saving.register_keras_serializable(package="keras_dml")
@@ -128,9 +153,13 @@ class S2SD(keras.Model):
     needs; `evaluate` runs the backbone again to compute the same terms.
 
     Backends: the loss is written in `keras.ops` inside `compute_loss`, with
-    Keras's own `train_step`, so training runs on TensorFlow (including
-    `tf.distribute.MirroredStrategy`, where each replica distils within its
-    own sub-batch) and JAX.
+    Keras's own `train_step`, so training runs on TensorFlow and JAX. Under
+    `tf.distribute` (e.g. `MirroredStrategy`), with `cross_replica=True` the
+    distillation compares each replica's rows with the whole global batch,
+    and a compiled keras-dml metric loss gathers the replicas' batches too
+    (its own `cross_replica`): a step then equals the single-device step on
+    the global batch. With `cross_replica=False` each replica distils within
+    its own sub-batch.
 
     Defaults (paper: Roth et al., ICML 2021; code: github.com/MLforHealth/S2SD,
     the repository the paper links, `parameters.py` and `criteria/s2sd.py`):
@@ -155,6 +184,9 @@ class S2SD(keras.Model):
             feature distillation is switched on (it is logged before that).
         base_head: optional margin head applied to f's embeddings with the
             labels; each target head gets a fresh copy of it (same config).
+        cross_replica: under `tf.distribute`, distil the similarity matrices
+            of the global batch (all replicas' rows as columns) rather than
+            each replica's own; a no-op elsewhere. Defaults to `True`.
         **kwargs: `keras.Model` arguments (`name`, ...).
 
     Example:
@@ -187,9 +219,11 @@ class S2SD(keras.Model):
         feature_distillation_weight: float | None = None,
         feature_distillation_delay: int = 1000,
         base_head: keras.layers.Layer | None = None,
+        cross_replica: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.cross_replica = bool(cross_replica)
         if not isinstance(backbone, keras.layers.Layer):
             raise ValueError(f"`backbone` must be a Keras model or layer, got {type(backbone)}.")
         if base_head is not None and not isinstance(base_head, keras.layers.Layer):
@@ -224,15 +258,20 @@ class S2SD(keras.Model):
 
         self.backbone = backbone
         self.embedding_head = keras.layers.Dense(self.embedding_dim, name="embedding")
+        # Under mixed precision the norms are taken in float32: in float16 the
+        # squared norm overflows above 256 and Keras's epsilon (1e-12) is 0.
+        unit_dtype = _float32_under_mixed_precision()
         self.embedding_normalization = keras.layers.UnitNormalization(
-            name="embedding_normalization"
+            name="embedding_normalization", dtype=unit_dtype
         )
         self.target_heads = [
             keras.Sequential(
                 [
                     keras.layers.Dense(dim, activation="relu", name=f"target_{dim}_hidden"),
                     keras.layers.Dense(dim, name=f"target_{dim}_output"),
-                    keras.layers.UnitNormalization(name=f"target_{dim}_normalization"),
+                    keras.layers.UnitNormalization(
+                        name=f"target_{dim}_normalization", dtype=unit_dtype
+                    ),
                 ],
                 name=f"target_{dim}",
             )
@@ -349,14 +388,16 @@ class S2SD(keras.Model):
             terms["distillation"] = ops.mean(
                 ops.stack(
                     [
-                        similarity_distillation(embeddings, target, self.temperature)
+                        similarity_distillation(
+                            embeddings, target, self.temperature, self.cross_replica
+                        )
                         for target in target_embeddings
                     ]
                 )
             )
         if self.feature_distillation:
             terms["feature_distillation"] = similarity_distillation(
-                embeddings, features, self.temperature
+                embeddings, features, self.temperature, self.cross_replica
             )
         return terms
 
@@ -485,6 +526,7 @@ class S2SD(keras.Model):
                 "feature_distillation": self.feature_distillation,
                 "feature_distillation_weight": self.feature_distillation_weight,
                 "feature_distillation_delay": self.feature_distillation_delay,
+                "cross_replica": self.cross_replica,
                 "base_head": (
                     None
                     if self.base_head is None
@@ -533,6 +575,13 @@ def _check_non_negative(value, arg: str) -> float:
     return float(value)
 
 
+def _float32_under_mixed_precision():
+    """`"float32"` when the global policy computes in half precision, else None (the policy)."""
+    if keras.config.dtype_policy().compute_dtype in ("float16", "bfloat16"):
+        return "float32"
+    return None
+
+
 def _class_labels(y):
     # Float labels are accepted when they are whole numbers: Keras itself
     # hands `compute_loss` float labels when it builds a distributed model.
@@ -551,10 +600,11 @@ def _replicas_in_sync() -> int:
 def _per_replica_loss(loss_fn, labels, predictions):
     """The loss of this replica's batch, not divided by the number of replicas.
 
-    `keras.losses.Loss.__call__` divides per-sample losses by the replica
-    count under `tf.distribute` but returns scalar losses (every metric loss)
-    as they are. Calling `call` and averaging here gives every term the same
-    scale, and `compute_loss` divides the total once.
+    `keras.losses.Loss.__call__` divides a mean loss by the replica count
+    under `tf.distribute` (keras-dml's metric losses too). Calling `call` and
+    averaging here gives every term the same scale, and `compute_loss`
+    divides the total once. A keras-dml metric loss with `cross_replica=True`
+    returns the global batch's loss here.
     """
     if isinstance(loss_fn, keras.losses.Loss):
         predictions = ops.convert_to_tensor(predictions, dtype=loss_fn.dtype)

@@ -1,0 +1,659 @@
+"""What `keras-dml train | evaluate | search | export` do; `keras_dml.cli.main` calls these.
+
+A run directory holds everything one `train` wrote; `config.json` records
+how to rebuild its data, so `evaluate` and `export` reload the same split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any
+
+import keras
+import numpy as np
+
+from keras_dml.cli import registry
+from keras_dml.cli.main import CommandError
+from keras_dml.data.tfds import DatasetUnavailableError
+
+# Errors whose message is enough for the user; main prints them as one line.
+ExpectedError = DatasetUnavailableError
+
+K_VALUES = (1, 2, 4, 8)
+METRIC_ROWS = ("precision_at_1", "recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8",
+               "r_precision", "map_at_r", "nmi")
+# Above this many input values per image, raw pixels are not scored (memory).
+RAW_PIXEL_MAX_DIM = 4096
+PROJECTOR_MAX_POINTS = 5000
+CONFIG_FILE = "config.json"
+
+
+# -- data ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RunData:
+    """Everything a run needs from its dataset.
+
+    `seen_*` are held-out images of the training classes, `unseen_*` the test
+    classes never trained on. Inputs are NumPy arrays (digits) or
+    `tf.data.Dataset`s of input batches (TFDS), in the order of the labels.
+    """
+
+    input_shape: tuple[int, ...]
+    num_train_classes: int
+    train_size: int
+    seen_x: Any
+    seen_y: np.ndarray
+    unseen_x: Any
+    unseen_y: np.ndarray
+    unseen_thumbnails: np.ndarray
+    representative: np.ndarray
+    make_train_batches: Any = None  # (classes_per_batch, samples_per_class, seed) -> dataset
+    seen_batches_with_labels: Any = None  # TFDS: a dataset of (x, y) batches of the seen split
+
+    def seen_validation_data(self):
+        """`(x, y)` or a dataset of `(x, y)` batches for `RetrievalMetricsCallback`."""
+        if isinstance(self.seen_x, np.ndarray):
+            return self.seen_x, self.seen_y
+        return self.seen_batches_with_labels
+
+
+def _digits_data(config: dict) -> RunData:
+    from keras_dml.data.digits import load_digits_zero_shot
+    from keras_dml.data.sampler import m_per_class_dataset
+
+    data = load_digits_zero_shot(holdout_fraction=config["holdout"], seed=config["seed"])
+    x_train, y_train = data.x_train, data.y_train
+    if config.get("max_images"):
+        x_train, y_train = x_train[: config["max_images"]], y_train[: config["max_images"]]
+
+    def make_train_batches(classes_per_batch, samples_per_class, seed):
+        return m_per_class_dataset(x_train, y_train, classes_per_batch=classes_per_batch,
+                                   samples_per_class=samples_per_class, seed=seed)
+
+    return RunData(
+        input_shape=tuple(x_train.shape[1:]),
+        num_train_classes=data.num_train_classes,
+        train_size=len(x_train),
+        seen_x=data.x_seen,
+        seen_y=data.y_seen,
+        unseen_x=data.x_unseen,
+        unseen_y=data.y_unseen,
+        unseen_thumbnails=np.round(data.x_unseen * 255).astype("uint8"),
+        representative=x_train[:200],
+        make_train_batches=make_train_batches,
+    )
+
+
+def _tfds_data(config: dict) -> RunData:
+    from keras_dml.data import tfds as dml_tfds
+
+    name = registry.DATASETS[config["dataset"]]
+    spec = dml_tfds.zero_shot_spec(name)
+    common = {"data_dir": config.get("data_dir"), "download": config.get("download", False),
+              "max_examples": config.get("max_images")}
+    train_all = dml_tfds.load_zero_shot(name, "train", **common)
+    train, seen = dml_tfds.holdout_split(train_all, config["holdout"], config["seed"])
+    unseen = dml_tfds.load_zero_shot(name, "test", **common)
+    pipeline = {"image_size": config.get("image_size"), "preprocessing": config["preprocessing"]}
+
+    def inference(data, with_labels=False):
+        return dml_tfds.inference_batches(data, batch_size=128, with_labels=with_labels,
+                                          **pipeline)
+
+    first = next(iter(inference(train.subset(range(min(len(train), 200))))))
+    representative = np.asarray(first)
+
+    def make_train_batches(classes_per_batch, samples_per_class, seed):
+        return dml_tfds.training_batches(
+            train, classes_per_batch=classes_per_batch, samples_per_class=samples_per_class,
+            seed=seed, augment=True, **pipeline)
+
+    side = 64 if len(unseen) <= 20_000 else 32
+    return RunData(
+        input_shape=tuple(representative.shape[1:]),
+        num_train_classes=spec.num_train_classes,
+        train_size=len(train),
+        seen_x=inference(seen) if len(seen) else np.zeros((0, *representative.shape[1:])),
+        seen_y=seen.labels,
+        unseen_x=inference(unseen),
+        unseen_y=unseen.labels,
+        unseen_thumbnails=dml_tfds.thumbnails(unseen, size=min(side, representative.shape[1])),
+        representative=representative,
+        make_train_batches=make_train_batches,
+        seen_batches_with_labels=inference(seen, with_labels=True),
+    )
+
+
+def load_run_data(config: dict) -> RunData:
+    """Rebuilds the data of a run from its config (same split, same preprocessing)."""
+    if config["dataset"] == "digits":
+        return _digits_data(config)
+    return _tfds_data(config)
+
+
+# -- models -------------------------------------------------------------------------
+
+
+def _resolve_backbone(config: dict, dataset: str) -> None:
+    """Fills `backbone`, `preprocessing`, `image_size`, `embedding_dim` and `learning_rate`."""
+    from keras_dml.data.tfds import backbone_preprocessing
+
+    if config["backbone"] == "auto":
+        config["backbone"] = "small_conv" if dataset in ("digits", "mnist") else "resnet50"
+    mode, size = backbone_preprocessing(config["backbone"])
+    config["preprocessing"] = mode
+    if config.get("image_size") is None:
+        config["image_size"] = size
+    small = config["backbone"] == "small_conv"
+    if config.get("embedding_dim") is None:
+        config["embedding_dim"] = 32 if small else 128
+    if config.get("learning_rate") is None:
+        config["learning_rate"] = 1e-3 if small else 1e-4
+
+
+def _small_conv(input_shape) -> keras.Model:
+    """The demo's conv net up to its 128-d features (one more pooling for inputs >= 16 px)."""
+    layers = [keras.Input(input_shape),
+              keras.layers.Conv2D(32, 3, padding="same", activation="relu")]
+    if input_shape[0] >= 16:
+        layers.append(keras.layers.MaxPooling2D())
+    layers += [keras.layers.Conv2D(64, 3, padding="same", activation="relu"),
+               keras.layers.MaxPooling2D(),
+               keras.layers.Flatten(),
+               keras.layers.Dense(128, activation="relu")]
+    return keras.Sequential(layers, name="small_conv")
+
+
+def build_features(config: dict, input_shape) -> keras.Model:
+    """The backbone φ: inputs -> `(batch, F)` pooled features."""
+    name = config["backbone"]
+    if name == "small_conv":
+        return _small_conv(input_shape)
+    weights = None if config.get("weights") == "none" else "imagenet"
+    if weights and input_shape[-1] != 3:
+        raise CommandError(f"ImageNet weights need RGB inputs; got {input_shape[-1]} channel(s): "
+                           "pass --weights none or --backbone small_conv")
+    application = getattr(keras.applications, registry.KERAS_APPLICATIONS[name])
+    try:
+        return application(include_top=False, weights=weights, input_shape=tuple(input_shape),
+                           pooling="avg")
+    except Exception as error:  # no network, bad cache: the user can pick other weights
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CommandError(f"could not build {name} with {weights} weights ({first}); pass "
+                           "--weights none to start from random weights") from error
+
+
+def build_training_model(config: dict, input_shape, num_classes: int):
+    """Returns `(model to fit, its embedding model)`, compiled as the loss asks."""
+    from keras_dml.layers import MetricEmbedding
+
+    spec = registry.LOSSES[config["loss"]]
+    try:
+        target = spec.resolve()
+    except LookupError as error:
+        raise CommandError(f"loss {config['loss']!r} is not available: {error}") from None
+    features = build_features(config, input_shape)
+    dim = config["embedding_dim"]
+    optimizer = keras.optimizers.Adam(config["learning_rate"])
+    head = target(num_classes, **spec.kwargs) if spec.kind == "head" else None
+    loss = target(**spec.kwargs) if spec.kind == "loss" else None
+    if config.get("s2sd"):
+        from keras_dml.models.s2sd import S2SD
+
+        dims = config.get("s2sd_target_dims")
+        if dims is None:
+            dims = [min(2048, dim * factor) for factor in (4, 8, 16)]
+            config["s2sd_target_dims"] = dims
+        model = S2SD(features, embedding_dim=dim, target_dims=tuple(dims),
+                     distillation_weight=config.get("distillation_weight", 50.0), base_head=head)
+        model.compile(optimizer=optimizer, loss=loss)
+        model.build((None, *input_shape))
+        return model, model.embedding_model()
+    inputs = keras.Input(input_shape)
+    embedder = keras.Model(inputs, MetricEmbedding(dim, name="embedding")(features(inputs)),
+                           name="embedder")
+    if head is None:
+        embedder.compile(optimizer=optimizer, loss=loss)
+        return embedder, embedder
+    from keras_dml.models import MarginModel
+
+    model = MarginModel(embedder, head)
+    model.compile(optimizer=optimizer,
+                  centers_optimizer=config["learning_rate"] * config["centers_lr_multiplier"])
+    return model, embedder
+
+
+# -- embedding with any artefact ------------------------------------------------------
+
+
+def _batches(x, batch_size: int = 256):
+    if isinstance(x, np.ndarray):
+        for start in range(0, len(x), batch_size):
+            yield x[start : start + batch_size]
+    else:
+        for batch in x:
+            yield np.asarray(batch)
+
+
+def _tflite_embed_fn(path: str):
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=path)
+    source = interpreter.get_input_details()[0]
+    target = interpreter.get_output_details()[0]
+    shape = [None]
+
+    def embed(batch):
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        if shape[0] != batch.shape:
+            interpreter.resize_tensor_input(source["index"], list(batch.shape))
+            interpreter.allocate_tensors()
+            shape[0] = batch.shape
+        interpreter.set_tensor(source["index"], batch)
+        interpreter.invoke()
+        return np.array(interpreter.get_tensor(target["index"]))
+
+    return embed
+
+
+def embed_fn(run_dir: str, using: str = "keras"):
+    """A function mapping an input batch to embeddings with one artefact of the run."""
+    path = os.path.join(run_dir, registry.MODEL_FILES[using])
+    if not os.path.exists(path):
+        hint = (f"run: keras-dml export {run_dir} --tflite {using.split('-')[-1]}"
+                if using.startswith("tflite-") else "run keras-dml train again")
+        raise CommandError(f"{path} does not exist; {hint}")
+    if using == "keras":
+        import keras_dml.layers  # noqa: F401  (registers the layers the model uses)
+
+        model = keras.saving.load_model(path, compile=False)
+        return lambda batch: np.asarray(model.predict_on_batch(batch))
+    if using == "saved_model":
+        import tensorflow as tf
+
+        serve = tf.saved_model.load(path).signatures["serving_default"]
+        return lambda batch: serve(inputs=tf.constant(batch, tf.float32))["embeddings"].numpy()
+    return _tflite_embed_fn(path)
+
+
+def embed_all(embed, x) -> np.ndarray:
+    """Embeddings of every input of `x` (array or dataset of batches)."""
+    chunks = [embed(batch) for batch in _batches(x)]
+    if not chunks:
+        return np.zeros((0, 0), "float32")
+    return np.concatenate(chunks).astype("float32")
+
+
+def _raw_pixels(x) -> np.ndarray | None:
+    sample = x[:1] if isinstance(x, np.ndarray) else None
+    if sample is not None and int(np.prod(sample.shape[1:])) > RAW_PIXEL_MAX_DIM:
+        return None
+    chunks = []
+    for batch in _batches(x):
+        if int(np.prod(batch.shape[1:])) > RAW_PIXEL_MAX_DIM:
+            return None
+        chunks.append(batch.reshape(len(batch), -1))
+    return np.concatenate(chunks).astype("float32") if chunks else None
+
+
+# -- metrics, reports and plots ------------------------------------------------------------
+
+
+def _score(embeddings, labels) -> dict[str, float] | None:
+    from keras_dml.evaluation import retrieval_metrics
+
+    if embeddings is None or len(labels) < 2:
+        return None
+    return retrieval_metrics(embeddings, labels, k=K_VALUES, distance="cosine", seed=0)
+
+
+def _protocol(config: dict, data: RunData) -> str:
+    last = data.num_train_classes - 1
+    return (f"trained on classes 0-{last}; 'seen' = held-out images of those classes, "
+            f"'unseen' = the other classes, never trained on; each split scored on its own, "
+            "leave-one-out (queries = references), cosine")
+
+
+def format_metrics_table(metrics: dict) -> str:
+    """The metrics of a run as a text table: seen and unseen classes, baselines beside trained."""
+    columns = []
+    for split in ("seen", "unseen"):
+        for source, label in (("raw_pixels", "raw px"), ("untrained", "untrained"),
+                              ("trained", "trained")):
+            values = (metrics.get(split) if source == "trained"
+                      else metrics.get("baselines", {}).get(source, {}).get(split))
+            if values:
+                columns.append((split, label, values))
+    if not columns:
+        return "(no metrics)"
+    header_groups = {"seen": "held-out images, seen classes", "unseen": "unseen classes"}
+    widths = 11
+    lines = []
+    groups = []
+    for split in ("seen", "unseen"):
+        n = sum(1 for c in columns if c[0] == split)
+        if n:
+            groups.append(f"{header_groups[split]:^{n * widths}}")
+    lines.append(f"{'':<16}" + " | ".join(groups))
+    parts = []
+    for split in ("seen", "unseen"):
+        cells = "".join(f"{c[1]:>{widths}}" for c in columns if c[0] == split)
+        if cells:
+            parts.append(cells)
+    lines.append(f"{'metric':<16}" + " | ".join(parts))
+    for row in METRIC_ROWS:
+        parts = []
+        for split in ("seen", "unseen"):
+            cells = "".join(f"{c[2].get(row, float('nan')):>{widths}.3f}" for c in columns
+                            if c[0] == split)
+            if cells:
+                parts.append(cells)
+        lines.append(f"{row:<16}" + " | ".join(parts))
+    return "\n".join(lines)
+
+
+def transfer_note(metrics: dict) -> str | None:
+    """One sentence when the trained embedding retrieves unseen classes worse than a baseline."""
+    trained = (metrics.get("unseen") or {}).get("map_at_r")
+    if trained is None or not np.isfinite(trained):
+        return None
+    for name, label in (("raw_pixels", "raw pixels"), ("untrained", "the untrained network")):
+        baseline = (metrics.get("baselines", {}).get(name) or {}).get("unseen") or {}
+        value = baseline.get("map_at_r")
+        if value is not None and np.isfinite(value) and trained < value:
+            return (f"note: on the unseen classes the trained embedding retrieves worse than "
+                    f"{label} (MAP@R {trained:.3f} vs {value:.3f}); what it learnt from the "
+                    "training classes does not transfer to them.")
+    return None
+
+
+ARTEFACTS = (
+    ("model.keras", "training model (.keras)"),
+    ("embedding.keras", "embedding model (.keras)"),
+    ("saved_model", "embedding SavedModel (serving_default)"),
+    ("retrieval_model", "retrieval SavedModel (embed + top-k)"),
+    ("embedding.tflite", "TFLite float32"),
+    ("embedding_float16.tflite", "TFLite float16"),
+    ("embedding_int8.tflite", "TFLite int8"),
+    ("index", "ScaNN index of the unseen classes"),
+    ("metrics.json", "metrics (P@1, R@K, R-Precision, MAP@R, NMI)"),
+    ("history.json", "training history"),
+    ("embeddings_2d.png", "plot: 2-D projection of unseen embeddings"),
+    ("retrieval.png", "plot: retrieval examples"),
+    ("distances.png", "plot: positive vs negative distances"),
+    ("training_curves.png", "plot: training curves"),
+    ("projector", "TensorBoard projector (tensorboard --logdir)"),
+)
+
+
+def format_artefacts(run_dir: str) -> str:
+    """Where each artefact of the run is, one per line, existing ones only."""
+    lines = [f"artefacts in {run_dir}:"]
+    names = [name for name, _ in ARTEFACTS]
+    extra = sorted(f for f in os.listdir(run_dir)
+                   if f.startswith(("search_", "metrics_")) and f not in names)
+    for name, what in (*ARTEFACTS, *((f, "search strip" if f.startswith("search_")
+                                      else "metrics of another artefact") for f in extra)):
+        path = os.path.join(run_dir, name)
+        if os.path.exists(path):
+            lines.append(f"  {what:<46} {path}")
+    return "\n".join(lines)
+
+
+def write_plots(run_dir, embeddings, labels, thumbnails, history, projection) -> None:
+    """Writes the run's PNG plots and the TensorBoard projector files."""
+    from keras_dml import plots
+    from keras_dml.callbacks import export_embedding_projector
+    from keras_dml.evaluation import nearest_neighbors
+
+    plots.plot_embeddings_2d(embeddings, labels, method=projection,
+                             title="unseen test classes (trained embeddings)",
+                             path=os.path.join(run_dir, "embeddings_2d.png"))
+    plots.plot_distance_histograms(embeddings, labels, title="unseen test classes",
+                                   path=os.path.join(run_dir, "distances.png"))
+    k = min(5, len(labels) - 1)
+    if k >= 1:
+        queries = np.linspace(0, len(labels) - 1, num=min(4, len(labels)), dtype=int)
+        neighbors, distances = nearest_neighbors(embeddings, k=k)
+        plots.plot_retrieval(thumbnails[queries], thumbnails[neighbors[queries]],
+                             labels[queries], labels[neighbors[queries]],
+                             scores=distances[queries], title="unseen classes: query, top-k "
+                             "(cosine distance)", path=os.path.join(run_dir, "retrieval.png"))
+    if history:
+        plots.plot_training_curves(
+            history, title="training (val_: held-out images of the training classes)",
+            path=os.path.join(run_dir, "training_curves.png"))
+    keep = np.arange(len(labels))
+    if len(keep) > PROJECTOR_MAX_POINTS:
+        keep = np.sort(np.random.default_rng(0).choice(keep, PROJECTOR_MAX_POINTS, replace=False))
+    export_embedding_projector(os.path.join(run_dir, "projector"), embeddings[keep],
+                               labels=labels[keep], images=thumbnails[keep])
+
+
+def _read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _write_json(path: str, value) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2, sort_keys=False)
+        f.write("\n")
+
+
+def _require_tensorflow(command: str) -> None:
+    if keras.backend.backend() != "tensorflow":
+        raise CommandError(f"keras-dml {command} writes SavedModels and TFLite files, which need "
+                           f"KERAS_BACKEND=tensorflow (it is {keras.backend.backend()!r})")
+
+
+# -- commands --------------------------------------------------------------------------
+
+
+def train(args) -> int:
+    """`keras-dml train`: fit, then write model, exports, index, metrics and plots."""
+    from keras_dml.callbacks import RetrievalMetricsCallback
+    from keras_dml.export import export_embedding_model, export_retrieval_model, export_tflite
+    from keras_dml.index import ScaNNIndex
+
+    _require_tensorflow("train")
+    start = time.time()
+    config = {key: value for key, value in vars(args).items() if key not in ("handler",)}
+    config["version"] = 1
+    _resolve_backbone(config, args.dataset)
+    keras.utils.set_random_seed(args.seed)
+    data = load_run_data(config)
+    config["input_shape"] = list(data.input_shape)
+    config["num_train_classes"] = data.num_train_classes
+
+    small = args.dataset in ("digits", "mnist")
+    batch_size = args.batch_size or (80 if small else 64)
+    classes = args.classes_per_batch or min(data.num_train_classes, 16)
+    classes = min(classes, data.num_train_classes)
+    samples = max(2, batch_size // classes)
+    steps = args.steps_per_epoch or max(1, math.ceil(data.train_size / (classes * samples)))
+    config.update(classes_per_batch=classes, samples_per_class=samples, steps_per_epoch=steps)
+
+    model, embedder = build_training_model(config, data.input_shape, data.num_train_classes)
+    embed = lambda batch: np.asarray(embedder.predict_on_batch(batch))  # noqa: E731
+    baselines = {
+        "raw_pixels": {"seen": _score(_raw_pixels(data.seen_x), data.seen_y),
+                       "unseen": _score(_raw_pixels(data.unseen_x), data.unseen_y)},
+        "untrained": {"seen": _score(embed_all(embed, data.seen_x), data.seen_y),
+                      "unseen": _score(embed_all(embed, data.unseen_x), data.unseen_y)},
+    }
+    baselines = {name: value for name, value in baselines.items() if value["unseen"]}
+
+    callbacks = []
+    if len(data.seen_y) > 1:
+        callbacks.append(RetrievalMetricsCallback(data.seen_validation_data(), k=K_VALUES,
+                                                  embedding_model=embedder))
+    print(f"keras-dml: training {config['loss']}{' + S2SD' if args.s2sd else ''} on "
+          f"{args.dataset} ({data.train_size} images of {data.num_train_classes} classes; "
+          f"{classes} classes x {samples} images per batch, {steps} steps per epoch)", flush=True)
+    history = model.fit(data.make_train_batches(classes, samples, args.seed), epochs=args.epochs,
+                        steps_per_epoch=steps, callbacks=callbacks, verbose=args.verbose,
+                        shuffle=False)
+    fit_seconds = time.time() - start
+
+    os.makedirs(args.out, exist_ok=True)
+    out = args.out
+    model.save(os.path.join(out, "model.keras"))
+    embedder.save(os.path.join(out, "embedding.keras"))
+    seen = embed_all(embed, data.seen_x) if len(data.seen_y) else None
+    unseen = embed_all(embed, data.unseen_x)
+    metrics = {
+        "dataset": args.dataset,
+        "loss": config["loss"],
+        "s2sd": bool(args.s2sd),
+        "protocol": _protocol(config, data),
+        "sizes": {"train": data.train_size, "seen": int(len(data.seen_y)),
+                  "unseen": int(len(data.unseen_y))},
+        "seen": _score(seen, data.seen_y),
+        "unseen": _score(unseen, data.unseen_y),
+        "baselines": baselines,
+        "artefact": "keras",
+    }
+    _write_json(os.path.join(out, "metrics.json"), metrics)
+    history_logs = {k: [float(v) for v in values] for k, values in history.history.items()}
+    _write_json(os.path.join(out, "history.json"), history_logs)
+
+    export_embedding_model(embedder, os.path.join(out, "saved_model"))
+    export_tflite(embedder, os.path.join(out, "embedding.tflite"))
+    index = ScaNNIndex()
+    index.add(unseen, ids=np.arange(len(unseen)),
+              metadata=[{"label": int(label)} for label in data.unseen_y])
+    index.save(os.path.join(out, "index"), overwrite=True)
+    export_retrieval_model(embedder, index, os.path.join(out, "retrieval_model"),
+                           k=min(10, len(index)))
+    np.save(os.path.join(out, "test_labels.npy"), data.unseen_y)
+    np.save(os.path.join(out, "test_thumbnails.npy"), data.unseen_thumbnails)
+    write_plots(out, unseen, data.unseen_y, data.unseen_thumbnails, history_logs,
+                args.projection)
+    config["fit_seconds"] = round(fit_seconds, 1)
+    _write_json(os.path.join(out, CONFIG_FILE), config)
+
+    print()
+    print(format_metrics_table(metrics))
+    print(f"({metrics['protocol']})")
+    note = transfer_note(metrics)
+    if note:
+        print(note)
+    print()
+    print(format_artefacts(out))
+    print(f"\ndone in {time.time() - start:.0f} s")
+    return 0
+
+
+def evaluate(args) -> int:
+    """`keras-dml evaluate DIR`: re-embed the run's test data with one artefact and report."""
+    run_dir = args.run_dir
+    config = _read_json(os.path.join(run_dir, CONFIG_FILE))
+    embed = embed_fn(run_dir, args.using)
+    data = load_run_data(config)
+    seen = embed_all(embed, data.seen_x) if len(data.seen_y) else None
+    unseen = embed_all(embed, data.unseen_x)
+    metrics_path = os.path.join(run_dir, "metrics.json")
+    previous = _read_json(metrics_path) if os.path.exists(metrics_path) else {}
+    metrics = {
+        **{k: previous[k] for k in ("dataset", "loss", "s2sd") if k in previous},
+        "protocol": _protocol(config, data),
+        "sizes": {"seen": int(len(data.seen_y)), "unseen": int(len(data.unseen_y))},
+        "seen": _score(seen, data.seen_y),
+        "unseen": _score(unseen, data.unseen_y),
+        "baselines": previous.get("baselines", {}),
+        "artefact": args.using,
+    }
+    name = "metrics.json" if args.using == "keras" else f"metrics_{args.using}.json"
+    _write_json(os.path.join(run_dir, name), metrics)
+    history_path = os.path.join(run_dir, "history.json")
+    history = _read_json(history_path) if os.path.exists(history_path) else None
+    write_plots(run_dir, unseen, data.unseen_y, data.unseen_thumbnails, history, args.projection)
+    print(format_artefacts(run_dir))
+    print(f"\nretrieval metrics of {config['dataset']} with the {args.using} artefact "
+          f"({registry.MODEL_FILES[args.using]}):")
+    print(format_metrics_table(metrics))
+    print(f"({metrics['protocol']})")
+    note = transfer_note(metrics)
+    if note:
+        print(note)
+    return 0
+
+
+def search(args) -> int:
+    """`keras-dml search DIR --query-index N`: neighbours of test image N, printed and drawn."""
+    from keras_dml import plots
+    from keras_dml.index import Index
+
+    run_dir = args.run_dir
+    index_dir = os.path.join(run_dir, "index")
+    if not os.path.isdir(index_dir):
+        raise CommandError(f"{index_dir} does not exist; run keras-dml train again")
+    index = Index.load(index_dir)
+    labels = np.load(os.path.join(run_dir, "test_labels.npy"))
+    thumbnails = np.load(os.path.join(run_dir, "test_thumbnails.npy"))
+    n = args.query_index
+    if n >= len(index):
+        raise CommandError(f"--query-index {n} is out of range: the test set has {len(index)} "
+                           f"images (0-{len(index) - 1})")
+    k = min(args.k, len(index) - 1)
+    query_row = int(np.flatnonzero(index.ids == n)[0])
+    ids, scores = index.search(index.embeddings[query_row], k=k + 1)
+    keep = ids != n  # the query is in the index: drop it from its own results
+    ids, scores = ids[keep][:k], scores[keep][:k]
+    query_label = labels[n]
+    print(f"query: test image {n}, label {query_label}; {k} nearest of {len(index)} "
+          "(ScaNN index of the unseen classes, cosine similarity):")
+    print(f"{'rank':>4}  {'id':>6}  {'label':>6}  {'similarity':>10}  match")
+    for rank, (item, score) in enumerate(zip(ids, scores, strict=True), start=1):
+        match = "yes" if labels[item] == query_label else "no"
+        print(f"{rank:>4}  {item:>6}  {labels[item]:>6}  {score:>10.4f}  {match}")
+    correct = int(np.sum(labels[ids] == query_label))
+    print(f"precision@{k}: {correct / k:.2f}")
+    png = args.png or os.path.join(run_dir, f"search_{n}.png")
+    plots.plot_retrieval(thumbnails[n][None], thumbnails[ids][None], [query_label],
+                         labels[ids][None], scores[None],
+                         title=f"test image {n}: {correct}/{k} neighbours of its class",
+                         path=png)
+    print(f"saved {png}")
+    return 0
+
+
+def export(args) -> int:
+    """`keras-dml export DIR --tflite int8`: TFLite (+ SavedModel) and agreement with Keras."""
+    from keras_dml.export import export_embedding_model, export_tflite
+
+    _require_tensorflow("export")
+    run_dir = args.run_dir
+    config = _read_json(os.path.join(run_dir, CONFIG_FILE))
+    import keras_dml.layers  # noqa: F401  (registers the layers the model uses)
+
+    model_path = os.path.join(run_dir, registry.MODEL_FILES["keras"])
+    if not os.path.exists(model_path):
+        raise CommandError(f"{model_path} does not exist; run keras-dml train again")
+    embedder = keras.saving.load_model(model_path, compile=False)
+    data = load_run_data(config)
+    export_embedding_model(embedder, os.path.join(run_dir, "saved_model"))
+    name = {"float32": "tflite", "float16": "tflite-float16", "int8": "tflite-int8"}[args.tflite]
+    path = os.path.join(run_dir, registry.MODEL_FILES[name])
+    quantization = None if args.tflite == "float32" else args.tflite
+    export_tflite(embedder, path, quantization=quantization,
+                  representative_data=data.representative if args.tflite == "int8" else None)
+    sample = next(iter(_batches(data.unseen_x)))
+    reference = np.asarray(embedder.predict_on_batch(sample))
+    exported = _tflite_embed_fn(path)(sample)
+    cosine = np.sum(reference * exported, axis=1) / np.maximum(
+        np.linalg.norm(reference, axis=1) * np.linalg.norm(exported, axis=1), 1e-12)
+    size = os.path.getsize(path) / 1024
+    saved_model = os.path.join(run_dir, "saved_model")
+    print(f"wrote {path} ({args.tflite}, {size:.0f} KiB) and {saved_model}")
+    print(f"TFLite vs Keras embeddings on {len(sample)} test images: cosine similarity "
+          f"mean {cosine.mean():.4f}, min {cosine.min():.4f}")
+    print(f"full metrics with this file: keras-dml evaluate {run_dir} --using {name}")
+    return 0
