@@ -11,6 +11,7 @@ short `fit`, the replica-count scaling and the margin heads under
 
 from __future__ import annotations
 
+import doctest
 import json
 import os
 import subprocess
@@ -158,6 +159,11 @@ def test_cross_replica_is_on_by_default_and_a_no_op_outside_tf_distribute(loss):
     labels = np.repeat(np.arange(4), 2).astype("int32")
     x = np.random.default_rng(3).normal(size=(8, 4)).astype("float32")
     assert float(loss(labels, x)) == float(local(labels, x))
+
+
+def test_docstring_examples_run():
+    for module in (distributed, losses.base):
+        assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0, module
 
 
 def test_collectives_are_identities_outside_a_multi_replica_context():

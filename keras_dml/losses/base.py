@@ -188,8 +188,9 @@ class References:
             and denominator over the replicas, so that every replica's loss
             is the loss of the global batch.
 
-    Example: the references of a batch against itself (what every loss uses
-    by default) and against a larger set.
+    Example: two queries against three references, the queries being
+    references 0 and 1 (`query_offset=0`; by default every loss uses
+    `References.of_batch(labels, embeddings)`, the batch against itself).
 
     >>> import numpy as np
     >>> from keras_dml.losses.contrastive import contrastive_loss
@@ -197,8 +198,9 @@ class References:
     >>> emb = np.array([[0.0, 0.0], [0.0, 0.5]], "float32")
     >>> refs = References(np.array([0, 1, 0], "int32"), np.array([[0, 0], [0, 0.5], [0, 0.1]],
     ...                   "float32"), query_offset=0)
+    >>> # positive pairs: (q0, r2) at 0.1; negatives: (q0, r1), (q1, r0) at 0.5, (q1, r2) at 0.4
     >>> round(float(contrastive_loss(labels, emb, references=refs)), 4)
-    0.55
+    0.6333
     """
 
     labels: Any
