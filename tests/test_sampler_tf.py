@@ -140,3 +140,19 @@ def test_bad_inputs_raise_value_errors():
 
 def test_docstring_example():
     assert doctest.testmod(sampler).failed == 0
+
+
+def test_later_passes_do_not_depend_on_how_far_earlier_passes_read():
+    """Pass k's batches depend on the seed and k only, not on read-ahead in pass k-1."""
+    x, labels = imbalanced(3)
+
+    def second_pass(first_pass_batches):
+        ds = m_per_class_dataset(
+            x, labels, classes_per_batch=3, samples_per_class=2, seed=7, num_batches=4
+        )
+        for i, _ in enumerate(ds):
+            if i + 1 == first_pass_batches:
+                break
+        return [xb[:, 0].numpy().tolist() for xb, _ in ds]
+
+    assert second_pass(1) == second_pass(4)

@@ -60,6 +60,23 @@ def _class_seed(seed: int | None, index: int) -> int | None:
     return None if seed is None else (seed * _SEED_STRIDE + index) % (2**31 - 1)
 
 
+def _reshuffled_cycles(source: tf.data.Dataset, buffer_size: int, seed) -> tf.data.Dataset:
+    """Endless stream of `source`, reshuffled on every cycle through it.
+
+    Each cycle's shuffle seed is the next draw of a per-iterator random stream,
+    so the sequence depends only on `seed` and on how many passes were started,
+    never on how far a prefetching consumer read ahead in an earlier pass (a
+    stateful `shuffle(...).repeat()` shares one seed generator across passes,
+    which made later passes timing-dependent).
+    """
+    cycle_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+    return cycle_seeds.flat_map(
+        lambda cycle_seed: source.shuffle(
+            buffer_size, seed=cycle_seed, reshuffle_each_iteration=False
+        )
+    )
+
+
 def _class_selector(num_classes: int, classes_per_batch: int, samples_per_class: int, seed):
     """Stream of class positions: per batch, P distinct classes, each repeated M times."""
     # rerandomize_each_iteration: a finite dataset draws new batches every epoch,
@@ -166,21 +183,19 @@ def m_per_class_dataset(
         )
 
     if isinstance(x, tf.data.Dataset):
-        streams = [
+        sources = [
             x.filter(lambda features, label, c=int(c): tf.equal(label, tf.cast(c, label.dtype)))
-            .shuffle(shuffle_buffer_size, seed=_class_seed(seed, i), reshuffle_each_iteration=True)
-            .repeat()
-            for i, c in enumerate(classes)
+            for c in classes
         ]
+        buffers = [shuffle_buffer_size] * len(sources)
     else:
-        streams = [
-            tf.data.Dataset.from_tensor_slices(np.flatnonzero(labels == c))
-            .shuffle(
-                int(np.sum(labels == c)), seed=_class_seed(seed, i), reshuffle_each_iteration=True
-            )
-            .repeat()
-            for i, c in enumerate(classes)
-        ]
+        members = [np.flatnonzero(labels == c) for c in classes]
+        sources = [tf.data.Dataset.from_tensor_slices(m) for m in members]
+        buffers = [m.size for m in members]
+    streams = [
+        _reshuffled_cycles(source, buffer, _class_seed(seed, i))
+        for i, (source, buffer) in enumerate(zip(sources, buffers, strict=True))
+    ]
     selector = _class_selector(classes.size, classes_per_batch, samples_per_class, seed)
     batches = tf.data.Dataset.choose_from_datasets(streams, selector).batch(
         classes_per_batch * samples_per_class, drop_remainder=True
@@ -193,10 +208,8 @@ def m_per_class_dataset(
             batch_x = tf.nest.map_structure(lambda a: tf.gather(a, indices), features)
             return batch_x, tf.gather(label_tensor, indices)
 
-        # Sequential on purpose: a parallel map reads ahead by a timing-dependent
-        # amount, which advances the per-class reshuffle state differently from run
-        # to run and breaks the seeded sequence of later passes.
-        batches = batches.map(gather)
+        # Read-ahead is harmless: every random stream lives in its iterator.
+        batches = batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if num_batches is not None:
         batches = batches.take(num_batches)
     return batches.prefetch(tf.data.AUTOTUNE)
