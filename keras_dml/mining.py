@@ -51,16 +51,23 @@ def sorted_negatives(distances, negative_mask, at_least=None):
     return sorted_values, num_negatives
 
 
-def semi_hard_negatives(distances, negative_mask):
+def semi_hard_negatives(distances, negative_mask, query_mask=None):
     """For every (anchor a, column p): the smallest negative distance d(a, n) > d(a, p).
 
     This is FaceNet's semi-hard rule as tensorflow-addons implements it: the
     closest negative that is farther than the positive; where none exists, the
     farthest negative of the anchor (the easiest one) is used instead.
 
+    Each anchor's negatives are sorted once (O(B·R log R) time, O(B·R)
+    memory); gradients reach the chosen negative's distance through a gather,
+    not through the sort.
+
     Args:
         distances: `(B, R)` anchor-to-reference distances.
         negative_mask: `(B, R)` bool, True where the reference is a negative.
+        query_mask: optional `(B, R)` bool, the (a, p) entries the caller will
+            use (usually the positives); other entries of the result are then
+            arbitrary. Lets the TensorFlow backend search only those.
 
     Returns:
         `(negative_distances, has_negative)`: `(B, R)` distances of the chosen
@@ -68,12 +75,23 @@ def semi_hard_negatives(distances, negative_mask):
         any negative (their row holds the anchor's minimum distance, as in
         tensorflow-addons).
     """
-    sorted_values, num_negatives = sorted_negatives(distances, negative_mask)
     num_refs = ops.shape(distances)[1]
+    masked = ops.stop_gradient(
+        ops.where(negative_mask, distances, ops.ones_like(distances) * _filler(distances))
+    )
+    order = ops.argsort(masked, axis=1)
+    sorted_values = ops.take_along_axis(masked, order, axis=1)
+    num_negatives = ops.sum(ops.cast(negative_mask, "int32"), axis=1)
     # Number of negatives with d(a, n) <= d(a, p): the next one is the semi-hard negative.
-    position = dml_ops.batched_searchsorted(sorted_values, distances, side="right")
+    if query_mask is None:
+        position = dml_ops.batched_searchsorted(sorted_values, distances, side="right")
+    else:
+        position = dml_ops.masked_batched_searchsorted(
+            sorted_values, distances, query_mask, side="right"
+        )
     has_semi_hard = position < ops.expand_dims(num_negatives, 1)
-    semi_hard = ops.take_along_axis(sorted_values, ops.minimum(position, num_refs - 1), axis=1)
+    column = ops.take_along_axis(order, ops.minimum(position, num_refs - 1), axis=1)
+    semi_hard = ops.take_along_axis(distances, column, axis=1)
     easiest, has_negative = easiest_negative(distances, negative_mask)
     # tensorflow-addons' masked maximum over an empty mask is the row minimum.
     fallback = ops.where(has_negative, easiest, ops.min(distances, axis=1))

@@ -138,3 +138,59 @@ def batched_searchsorted(sorted_rows, values, side: str = "left"):
     vals = ops.convert_to_numpy(values)
     out = np.stack([np.searchsorted(r, v, side=side) for r, v in zip(rows, vals, strict=True)])
     return ops.convert_to_tensor(out.astype("int32"))
+
+
+def _monotone_int_keys(x):
+    """TF: float32 -> int64 keys in [0, 2**32) with the same order and ties as `x`."""
+    import tensorflow as tf
+
+    x = tf.cast(x, tf.float32)
+    x = tf.where(tf.equal(x, 0.0), tf.zeros_like(x), x)  # -0.0 ties with +0.0
+    bits = tf.bitcast(x, tf.int32)
+    # Negative floats order backwards as integers: flip their magnitude bits.
+    bits = tf.where(bits < 0, tf.bitwise.bitwise_xor(bits, tf.constant(0x7FFFFFFF)), bits)
+    return tf.cast(bits, tf.int64) + 2**31
+
+
+def masked_batched_searchsorted(sorted_rows, values, mask, side: str = "left"):
+    """`batched_searchsorted` where only the entries of `values` under `mask` are needed.
+
+    Entries outside `mask` are 0. On TensorFlow with float32 or narrower inputs
+    only the masked queries are searched: rows become one globally sorted
+    sequence of exact integer keys `(row, value)`, searched once in 1-D. That
+    is much faster than `tf.searchsorted` over all `B * M` queries when few are
+    masked (the positives of a triplet batch). Other backends search all and
+    mask.
+
+    Args:
+        sorted_rows: `(B, N)`, each row ascending, no NaN.
+        values: `(B, M)`, no NaN.
+        mask: `(B, M)` bool.
+        side: `"left"` or `"right"`, as in `batched_searchsorted`.
+
+    Returns:
+        `(B, M)` int32 positions in `[0, N]`, 0 where `mask` is False.
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"`side` must be 'left' or 'right', got {side!r}.")
+    narrow = ("float16", "bfloat16", "float32")
+    if (
+        keras.backend.backend() != "tensorflow"
+        or keras.backend.standardize_dtype(sorted_rows.dtype) not in narrow
+        or keras.backend.standardize_dtype(values.dtype) not in narrow
+    ):
+        positions = batched_searchsorted(sorted_rows, values, side=side)
+        return ops.where(mask, positions, ops.zeros_like(positions))
+    import tensorflow as tf
+
+    sorted_rows = tf.stop_gradient(sorted_rows)
+    values = tf.stop_gradient(values)
+    num_rows = tf.shape(sorted_rows, out_type=tf.int64)[0]
+    row_length = tf.shape(sorted_rows, out_type=tf.int64)[1]
+    row_offsets = tf.range(num_rows, dtype=tf.int64)[:, None] * 2**32
+    haystack = tf.reshape(_monotone_int_keys(sorted_rows) + row_offsets, [-1])
+    where = tf.where(mask)  # (K, 2) int64: (row, column)
+    needles = tf.gather_nd(_monotone_int_keys(values), where) + where[:, 0] * 2**32
+    found = tf.searchsorted(haystack, needles, side=side, out_type=tf.int64)
+    positions = tf.cast(found - where[:, 0] * row_length, tf.int32)
+    return tf.scatter_nd(where, positions, tf.shape(mask, out_type=tf.int64))

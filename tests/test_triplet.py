@@ -128,6 +128,23 @@ def test_semihard_matches_tfa_semantics(metric, seed):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("metric", ["L2", "squared-L2"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_semihard_with_many_tied_distances_matches_tfa_semantics(metric, seed):
+    """Integer-grid embeddings and duplicates: d(a, n) == d(a, p) happens often.
+
+    The closest negative *strictly* farther than the positive must be chosen.
+    """
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, size=14)
+    x = rng.integers(-1, 2, size=(14, 3)).astype("float32")
+    x[5] = x[4]  # exact duplicates, possibly of different classes
+    for margin in (1.0, 0.5):
+        got = float(triplet_semihard_loss(labels, x, margin=margin, distance_metric=metric))
+        want = ref_tfa_semihard(labels, x, margin, metric)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("metric", ["L2", "squared-L2", "angular"])
 @pytest.mark.parametrize("soft", [False, True])
 @pytest.mark.parametrize("seed", [0, 1])

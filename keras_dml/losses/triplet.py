@@ -62,7 +62,7 @@ def triplet_semihard_loss(
     references = resolve_references(labels, embeddings, references)
     distances = _tfa_distances(embeddings, distance_metric, references)
     positives, negatives = references.masks(labels)
-    negative_distances, _ = mining.semi_hard_negatives(distances, negatives)
+    negative_distances, _ = mining.semi_hard_negatives(distances, negatives, positives)
     hinge = ops.maximum(margin + distances - negative_distances, 0.0)
     return references.mean(dml_ops.masked_sum(hinge, positives), dml_ops.masked_count(positives))
 
@@ -157,7 +157,7 @@ def triplet_loss(
     if negative_mining == "all":
         return references.mean(*_batch_all(distances, pairs, negatives, margin, soft_margin))
     if negative_mining == "semi-hard":
-        negative_distances, _ = mining.semi_hard_negatives(distances, negatives)
+        negative_distances, _ = mining.semi_hard_negatives(distances, negatives, pairs)
     else:
         miner = mining.hardest_negative if negative_mining == "hard" else mining.easiest_negative
         negative_distances = ops.expand_dims(miner(distances, negatives)[0], 1)
