@@ -53,6 +53,12 @@ def _dtype_name(x) -> str:
         return str(dtype)
 
 
+def check_positive(value, arg: str) -> None:
+    """Raises `ValueError` naming `arg` when a Python number `value` is not > 0."""
+    if isinstance(value, (int, float)) and not value > 0:
+        raise ValueError(f"`{arg}` must be > 0, got {value}.")
+
+
 def check_labels_dtype(labels, arg: str = "y_true") -> None:
     """Raises `ValueError` unless `labels` hold integer class ids.
 

@@ -19,16 +19,12 @@ from keras_dml import ops as dml_ops
 from keras_dml.losses.base import (
     MetricLoss,
     References,
+    check_positive,
     concrete_value,
     label_masks,
     validate_inputs,
 )
 from keras_dml.losses.supcon import supcon_loss
-
-
-def _check_temperature(temperature, arg: str = "temperature") -> None:
-    if isinstance(temperature, (int, float)) and not temperature > 0:
-        raise ValueError(f"`{arg}` must be > 0, got {temperature}.")
 
 
 def _as_views(embeddings_a, embeddings_b):
@@ -96,7 +92,7 @@ def nt_xent_loss(embeddings_a, embeddings_b, temperature: float = 0.1):
         Chen, Kornblith, Norouzi & Hinton, "A Simple Framework for Contrastive
         Learning of Visual Representations", ICML 2020.
     """
-    _check_temperature(temperature)
+    check_positive(temperature, "temperature")
     a, b = _as_views(embeddings_a, embeddings_b)
     n = ops.shape(a)[0]
     logits = distances.cosine_similarity(ops.concatenate([a, b], axis=0)) / temperature
@@ -208,7 +204,7 @@ class NTXentLoss(MetricLoss):
         reduction: str = "sum_over_batch_size",
         dtype: str | None = None,
     ):
-        _check_temperature(temperature)
+        check_positive(temperature, "temperature")
         super().__init__(
             _nt_xent_from_stacked_views,
             name=name,

@@ -9,14 +9,10 @@ from keras_dml import ops as dml_ops
 from keras_dml.losses.base import (
     MetricLoss,
     References,
+    check_positive,
     resolve_references,
     validate_inputs,
 )
-
-
-def _check_temperature(value, arg: str) -> None:
-    if isinstance(value, (int, float)) and not value > 0:
-        raise ValueError(f"`{arg}` must be > 0, got {value}.")
 
 
 def supcon_loss(
@@ -59,8 +55,8 @@ def supcon_loss(
     Returns:
         A scalar float32 loss (float64 for float64 inputs).
     """
-    _check_temperature(temperature, "temperature")
-    _check_temperature(base_temperature, "base_temperature")
+    check_positive(temperature, "temperature")
+    check_positive(base_temperature, "base_temperature")
     labels, embeddings = validate_inputs(labels, embeddings, "labels", "embeddings")
     references = resolve_references(labels, embeddings, references)
     logits = references.pairwise(embeddings, "cosine", kind="similarity") / temperature
@@ -123,8 +119,8 @@ class SupConLoss(MetricLoss):
         reduction: str = "sum_over_batch_size",
         dtype: str | None = None,
     ):
-        _check_temperature(temperature, "temperature")
-        _check_temperature(base_temperature, "base_temperature")
+        check_positive(temperature, "temperature")
+        check_positive(base_temperature, "base_temperature")
         super().__init__(
             supcon_loss,
             name=name,
