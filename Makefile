@@ -3,12 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# Tests whose code is backend-agnostic run a second time under JAX.
+# Tests whose code is backend-agnostic run again under JAX and under torch (CPU).
 BACKEND_AGNOSTIC_TESTS = $(shell cat tests/backend_agnostic.txt 2>/dev/null)
 
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo test test-tf test-jax lint bench docs clean
+.PHONY: demo test test-tf test-jax test-torch lint bench docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,13 +35,16 @@ $(DOCS_STAMP): $(STAMP)
 docs: $(DOCS_STAMP)
 	$(VENV)/bin/mkdocs build --strict --site-dir site
 
-test: test-tf test-jax
+test: test-tf test-jax test-torch
 
 test-tf: $(STAMP)
 	KERAS_BACKEND=tensorflow $(PY) -m pytest
 
 test-jax: $(STAMP)
 	KERAS_BACKEND=jax $(PY) -m pytest $(BACKEND_AGNOSTIC_TESTS)
+
+test-torch: $(STAMP)
+	KERAS_BACKEND=torch $(PY) -m pytest $(BACKEND_AGNOSTIC_TESTS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -202,6 +202,19 @@ def test_scann_returns_k_results_when_searched_leaves_are_too_small():
         assert ids.shape == (len(queries), 300) and np.isfinite(scores).all()
         assert all(len(set(row)) == 300 for row in ids.tolist())
         assert (np.diff(scores, axis=1) <= 1e-6).all()  # similarities, best first
+    # A 1-D query takes the single-query path, with the same fallback.
+    ids, scores = index.search(structured_embeddings(1, dim=8)[0], k=300)
+    assert ids.shape == (300,) and len(set(ids.tolist())) == 300 and np.isfinite(scores).all()
+
+
+@pytest.mark.parametrize("index_class", [ExactIndex, ScaNNIndex])
+def test_a_bad_single_query_raises(index_class):
+    index = index_class()
+    index.add(structured_embeddings(50, dim=8, seed=1))
+    with pytest.raises(ValueError, match="dimension 7"):
+        index.search(np.ones(7, "float32"), k=1)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        index.search(np.array([np.nan] + [1.0] * 7, "float32"), k=1)
 
 
 def test_adding_after_search_rebuilds_the_searcher():

@@ -120,6 +120,8 @@ class Index(abc.ABC):
         self._ids: np.ndarray | None = None
         self._metadata: list[Any] | None = None
         self._id_to_row: dict[Any, int] | None = None
+        # True when id == row (default ids of a fresh index): search skips the id lookup.
+        self._ids_are_rows: bool | None = None
 
     # ------------------------------------------------------------------ state
 
@@ -220,6 +222,7 @@ class Index(abc.ABC):
         else:
             self._embeddings = np.concatenate([self._embeddings, embeddings])
             self._ids = np.concatenate([self._ids, ids])
+        self._ids_are_rows = None
         if metadata is not None or self._metadata is not None:
             previous = self._metadata if self._metadata is not None else [None] * old
             self._metadata = previous + (metadata if metadata is not None else [None] * n)
@@ -319,17 +322,48 @@ class Index(abc.ABC):
         if k > size:
             raise ValueError(f"`k` ({k}) is larger than the number of indexed items ({size}).")
         queries = np.asarray(queries, dtype=np.float32)
-        single = queries.ndim == 1
-        queries = self._prepare_queries(queries[None] if single else queries)
+        if queries.ndim == 1:
+            # One query: its own path, since per-call overhead is most of the
+            # latency of an approximate search.
+            rows, scores = self._search_one(self._prepare_query(queries), k)
+            return self._ids_of(rows), scores
+        queries = self._prepare_queries(queries)
         if queries.shape[0] == 0:
             rows = np.zeros((0, k), np.int64)
             scores = np.zeros((0, k), np.float32)
         else:
             rows, scores = self._search(queries, k)
-        ids = self._ids[rows]
-        if single:
-            return ids[0], scores[0]
-        return ids, scores
+        return self._ids_of(rows), scores
+
+    def _ids_of(self, rows: np.ndarray) -> np.ndarray:
+        """The ids stored at `rows` (int64 or str), of the same shape."""
+        if self._ids_are_rows is None:
+            self._ids_are_rows = self._ids.dtype.kind == "i" and bool(
+                np.array_equal(self._ids, np.arange(self._ids.shape[0]))
+            )
+        if self._ids_are_rows:
+            return rows.astype(np.int64, copy=False)
+        return self._ids[rows]
+
+    def _prepare_query(self, query: np.ndarray) -> np.ndarray:
+        """`_prepare_queries` for one `(dim,)` query."""
+        if query.shape[0] != self._embeddings.shape[1]:
+            raise ValueError(
+                f"`queries` has dimension {query.shape[0]} but the index holds vectors of "
+                f"dimension {self.dim}."
+            )
+        square_sum = float(np.dot(query, query))
+        if not math.isfinite(square_sum) and not np.isfinite(query).all():
+            raise ValueError("`queries` contains NaN or Inf values.")
+        if not self.normalize:
+            return np.ascontiguousarray(query)
+        # A Python float scalar keeps the query's float32 (NumPy 2 promotion).
+        return query * (1.0 / math.sqrt(max(square_sum, _NORM_EPSILON)))
+
+    def _search_one(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """`(rows, scores)` of shape `(k,)` for one checked query; subclasses may speed it up."""
+        rows, scores = self._search(query[None], k)
+        return rows[0], scores[0]
 
     def _prepare_queries(self, queries: np.ndarray) -> np.ndarray:
         """Checks queries and normalises them like the stored vectors.
@@ -542,6 +576,7 @@ class Index(abc.ABC):
             index._metadata = metadata
         if size:
             index._embeddings, index._ids = embeddings, ids
+            index._ids_are_rows = None
         index._read_extra(directory, header)
         return index
 

@@ -248,17 +248,23 @@ class ScaNNIndex(Index):
 
     # ----------------------------------------------------------------- search
 
+    def _search_one(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        searcher = self._searcher if self._searcher is not None else self.searcher
+        reorder, leaves, num_leaves = self._cached_search_args(k)
+        # ScaNN's single-query call skips its batching overhead.
+        rows, scores = searcher.searcher.search(query, k, reorder, leaves)
+        if rows.shape[0] == k:
+            return rows, scores
+        # The searched leaves held fewer than k points: search them all.
+        rows, scores = searcher.search_batched(query[None], k, reorder, num_leaves)
+        return rows[0].astype(np.int64), scores[0]
+
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         searcher = self._searcher if self._searcher is not None else self.searcher
         reorder, leaves, num_leaves = self._cached_search_args(k)
         if queries.shape[0] == 1:
-            # The single-query path skips ScaNN's batching overhead.
-            rows, scores = searcher.searcher.search(queries[0], k, reorder, leaves)
-            if rows.shape[0] == k:
-                return rows[None], scores[None]
-            # The searched leaves held fewer than k points: search them all.
-            rows, scores = searcher.search_batched(queries, k, reorder, num_leaves)
-            return rows.astype(np.int64), scores
+            rows, scores = self._search_one(queries[0], k)
+            return rows[None], scores[None]
         rows, scores = searcher.search_batched_parallel(queries, k, reorder, leaves)
         rows = rows.astype(np.int64)
         # Batched search NaN-pads queries that found fewer than k points.
