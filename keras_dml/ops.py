@@ -113,8 +113,8 @@ def batched_searchsorted(sorted_rows, values, side: str = "left"):
     if side not in ("left", "right"):
         raise ValueError(f"`side` must be 'left' or 'right', got {side!r}.")
     backend = keras.backend.backend()
-    sorted_rows = ops.stop_gradient(sorted_rows)
-    values = ops.stop_gradient(values)
+    sorted_rows = ops.stop_gradient(ops.convert_to_tensor(sorted_rows))
+    values = ops.stop_gradient(ops.convert_to_tensor(values))
     if backend == "tensorflow":
         import tensorflow as tf
 

@@ -2,7 +2,6 @@
 
 import math
 
-import keras
 import numpy as np
 import pytest
 from keras import ops
@@ -11,8 +10,6 @@ from keras_dml import distances
 from keras_dml.evaluation import nearest_neighbors, retrieval, retrieval_metrics
 
 DISTANCES = ["cosine", "euclidean", "squared_euclidean", "dot", "angular"]
-# torch.topk does not promise which of two equal scores comes first.
-STABLE_TIES = keras.backend.backend() in ("tensorflow", "jax")
 
 
 def naive_distance(a, b, name):
@@ -180,7 +177,6 @@ def test_all_lone_queries_give_nan_with_a_warning():
         assert math.isnan(retrieval_metrics(x[:1], [0])["recall_at_1"])
 
 
-@pytest.mark.skipif(not STABLE_TIES, reason="this backend's top_k does not order ties")
 @pytest.mark.parametrize("name", ["dot", "squared_euclidean", "euclidean"])
 def test_ties_go_to_the_lower_index(name):
     # Small integer vectors: every score is exact in float32, so ties are real ties.
@@ -191,7 +187,6 @@ def test_ties_go_to_the_lower_index(name):
     assert_metrics_close(actual, naive_metrics(x, labels, name=name))
 
 
-@pytest.mark.skipif(not STABLE_TIES, reason="this backend's top_k does not order ties")
 def test_duplicate_embeddings():
     x = np.repeat(np.eye(3, dtype="float32"), 4, axis=0)
     labels = np.array([0, 1, 0, 1, 2, 2, 2, 2, 0, 0, 1, 1])
@@ -315,9 +310,8 @@ def test_nearest_neighbors_leave_one_out_never_returns_self():
     x = np.repeat(np.eye(2, dtype="float32"), 3, axis=0)  # three copies of each point
     indices, dists = nearest_neighbors(x, k=5)
     assert not np.any(indices == np.arange(6)[:, None])
-    if STABLE_TIES:
-        assert indices[0].tolist() == [1, 2, 3, 4, 5]
-        np.testing.assert_allclose(dists[0], [0, 0, 1, 1, 1], atol=1e-6)
+    assert indices[0].tolist() == [1, 2, 3, 4, 5]  # ties go to the lower index
+    np.testing.assert_allclose(dists[0], [0, 0, 1, 1, 1], atol=1e-6)
 
 
 @pytest.mark.parametrize(

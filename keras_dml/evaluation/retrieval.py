@@ -213,6 +213,38 @@ def _full_precision_matmul():
         yield
 
 
+def _top_k_lower_index_first(scores, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """`top_k` of each row as NumPy `(values, indices)`, ties going to the lower index.
+
+    TensorFlow's and JAX's `top_k` already order ties that way; `torch.topk`
+    promises no order among equal values, nor which of several values tied at
+    the k-th place it keeps. There, one extra value is fetched: rows tied
+    across the cut are redone with a stable sort (rare outside duplicated
+    embeddings), and every row is reordered by (value descending, index).
+    """
+    if keras.backend.backend() != "torch":
+        values, indices = ops.top_k(scores, k)
+        return np.asarray(ops.convert_to_numpy(values)), np.asarray(ops.convert_to_numpy(indices))
+    n = int(ops.shape(scores)[1])
+    values, indices = ops.top_k(scores, min(k + 1, n))
+    values = np.asarray(ops.convert_to_numpy(values))
+    indices = np.asarray(ops.convert_to_numpy(indices)).astype(np.int64)
+    if values.shape[1] > k:
+        cut = np.flatnonzero(values[:, k - 1] == values[:, k])
+        values, indices = values[:, :k].copy(), indices[:, :k].copy()
+        if cut.size:
+            full = np.asarray(ops.convert_to_numpy(scores))[cut]
+            order = np.argsort(-full, axis=1, kind="stable")[:, :k]
+            indices[cut] = order
+            values[cut] = np.take_along_axis(full, order, axis=1)
+    by_index = np.argsort(indices, axis=1, kind="stable")
+    indices = np.take_along_axis(indices, by_index, axis=1)
+    values = np.take_along_axis(values, by_index, axis=1)
+    by_value = np.argsort(-values, axis=1, kind="stable")
+    values = np.take_along_axis(values, by_value, axis=1)
+    return values, np.take_along_axis(indices, by_value, axis=1)
+
+
 def _top_k_chunks(
     scorer: _Scorer,
     queries: np.ndarray,
@@ -227,8 +259,7 @@ def _top_k_chunks(
 
     `positions` index into `query_ids`; row j of `indices` holds the `k`
     nearest references of query `query_ids[positions[j]]`, nearest first, with
-    ties broken by lower reference index (TensorFlow and JAX `top_k`; torch
-    does not promise an order among ties). `k` is at least `ks` of every query
+    ties broken by lower reference index on every backend. `k` is at least `ks` of every query
     of the chunk; `ks` must be ascending. With `exclude_self`, query i is
     reference i and never its own neighbour. `scores` is None unless
     `with_scores`.
@@ -249,9 +280,8 @@ def _top_k_chunks(
         # Asking for one more and dropping the query itself (or, when it is not
         # among them, the last) gives the k nearest others without masking the
         # diagonal of the chunk.
-        values, indices = ops.top_k(scorer.scores(chunk), k + int(exclude_self))
-        indices = np.asarray(ops.convert_to_numpy(indices))
-        values = np.asarray(ops.convert_to_numpy(values)) if with_scores else None
+        values, indices = _top_k_lower_index_first(scorer.scores(chunk), k + int(exclude_self))
+        values = values if with_scores else None
         if exclude_self:
             keep = indices != ids[:, None]
             keep[keep.all(axis=1), -1] = False
