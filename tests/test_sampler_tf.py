@@ -156,3 +156,24 @@ def test_later_passes_do_not_depend_on_how_far_earlier_passes_read():
         return [xb[:, 0].numpy().tolist() for xb, _ in ds]
 
     assert second_pass(1) == second_pass(4)
+
+
+def test_works_and_stays_deterministic_after_a_global_seed_is_set():
+    """A global TF seed (keras.utils.set_random_seed) changes how tf.data seeds ops."""
+    import keras
+
+    x, labels = imbalanced(5)
+    keras.utils.set_random_seed(123)
+
+    def run(source_is_dataset):
+        if source_is_dataset:
+            source = tf.data.Dataset.from_tensor_slices((x, labels))
+            ds = m_per_class_dataset(source, classes_per_batch=3, samples_per_class=2, seed=4)
+        else:
+            ds = m_per_class_dataset(x, labels, classes_per_batch=3, samples_per_class=2, seed=4)
+        found = batches(ds, 5)
+        assert_p_by_m(found, labels, 3, 2)
+        return [xb[:, 0].tolist() for xb, _ in found]
+
+    for source_is_dataset in (False, True):
+        assert run(source_is_dataset) == run(source_is_dataset)

@@ -60,19 +60,22 @@ def _class_seed(seed: int | None, index: int) -> int | None:
     return None if seed is None else (seed * _SEED_STRIDE + index) % (2**31 - 1)
 
 
-def _reshuffled_cycles(source: tf.data.Dataset, buffer_size: int, seed) -> tf.data.Dataset:
-    """Endless stream of `source`, reshuffled on every cycle through it.
+def _reshuffled_cycles(members: np.ndarray, seed) -> tf.data.Dataset:
+    """Endless stream of `members` (row indices), freshly permuted on every cycle.
 
-    Each cycle's shuffle seed is the next draw of a per-iterator random stream,
-    so the sequence depends only on `seed` and on how many passes were started,
-    never on how far a prefetching consumer read ahead in an earlier pass (a
-    stateful `shuffle(...).repeat()` shares one seed generator across passes,
-    which made later passes timing-dependent).
+    Each cycle's permutation is a stateless shuffle keyed by the next draw of a
+    per-iterator random stream, so the sequence depends only on `seed` and on
+    how many passes were started, never on how far a prefetching consumer read
+    ahead in an earlier pass (a `shuffle(...).repeat()` shares one seed
+    generator across passes, which made later passes timing-dependent).
     """
+    members = tf.constant(members, dtype=tf.int64)
     cycle_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
     return cycle_seeds.flat_map(
-        lambda cycle_seed: source.shuffle(
-            buffer_size, seed=cycle_seed, reshuffle_each_iteration=False
+        lambda cycle_seed: tf.data.Dataset.from_tensor_slices(
+            tf.random.experimental.stateless_shuffle(
+                members, seed=tf.stack([cycle_seed, tf.constant(1, tf.int64)])
+            )
         )
     )
 
@@ -105,8 +108,10 @@ def m_per_class_dataset(
 ) -> tf.data.Dataset:
     """Builds a `tf.data.Dataset` of `(x, y)` batches holding P classes × M samples each.
 
-    Within a class, samples are drawn in a reshuffled cycle (each sample once
-    before any repeats); a class with fewer than M samples repeats some. The
+    Within a class, samples from arrays are drawn in a reshuffled cycle (each
+    sample once before any repeats; a class with fewer than M samples repeats
+    some); a `tf.data.Dataset`'s classes stream through a shuffle buffer of
+    `shuffle_buffer_size`. The
     P classes of a batch are distinct and drawn uniformly. With a `seed`, the
     sequence of batches is reproducible; each pass over a finite dataset
     (`num_batches`) draws new batches.
@@ -183,19 +188,24 @@ def m_per_class_dataset(
         )
 
     if isinstance(x, tf.data.Dataset):
-        sources = [
+        # One shuffle over the endless stream, not one per cycle: its seed
+        # generator then advances once per pass, whatever the read-ahead.
+        streams = [
             x.filter(lambda features, label, c=int(c): tf.equal(label, tf.cast(c, label.dtype)))
-            for c in classes
+            .repeat()
+            .shuffle(
+                # A buffer larger than the class would read the dataset many times over.
+                min(shuffle_buffer_size, int(np.sum(labels == c))),
+                seed=_class_seed(seed, i),
+                reshuffle_each_iteration=True,
+            )
+            for i, c in enumerate(classes)
         ]
-        buffers = [shuffle_buffer_size] * len(sources)
     else:
-        members = [np.flatnonzero(labels == c) for c in classes]
-        sources = [tf.data.Dataset.from_tensor_slices(m) for m in members]
-        buffers = [m.size for m in members]
-    streams = [
-        _reshuffled_cycles(source, buffer, _class_seed(seed, i))
-        for i, (source, buffer) in enumerate(zip(sources, buffers, strict=True))
-    ]
+        streams = [
+            _reshuffled_cycles(np.flatnonzero(labels == c), _class_seed(seed, i))
+            for i, c in enumerate(classes)
+        ]
     selector = _class_selector(classes.size, classes_per_batch, samples_per_class, seed)
     batches = tf.data.Dataset.choose_from_datasets(streams, selector).batch(
         classes_per_batch * samples_per_class, drop_remainder=True
