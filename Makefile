@@ -7,6 +7,9 @@ STAMP := $(VENV)/.installed
 BACKEND_AGNOSTIC_TESTS = $(shell cat tests/backend_agnostic.txt 2>/dev/null)
 
 export TF_CPP_MIN_LOG_LEVEL ?= 2
+# pytest-xdist workers for the TensorFlow and JAX runs (both spend most of their time in
+# single-threaded op dispatch, so two workers nearly halve them on 2 cores).
+TEST_WORKERS ?= 2
 
 .PHONY: demo test test-tf test-jax test-torch lint bench docs clean
 
@@ -38,10 +41,10 @@ docs: $(DOCS_STAMP)
 test: test-tf test-jax test-torch
 
 test-tf: $(STAMP)
-	KERAS_BACKEND=tensorflow $(PY) -m pytest
+	KERAS_BACKEND=tensorflow $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-jax: $(STAMP)
-	KERAS_BACKEND=jax $(PY) -m pytest $(BACKEND_AGNOSTIC_TESTS)
+	KERAS_BACKEND=jax $(PY) -m pytest -n $(TEST_WORKERS) $(BACKEND_AGNOSTIC_TESTS)
 
 test-torch: $(STAMP)
 	KERAS_BACKEND=torch $(PY) -m pytest $(BACKEND_AGNOSTIC_TESTS)
