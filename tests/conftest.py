@@ -47,6 +47,29 @@ def loss_gradient(fn, x):
     raise NotImplementedError(f"No gradient helper for backend {backend!r}.")
 
 
+def assert_head_gradients_finite(head, x, labels):
+    """The head's cross-entropy has finite, not all-zero gradients w.r.t. `x` and the centres.
+
+    The centres' gradient goes through `head.stateless_call`, with the head's
+    non-trainable state as it is.
+    """
+    kernel = keras.ops.convert_to_numpy(head.kernel)
+    state = list(head.non_trainable_variables)
+
+    def cross_entropy(logits):
+        return keras.ops.mean(keras.losses.sparse_categorical_crossentropy(labels, logits, True))
+
+    def of_x(v):
+        return cross_entropy(head(v, labels))
+
+    def of_kernel(w):
+        return cross_entropy(head.stateless_call([w], state, x, labels)[0])
+
+    for fn, value in ((of_x, x), (of_kernel, kernel)):
+        total, grad = loss_gradient(fn, value)
+        assert np.isfinite(total) and np.all(np.isfinite(grad)) and np.any(grad != 0)
+
+
 @contextlib.contextmanager
 def mixed_precision(policy: str):
     """Sets a global Keras dtype policy for the duration of the block."""

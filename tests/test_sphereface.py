@@ -11,7 +11,7 @@ import math
 import keras
 import numpy as np
 import pytest
-from conftest import loss_gradient, mixed_precision
+from conftest import assert_head_gradients_finite, loss_gradient, mixed_precision
 from keras import ops
 
 from keras_dml.heads import SphereFace, angular_margin_psi, sphereface
@@ -121,18 +121,7 @@ def test_finite_gradients_at_cos_plus_minus_one_and_zero_embedding():
     head.kernel.assign(kernel)
     x = np.array([[2.0, 0.0, 0.0], [-3.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 1.0, 0.0]], "float32")
     labels = np.array([0, 0, 0, 0])  # cos θ_y = 1, -1, 0 (zero row) and 0
-
-    def of_x(v):
-        logits = head(v, labels)
-        return ops.mean(keras.losses.sparse_categorical_crossentropy(labels, logits, True))
-
-    def of_kernel(w):
-        logits, _ = head.stateless_call([w], [head.iterations], x, labels)
-        return ops.mean(keras.losses.sparse_categorical_crossentropy(labels, logits, True))
-
-    for fn, value in ((of_x, x), (of_kernel, kernel)):
-        total, grad = loss_gradient(fn, value)
-        assert np.isfinite(total) and np.all(np.isfinite(grad)) and np.any(grad != 0)
+    assert_head_gradients_finite(head, x, labels)
 
 
 def make_backbone():
