@@ -28,6 +28,16 @@ NEGATIVE_MINING = ("semi-hard", "hard", "easy", "all")
 POSITIVE_MINING = ("all", "hard", "easy")
 
 
+def check_modes(negative_mining: str, positive_mining: str = "all") -> None:
+    """Raises `ValueError` for a mining mode not in `NEGATIVE_MINING` / `POSITIVE_MINING`."""
+    for arg, value, allowed in (
+        ("negative_mining", negative_mining, NEGATIVE_MINING),
+        ("positive_mining", positive_mining, POSITIVE_MINING),
+    ):
+        if value not in allowed:
+            raise ValueError(f"`{arg}` must be one of {allowed}, got {value!r}.")
+
+
 def _filler(distances, at_least=None):
     """A constant above every distance (and above `at_least`), to sort masked entries last."""
     top = ops.max(distances)

@@ -194,16 +194,7 @@ class QuadrupletLoss(MetricLoss):
         reduction: str = "sum_over_batch_size",
         dtype: str | None = None,
     ):
-        if negative_mining not in mining.NEGATIVE_MINING:
-            raise ValueError(
-                f"`negative_mining` must be one of {mining.NEGATIVE_MINING}, "
-                f"got {negative_mining!r}."
-            )
-        if positive_mining not in mining.POSITIVE_MINING:
-            raise ValueError(
-                f"`positive_mining` must be one of {mining.POSITIVE_MINING}, "
-                f"got {positive_mining!r}."
-            )
+        mining.check_modes(negative_mining, positive_mining)
         for arg, value in (("margin", margin), ("pair_margin", pair_margin)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"`{arg}` must be a number >= 0, got {value!r}.")

@@ -144,10 +144,7 @@ def triplet_loss(
         without a positive or a negative are left out; a batch with no valid
         triplet gives 0.
     """
-    if negative_mining not in mining.NEGATIVE_MINING:
-        raise ValueError(
-            f"`negative_mining` must be one of {mining.NEGATIVE_MINING}, got {negative_mining!r}."
-        )
+    mining.check_modes(negative_mining, positive_mining)
     references = resolve_references(labels, embeddings, references)
     distances = references.pairwise(embeddings, distance)
     positives, negatives = references.masks(labels)
@@ -238,16 +235,7 @@ class TripletLoss(MetricLoss):
         reduction: str = "sum_over_batch_size",
         dtype: str | None = None,
     ):
-        if negative_mining not in mining.NEGATIVE_MINING:
-            raise ValueError(
-                f"`negative_mining` must be one of {mining.NEGATIVE_MINING}, "
-                f"got {negative_mining!r}."
-            )
-        if positive_mining not in mining.POSITIVE_MINING:
-            raise ValueError(
-                f"`positive_mining` must be one of {mining.POSITIVE_MINING}, "
-                f"got {positive_mining!r}."
-            )
+        mining.check_modes(negative_mining, positive_mining)
         distance = distances_lib.get(distance).name
         super().__init__(
             triplet_loss,
