@@ -9,9 +9,16 @@ loss differs. Metric losses use `model.compile(loss=...)`; heads are trained
 through `keras_dml.models.MarginModel` (centres with a `--centers-lr-multiplier`
 times larger learning rate; each head's own loss, e.g. Proxy-Anchor's, where
 it has one) and dropped for evaluation. The raw-pixel
-baseline retrieves the flattened 8x8 images directly.
+baseline retrieves the flattened 8x8 images directly; `untrained_network` is
+the backbone at its initialisation.
 
-Full run (3 seeds, all 15 methods; ~7 minutes on 2 CPU cores):
+Every trained network is scored twice: on the L2-normalised embedding the loss
+trains, and on its trunk features (the conv layers' flattened feature map,
+before the two Dense layers of the embedding). With five training classes the
+embedding specialises to them and retrieves the unseen digits worse than raw
+pixels, while the trunk features beat both baselines (BENCHMARKS.md).
+
+Full run (3 seeds, 14 methods and 2 baselines; ~4 minutes on 2 quiet CPU cores):
 
     python benchmarks/bench_quality_digits.py
 
@@ -49,6 +56,10 @@ from keras_dml.losses.quadruplet import QuadrupletLoss
 from keras_dml.models import MarginModel
 
 METRICS = ("precision_at_1", "r_precision", "map_at_r")
+# The conv backbone's flattened feature map (1024-d), before the two Dense
+# layers that project it to the embedding the loss sees.
+TRUNK_LAYER = "trunk"
+REPRESENTATIONS = ("embedding", "trunk")
 TRAIN_CLASSES = 5
 CENTER_LOSS_WEIGHT = 0.1
 
@@ -57,6 +68,7 @@ CENTER_LOSS_WEIGHT = 0.1
 # name so that this file runs with whatever losses exist.
 METHODS: dict[str, tuple[str, object, dict]] = {
     "raw_pixels": ("baseline", None, {}),
+    "untrained_network": ("untrained", None, {}),
     "triplet_semihard": ("loss", "TripletLoss", {"negative_mining": "semi-hard", "margin": 0.2}),
     "contrastive": ("loss", "ContrastiveLoss", {}),
     "multi_similarity": ("loss", "MultiSimilarityLoss", {}),
@@ -112,7 +124,7 @@ def build_backbone(embedding_dim: int, kind: str = "conv") -> keras.Model:
             keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
             keras.layers.Conv2D(64, 3, padding="same", activation="relu"),
             keras.layers.MaxPooling2D(),
-            keras.layers.Flatten(),
+            keras.layers.Flatten(name=TRUNK_LAYER),
             keras.layers.Dense(128, activation="relu"),
             keras.layers.Dense(embedding_dim),
             L2Normalize(),
@@ -141,12 +153,23 @@ def evaluate(embeddings: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     return {name: float(scores[name]) for name in METRICS}
 
 
-def train_and_embed(method: str, seed: int, data, args) -> np.ndarray:
-    """Trains `method` with the shared backbone and budget; returns test embeddings."""
+def representations(backbone: keras.Model, x: np.ndarray) -> dict[str, np.ndarray]:
+    """The embedding the loss trained and, for the conv backbone, the trunk features."""
+    out = {"embedding": backbone.predict(x, batch_size=512, verbose=0)}
+    if any(layer.name == TRUNK_LAYER for layer in backbone.layers):
+        trunk = keras.Model(backbone.inputs, backbone.get_layer(TRUNK_LAYER).output)
+        out["trunk"] = trunk.predict(x, batch_size=512, verbose=0)
+    return out
+
+
+def train_and_embed(method: str, seed: int, data, args) -> dict[str, np.ndarray]:
+    """Trains `method` with the shared backbone and budget; returns test representations."""
     (x_train, y_train), (x_test, _) = data
     kind, target, kwargs = METHODS[method]
     keras.utils.set_random_seed(seed)
     backbone = build_backbone(args.embedding_dim, args.backbone)
+    if kind == "untrained":
+        return representations(backbone, x_test)
     optimizer = keras.optimizers.Adam(args.learning_rate)
     if kind == "loss":
         loss_class = resolve(target) if isinstance(target, str) else target
@@ -169,58 +192,72 @@ def train_and_embed(method: str, seed: int, data, args) -> np.ndarray:
     )
     steps = int(np.ceil(len(y_train) / (TRAIN_CLASSES * args.samples_per_class)))
     model.fit(batches, epochs=args.epochs, steps_per_epoch=steps, shuffle=False, verbose=0)
-    return backbone.predict(x_test, batch_size=512, verbose=0)
+    return representations(backbone, x_test)
 
 
 def run(args) -> dict:
+    """results[method][representation][metric] = (mean, std) over seeds."""
     data = load_split()
     (_, _), (x_test, y_test) = data
     results: dict[str, dict] = {}
     for method in args.methods:
-        runs, seconds = [], []
+        runs: dict[str, list] = {}
+        seconds = []
         for seed in args.seeds:
             start = time.time()
             if METHODS[method][0] == "baseline":
-                embeddings = x_test.reshape(len(x_test), -1)
+                pixels = x_test.reshape(len(x_test), -1)
+                embedded = {name: pixels for name in REPRESENTATIONS}
             else:
                 try:
-                    embeddings = train_and_embed(method, seed, data, args)
+                    embedded = train_and_embed(method, seed, data, args)
                 except LookupError as error:
                     print(f"{method:<20} skipped: {error}", file=sys.stderr)
                     break
-            runs.append(evaluate(embeddings, y_test))
+            for name, embeddings in embedded.items():
+                runs.setdefault(name, []).append(evaluate(embeddings, y_test))
             seconds.append(time.time() - start)
-            print(f"{method:<20} seed {seed}: " + ", ".join(
-                f"{k}={v:.3f}" for k, v in runs[-1].items()) + f" ({seconds[-1]:.1f}s)",
+            print(f"{method:<20} seed {seed}: " + "; ".join(
+                f"{name} " + ", ".join(f"{k}={v:.3f}" for k, v in scores[-1].items())
+                for name, scores in runs.items()) + f" ({seconds[-1]:.1f}s)",
                 file=sys.stderr, flush=True)
             if METHODS[method][0] == "baseline":
                 break  # deterministic: one run is every seed
         if runs:
             results[method] = {
-                name: (float(np.mean(values)), float(np.std(values)))
-                for name in METRICS
-                for values in [[r[name] for r in runs]]
+                name: {
+                    metric: (float(np.mean(values)), float(np.std(values)))
+                    for metric in METRICS
+                    for values in [[r[metric] for r in scores]]
+                }
+                for name, scores in runs.items()
             }
             results[method]["seconds_per_run"] = float(np.mean(seconds))
-            results[method]["runs"] = len(runs)
+            results[method]["runs"] = len(seconds)
     return results
 
 
-def markdown_table(results: dict) -> str:
-    baseline = results.get("raw_pixels", {}).get("map_at_r", (None,))[0]
-    lines = [
-        "| method | P@1 | R-Precision | MAP@R | beats raw pixels (MAP@R) | s/run |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
+def markdown_table(results: dict, representation: str = "embedding") -> str:
+    """One row per method, scored on `representation`; "beats" compares MAP@R."""
+    references = {
+        name: results[name][representation]["map_at_r"][0]
+        for name in ("raw_pixels", "untrained_network")
+        if representation in results.get(name, {})
+    }
+    header = "| method | P@1 | R-Precision | MAP@R |"
+    header += "".join(f" beats {name.replace('_', ' ')} |" for name in references)
+    lines = [header + " s/run |", "|" + " --- |" * (5 + len(references))]
     for method, row in results.items():
-        cells = [f"{row[m][0]:.3f} ± {row[m][1]:.3f}" for m in METRICS]
-        if method == "raw_pixels" or baseline is None:
-            beats = "—"
-        else:
-            beats = "yes" if row["map_at_r"][0] > baseline else "**no**"
-        lines.append(
-            f"| {method} | {' | '.join(cells)} | {beats} | {row['seconds_per_run']:.1f} |"
-        )
+        if representation not in row:
+            continue
+        cells = [f"{row[representation][m][0]:.3f} ± {row[representation][m][1]:.3f}"
+                 for m in METRICS]
+        for reference in references.values():
+            if METHODS[method][0] in ("baseline", "untrained"):
+                cells.append("—")
+            else:
+                cells.append("yes" if row[representation]["map_at_r"][0] > reference else "**no**")
+        lines.append(f"| {method} | {' | '.join(cells)} | {row['seconds_per_run']:.1f} |")
     return "\n".join(lines)
 
 
@@ -257,7 +294,13 @@ def main(argv=None) -> dict:
         f"P x M = {TRAIN_CLASSES} x {args.samples_per_class}, "
         f"backend {keras.backend.backend()}, total {time.time() - start:.0f}s\n"
     )
-    print(markdown_table(results))
+    for representation, title in (
+        ("embedding", f"Embedding ({args.embedding_dim}-d output the loss trains)"),
+        ("trunk", "Trunk features (the conv backbone's 1024-d flattened feature map)"),
+    ):
+        if any(representation in row for row in results.values()):
+            print(f"\n{title}\n")
+            print(markdown_table(results, representation))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=2)
