@@ -5,9 +5,9 @@ image of digits 0-4 trains; every image of digits 5-9, never seen in training,
 is scored leave-one-out (each image a query among all the others) with
 `keras_dml.evaluation.retrieval_metrics`: P@1, R-Precision and MAP@R.
 
-All variants share the backbone (the conv net of `examples/digits_triplet.py`
-up to its 128-unit layer, the features φ), the base embedding f
-(`Dense(embedding_dim)` + L2 normalisation, used at test time), the loss
+All variants share the backbone (the conv layers of the digits example up to
+their flattened 1024-d feature map: the features φ), the base embedding f
+(`Dense(embedding_dim)` + L2 normalisation on φ, used at test time), the loss
 (multi-similarity, the default of the S2SD code), optimiser, epochs, batch
 size and seeds:
 
@@ -20,17 +20,21 @@ size and seeds:
   alone, no target heads, at weight `--gamma`: a control for MSDF.
 
 Then a sweep of γ (`distillation_weight`) for MSD, where γ=0 is the control
-"target heads trained, nothing distilled". Also reported: the untrained
-network and raw pixels (the zero-shot reference points), MAP@R on 5-9 during
-training (to see whether distillation slows the collapse onto the 5 training
-classes), training step time relative to the baseline, and the parameter
-count at inference (backbone + f, the same for every variant).
+"target heads trained, nothing distilled", and the investigation the issue
+asks for when S2SD does not help: MSD at several temperatures T, baseline
+and MSD at several learning rates, and two head designs (the paper's target
+widths 512-2048, and φ = a `Dense(128, relu)` on the trunk, i.e. features
+narrower than the target heads, this benchmark's first design, under which
+S2SD lost). Also reported: the untrained network and raw pixels (the
+zero-shot reference points), MAP@R on 5-9 during training, training step
+time relative to the baseline, and the parameter count at inference
+(backbone + f, the same for every variant).
 
 Target widths default to 128-512 for a 32-d base embedding: the paper's ratio
-(512-2048 for 128-d) scaled to a network whose features φ have 128 units;
-`--target-dims 512 1024 1536 2048` runs the paper's widths.
+(512-2048 for 128-d, i.e. 4-16x) scaled to f; `--target-dims 512 1024 1536
+2048` runs the paper's widths.
 
-    python benchmarks/bench_s2sd.py                          # full run, ~10 min on 2 cores
+    python benchmarks/bench_s2sd.py                          # full run, ~14 min on 2 cores
     python benchmarks/bench_s2sd.py --epochs 3 --seeds 1 --gammas 0 50   # smoke run
 """
 
@@ -66,24 +70,34 @@ def load_digits_zero_shot():
     return (x[seen], y[seen]), (x[~seen], y[~seen])
 
 
-def build_backbone() -> keras.Model:
-    """The digits example's conv net up to its 128-unit layer: the features φ."""
-    return keras.Sequential(
-        [
-            keras.Input((8, 8, 1)),
-            keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
-            keras.layers.Conv2D(64, 3, padding="same", activation="relu"),
-            keras.layers.MaxPooling2D(),
-            keras.layers.Flatten(),
-            keras.layers.Dense(128, activation="relu"),
-        ],
-        name="backbone",
-    )
+def build_backbone(kind: str = "trunk") -> keras.Model:
+    """The digits conv net up to its features φ.
+
+    `trunk` (default): conv 32 -> conv 64 -> max-pool -> flatten, φ = 1024-d,
+    as in the paper, where f and every g_i sit on the pooled features of the
+    backbone (2048-d for ResNet-50) and φ is wider than every head.
+    `dense128`: the same plus a `Dense(128, relu)`, the demo network's
+    penultimate layer: a φ that is already a learnt 128-d projection,
+    narrower than the target heads (an earlier design of this benchmark,
+    kept as a head-design control).
+    """
+    layers = [
+        keras.Input((8, 8, 1)),
+        keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
+        keras.layers.Conv2D(64, 3, padding="same", activation="relu"),
+        keras.layers.MaxPooling2D(),
+        keras.layers.Flatten(),
+    ]
+    if kind == "dense128":
+        layers.append(keras.layers.Dense(128, activation="relu"))
+    elif kind != "trunk":
+        raise ValueError(f"unknown backbone {kind!r}")
+    return keras.Sequential(layers, name="backbone")
 
 
 def build_model(variant: str, args, gamma: float, seed: int) -> keras.Model:
     keras.utils.set_random_seed(seed)
-    backbone = build_backbone()
+    backbone = build_backbone(args.backbone)
     if variant == "baseline":
         return keras.Sequential(
             [
@@ -175,7 +189,7 @@ def mean_std(values):
 
 def print_table(title, groups, baseline_step):
     print(f"\n{title}")
-    header = f"{'variant':<14}" + "".join(f"{SHORT[m]:>16}" for m in METRICS)
+    header = f"{'variant':<34}" + "".join(f"{SHORT[m]:>16}" for m in METRICS)
     print(header + f"{'step time':>12}{'train params':>14}{'test params':>13}")
     for name, runs in groups.items():
         cells = "".join(
@@ -184,9 +198,14 @@ def print_table(title, groups, baseline_step):
         )
         step = statistics.mean(r["step_seconds"] for r in runs) / baseline_step
         print(
-            f"{name:<14}{cells}{step:>11.2f}x{runs[0]['training_params']:>14,}"
+            f"{name:<34}{cells}{step:>11.2f}x{runs[0]['training_params']:>14,}"
             f"{runs[0]['inference_params']:>13,}"
         )
+
+
+def with_overrides(args, **changes) -> argparse.Namespace:
+    """A copy of `args` with some settings changed (one configuration of a sweep)."""
+    return argparse.Namespace(**{**vars(args), **changes})
 
 
 def main(argv=None) -> dict:
@@ -196,11 +215,20 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--embedding-dim", type=int, default=32)
+    parser.add_argument("--backbone", choices=["trunk", "dense128"], default="trunk",
+                        help="features φ: the conv trunk (1024-d) or a Dense(128, relu) on it")
     parser.add_argument("--target-dims", type=int, nargs="+", default=[128, 256, 384, 512])
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--gamma", type=float, default=50.0, help="γ of DSD/MSD/MSDF")
     parser.add_argument("--gammas", type=float, nargs="*", default=[0.0, 5.0, 20.0, 50.0, 200.0],
                         help="γ values of the MSD sweep (none: no sweep)")
+    parser.add_argument("--temperatures", type=float, nargs="*", default=[0.25, 1.0, 4.0],
+                        help="T values of the MSD temperature sweep at --gamma (none: no sweep)")
+    parser.add_argument("--learning-rates", type=float, nargs="*", default=[3e-4, 1e-3, 3e-3],
+                        help="learning rates for baseline and MSD (none: no sweep)")
+    parser.add_argument("--head-designs", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run MSD with the paper's target widths (512-2048) and "
+                             "baseline/MSD/MSDF with the other backbone's φ")
     parser.add_argument("--feature-delay", type=int, default=None,
                         help="MSDF delay in steps (default: an eighth of all steps)")
     parser.add_argument("--loss", choices=["multi_similarity", "triplet"],
@@ -229,10 +257,10 @@ def main(argv=None) -> dict:
     print(
         f"digits: train {len(x_train)} images of 0-4, test {len(x_test)} images of 5-9 "
         f"(leave-one-out); {args.epochs} epochs x {steps} steps, batch {args.batch_size}, "
-        f"Adam {args.learning_rate}, loss {args.loss}, f {args.embedding_dim}-d, targets "
-        f"{args.target_dims}, T={args.temperature}, MSDF delay {args.feature_delay} steps; "
-        f"keras {keras.__version__} ({keras.backend.backend()}), {platform.processor() or ''} "
-        f"{os.cpu_count()} CPUs"
+        f"Adam {args.learning_rate}, loss {args.loss}, φ {args.backbone}, "
+        f"f {args.embedding_dim}-d, targets {args.target_dims}, T={args.temperature}, "
+        f"MSDF delay {args.feature_delay} steps; keras {keras.__version__} "
+        f"({keras.backend.backend()}), {platform.processor() or ''} {os.cpu_count()} CPUs"
     )
 
     seeds = list(range(args.seeds))
@@ -245,28 +273,51 @@ def main(argv=None) -> dict:
         reference["untrained"].append(score(untrained, x_test, y_test))
 
     runs = []
+    done: dict[tuple, list] = {}
+
+    def configuration(name, variant, gamma, **changes) -> list:
+        """Runs (or reuses) one configuration over all seeds; returns its results."""
+        config = with_overrides(args, **changes)
+        key = (variant, gamma, config.temperature, config.learning_rate, config.backbone,
+               tuple(config.target_dims))
+        if key not in done:
+            done[key] = []
+            for seed in seeds:
+                result = run(variant, gamma, seed, config, data)
+                result.update(name=name, temperature=config.temperature,
+                              learning_rate=config.learning_rate, backbone=config.backbone,
+                              target_dims=list(config.target_dims))
+                runs.append(result)
+                done[key].append(result)
+                print(f"  {name:<26} seed {seed}: MAP@R {result['map_at_r']:.3f}  "
+                      f"P@1 {result['precision_at_1']:.3f}  ({time.time() - start:.0f} s)",
+                      flush=True)
+        return done[key]
+
     groups: dict[str, list] = {}
     for variant in args.variants:
         gamma = 0.0 if variant == "baseline" else args.gamma
         name = variant if variant == "baseline" else f"{variant} γ={gamma:g}"
-        for seed in seeds:
-            result = run(variant, gamma, seed, args, data)
-            runs.append(result)
-            groups.setdefault(name, []).append(result)
-            print(f"  {name:<14} seed {seed}: MAP@R {result['map_at_r']:.3f}  "
-                  f"P@1 {result['precision_at_1']:.3f}  ({time.time() - start:.0f} s)", flush=True)
-    sweep: dict[str, list] = {}
-    for gamma in args.gammas:
-        name = f"MSD γ={gamma:g}"
-        if gamma == args.gamma and name in groups:
-            sweep[name] = groups[name]
-            continue
-        for seed in seeds:
-            result = run("MSD", gamma, seed, args, data)
-            runs.append(result)
-            sweep.setdefault(name, []).append(result)
-            print(f"  {name:<14} seed {seed}: MAP@R {result['map_at_r']:.3f}  "
-                  f"({time.time() - start:.0f} s)", flush=True)
+        groups[name] = configuration(name, variant, gamma)
+    sweep = {f"MSD γ={g:g}": configuration(f"MSD γ={g:g}", "MSD", g) for g in args.gammas}
+
+    investigation: dict[str, list] = {}
+    for temperature in args.temperatures:
+        name = f"MSD γ={args.gamma:g} T={temperature:g}"
+        investigation[name] = configuration(name, "MSD", args.gamma, temperature=temperature)
+    for lr in args.learning_rates:
+        for variant, gamma in (("baseline", 0.0), ("MSD", args.gamma)):
+            name = f"{variant}{f' γ={gamma:g}' if gamma else ''} lr={lr:g}"
+            investigation[name] = configuration(name, variant, gamma, learning_rate=lr)
+    if args.head_designs:
+        paper_widths = [512, 1024, 1536, 2048]
+        name = f"MSD γ={args.gamma:g} targets 512-2048"
+        investigation[name] = configuration(name, "MSD", args.gamma, target_dims=paper_widths)
+        other = "dense128" if args.backbone == "trunk" else "trunk"
+        for variant in ("baseline", "MSD", "MSDF"):
+            gamma = 0.0 if variant == "baseline" else args.gamma
+            name = f"{variant}{f' γ={gamma:g}' if gamma else ''} φ={other}"
+            investigation[name] = configuration(name, variant, gamma, backbone=other)
 
     baseline_step = statistics.mean(r["step_seconds"] for r in groups["baseline"])
     print("\nreference points on digits 5-9 (no training on 0-4):")
@@ -283,17 +334,20 @@ def main(argv=None) -> dict:
     if sweep:
         print_table("γ sweep (MSD; γ=0: target heads trained, nothing distilled)", sweep,
                     baseline_step)
+    if investigation:
+        print_table("investigation: temperature, learning rate, head design", investigation,
+                    baseline_step)
     curve_groups = {**groups, **{k: v for k, v in sweep.items() if k not in groups}}
     epochs_scored = sorted(groups["baseline"][0]["curve"])
     if epochs_scored:
         print("\nMAP@R on 5-9 during training (mean over seeds)")
-        print(f"{'variant':<14}{'epoch 0':>9}" + "".join(f"{e:>9}" for e in epochs_scored))
+        print(f"{'variant':<26}{'epoch 0':>9}" + "".join(f"{e:>9}" for e in epochs_scored))
         untrained_map = mean_std([r["map_at_r"] for r in reference["untrained"]])[0]
         for name, results in curve_groups.items():
             cells = "".join(
                 f"{np.mean([r['curve'][e] for r in results]):>9.3f}" for e in epochs_scored
             )
-            print(f"{name:<14}{untrained_map:>9.3f}{cells}")
+            print(f"{name:<26}{untrained_map:>9.3f}{cells}")
     print(f"\ndone in {time.time() - start:.0f} s")
     summary = {"args": vars(args), "reference": reference, "runs": runs}
     if args.output:

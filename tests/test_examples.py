@@ -44,7 +44,7 @@ def test_s2sd_digits():
     results = load_example("s2sd_digits").main(["--epochs", "1", "--steps", "2"])
     # The target heads are dropped: the embedding model is the same size either way.
     assert (results["baseline"]["parameters at test time"]
-            == results["S2SD"]["parameters at test time"])
+            == results["MSDF"]["parameters at test time"])
 
 
 def test_loco_digits():
