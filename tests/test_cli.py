@@ -56,6 +56,7 @@ def test_train_writes_every_artefact(run_dir):
         assert set(metrics[split]) == METRICS
         assert set(metrics["baselines"]["raw_pixels"][split]) == METRICS
         assert set(metrics["baselines"]["untrained"][split]) == METRICS
+        assert set(metrics["features"][split]) == METRICS  # the trained backbone's φ
     assert metrics["sizes"]["unseen"] == 896
     history = json.load(open(os.path.join(run_dir, "history.json")))
     assert "val_map_at_r" in history  # RetrievalMetricsCallback on held-out seen images
@@ -145,9 +146,27 @@ def test_transfer_note_is_honest():
     metrics = {"unseen": {"map_at_r": 0.4},
                "baselines": {"raw_pixels": {"unseen": {"map_at_r": 0.6}},
                              "untrained": {"unseen": {"map_at_r": 0.5}}}}
-    assert "worse than raw pixels (MAP@R 0.400 vs 0.600)" in transfer_note(metrics)
+    note = transfer_note(metrics)
+    assert "worse than raw pixels (MAP@R 0.400 vs 0.600)" in note
+    assert "does not transfer" in note
+    # Backbone features that beat the baseline are pointed to; ones that do not, are not.
+    metrics["features"] = {"unseen": {"map_at_r": 0.65}}
+    note = transfer_note(metrics)
+    assert "features before the embedding layer do transfer (MAP@R 0.650)" in note
+    metrics["features"]["unseen"]["map_at_r"] = 0.55
+    assert "does not transfer" in transfer_note(metrics)
     metrics["unseen"]["map_at_r"] = 0.7
     assert transfer_note(metrics) is None
+
+
+def test_metrics_table_shows_the_features_column():
+    from keras_dml.cli.commands import format_metrics_table
+
+    scores = dict.fromkeys(METRICS, 0.5)
+    table = format_metrics_table({"seen": scores, "unseen": scores,
+                                  "features": {"seen": scores, "unseen": scores}})
+    header = table.splitlines()[1]
+    assert header.count("trained") == 2 and header.count("features") == 2
 
 
 def test_names_are_forgiving():

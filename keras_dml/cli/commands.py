@@ -158,15 +158,20 @@ def _resolve_backbone(config: dict, dataset: str) -> None:
 
 
 def _small_conv(input_shape) -> keras.Model:
-    """The demo's conv net up to its 128-d features (one more pooling for inputs >= 16 px)."""
+    """The demo's conv net up to its flattened feature map (one more pooling for inputs >= 16 px).
+
+    The features (1024-d for 8x8 digits) are wider than the embedding and
+    S2SD's target heads, as a ResNet's pooled features are: a narrow learnt
+    projection here would make S2SD hurt and transfer to unseen classes worse
+    (BENCHMARKS.md).
+    """
     layers = [keras.Input(input_shape),
               keras.layers.Conv2D(32, 3, padding="same", activation="relu")]
     if input_shape[0] >= 16:
         layers.append(keras.layers.MaxPooling2D())
     layers += [keras.layers.Conv2D(64, 3, padding="same", activation="relu"),
                keras.layers.MaxPooling2D(),
-               keras.layers.Flatten(),
-               keras.layers.Dense(128, activation="relu")]
+               keras.layers.Flatten()]
     return keras.Sequential(layers, name="small_conv")
 
 
@@ -190,7 +195,7 @@ def build_features(config: dict, input_shape) -> keras.Model:
 
 
 def build_training_model(config: dict, input_shape, num_classes: int):
-    """Returns `(model to fit, its embedding model)`, compiled as the loss asks."""
+    """Returns `(model to fit, its embedding model, the backbone φ)`, compiled as the loss asks."""
     from keras_dml.layers import MetricEmbedding
 
     spec = registry.LOSSES[config["loss"]]
@@ -214,19 +219,19 @@ def build_training_model(config: dict, input_shape, num_classes: int):
                      distillation_weight=config.get("distillation_weight", 50.0), base_head=head)
         model.compile(optimizer=optimizer, loss=loss)
         model.build((None, *input_shape))
-        return model, model.embedding_model()
+        return model, model.embedding_model(), features
     inputs = keras.Input(input_shape)
     embedder = keras.Model(inputs, MetricEmbedding(dim, name="embedding")(features(inputs)),
                            name="embedder")
     if head is None:
         embedder.compile(optimizer=optimizer, loss=loss)
-        return embedder, embedder
+        return embedder, embedder, features
     from keras_dml.models import MarginModel
 
     model = MarginModel(embedder, head)
     model.compile(optimizer=optimizer,
                   centers_optimizer=config["learning_rate"] * config["centers_lr_multiplier"])
-    return model, embedder
+    return model, embedder, features
 
 
 # -- embedding with any artefact ------------------------------------------------------
@@ -325,9 +330,13 @@ def format_metrics_table(metrics: dict) -> str:
     columns = []
     for split in ("seen", "unseen"):
         for source, label in (("raw_pixels", "raw px"), ("untrained", "untrained"),
-                              ("trained", "trained")):
-            values = (metrics.get(split) if source == "trained"
-                      else metrics.get("baselines", {}).get(source, {}).get(split))
+                              ("trained", "trained"), ("features", "features")):
+            if source == "trained":
+                values = metrics.get(split)
+            elif source == "features":
+                values = (metrics.get("features") or {}).get(split)
+            else:
+                values = metrics.get("baselines", {}).get(source, {}).get(split)
             if values:
                 columns.append((split, label, values))
     if not columns:
@@ -359,17 +368,29 @@ def format_metrics_table(metrics: dict) -> str:
 
 
 def transfer_note(metrics: dict) -> str | None:
-    """One sentence when the trained embedding retrieves unseen classes worse than a baseline."""
+    """A note when the trained embedding retrieves unseen classes worse than a baseline.
+
+    If the trained backbone's features (column "features") beat that baseline,
+    the note says so: index them rather than the embedding for such classes.
+    """
     trained = (metrics.get("unseen") or {}).get("map_at_r")
     if trained is None or not np.isfinite(trained):
         return None
+    features = ((metrics.get("features") or {}).get("unseen") or {}).get("map_at_r")
     for name, label in (("raw_pixels", "raw pixels"), ("untrained", "the untrained network")):
         baseline = (metrics.get("baselines", {}).get(name) or {}).get("unseen") or {}
         value = baseline.get("map_at_r")
         if value is not None and np.isfinite(value) and trained < value:
-            return (f"note: on the unseen classes the trained embedding retrieves worse than "
-                    f"{label} (MAP@R {trained:.3f} vs {value:.3f}); what it learnt from the "
-                    "training classes does not transfer to them.")
+            note = (f"note: on the unseen classes the trained embedding retrieves worse than "
+                    f"{label} (MAP@R {trained:.3f} vs {value:.3f}); it is specialised to the "
+                    "training classes.")
+            if features is not None and np.isfinite(features) and features > value:
+                note += (f" The trained backbone's features before the embedding layer do "
+                         f"transfer (MAP@R {features:.3f}): index those for classes unlike the "
+                         "training ones (README: \"Which layer to index\").")
+            else:
+                note += " What it learnt from the training classes does not transfer to them."
+            return note
     return None
 
 
@@ -480,7 +501,8 @@ def train(args) -> int:
     steps = args.steps_per_epoch or max(1, math.ceil(data.train_size / (classes * samples)))
     config.update(classes_per_batch=classes, samples_per_class=samples, steps_per_epoch=steps)
 
-    model, embedder = build_training_model(config, data.input_shape, data.num_train_classes)
+    model, embedder, features = build_training_model(config, data.input_shape,
+                                                     data.num_train_classes)
     embed = lambda batch: np.asarray(embedder.predict_on_batch(batch))  # noqa: E731
     baselines = {
         "raw_pixels": {"seen": _score(_raw_pixels(data.seen_x), data.seen_y),
@@ -508,6 +530,7 @@ def train(args) -> int:
     embedder.save(os.path.join(out, "embedding.keras"))
     seen = embed_all(embed, data.seen_x) if len(data.seen_y) else None
     unseen = embed_all(embed, data.unseen_x)
+    featurize = lambda batch: np.asarray(features.predict_on_batch(batch))  # noqa: E731
     metrics = {
         "dataset": args.dataset,
         "loss": config["loss"],
@@ -518,6 +541,13 @@ def train(args) -> int:
         "seen": _score(seen, data.seen_y),
         "unseen": _score(unseen, data.unseen_y),
         "baselines": baselines,
+        # The trained backbone's features φ, before the embedding layer: they
+        # can transfer to unseen classes better than the embedding does.
+        "features": {
+            "seen": (_score(embed_all(featurize, data.seen_x), data.seen_y)
+                     if len(data.seen_y) else None),
+            "unseen": _score(embed_all(featurize, data.unseen_x), data.unseen_y),
+        },
         "artefact": "keras",
     }
     _write_json(os.path.join(out, "metrics.json"), metrics)
@@ -568,6 +598,7 @@ def evaluate(args) -> int:
         "seen": _score(seen, data.seen_y),
         "unseen": _score(unseen, data.unseen_y),
         "baselines": previous.get("baselines", {}),
+        **({"features": previous["features"]} if "features" in previous else {}),
         "artefact": args.using,
     }
     name = "metrics.json" if args.using == "keras" else f"metrics_{args.using}.json"
