@@ -286,6 +286,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        # Every run builds new models (and a trunk model to score), so Keras's
+        # predict functions are traced again on purpose: the warnings are noise.
+        tf.get_logger().setLevel("ERROR")
     start = time.time()
     results = run(args)
     print(
