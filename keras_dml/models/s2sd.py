@@ -172,9 +172,13 @@ class S2SD(keras.Model):
 
     Args:
         backbone: a Keras model or layer mapping inputs to `(batch, F)`
-            features φ (pooled, not yet an embedding).
+            features φ (pooled, not yet an embedding), ideally wider than
+            every target head, as a ResNet's 2048-d pooled features are: on
+            a narrow learnt projection (F below the target widths) the
+            distillation hurt in our digits benchmark (BENCHMARKS.md).
         embedding_dim: width of the base embedding f used at test time.
-        target_dims: widths of the target heads g_i; `()` for none.
+        target_dims: widths of the target heads g_i; `()` for none. The
+            paper's are 4-16x its 128-d f; keep that ratio for other widths.
         temperature: softmax temperature T of the distillation.
         distillation_weight: γ, the weight of the mean distillation from the
             target heads.
