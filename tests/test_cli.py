@@ -119,6 +119,7 @@ def test_export_int8_then_evaluate_it(run_dir, capsys):
         (["train", "--dataset", "imagenet", "--out", "x"], "unknown dataset 'imagenet'"),
         (["train", "--loss", "hinge", "--out", "x"], "unknown loss 'hinge'"),
         (["train", "--epochs", "0", "--out", "x"], "--epochs"),
+        (["train", "--s2sd-features", "--out", "x"], "--s2sd-features needs --s2sd"),
         (["evaluate", "/nonexistent/run"], "does not exist"),
         (["search", "/nonexistent/run", "--query-index", "0"], "does not exist"),
         (["export", "/nonexistent/run", "--tflite", "int8"], "does not exist"),
@@ -194,6 +195,21 @@ def test_tfds_dataset_with_a_margin_head_and_s2sd(tmp_path, capsys):
     assert config["s2sd_target_dims"] == [128, 256, 512]
     assert os.path.exists(os.path.join(out, "embedding.tflite"))
     assert np.load(os.path.join(out, "test_labels.npy")).min() >= 100
+
+
+def test_s2sd_with_feature_distillation_on_digits(tmp_path, capsys):
+    pytest.importorskip("keras_dml.models.s2sd")
+    out = str(tmp_path / "msdf")
+    code, stdout, _ = run(["train", "--loss", "multisimilarity", "--s2sd", "--s2sd-features",
+                           "--epochs", "2", "--steps-per-epoch", "8", "--max-images", "240",
+                           "--verbose", "0", "--out", out], capsys)
+    assert code == 0, stdout
+    assert "S2SD (MSDF)" in stdout
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["s2sd_feature_delay"] == 2  # an eighth of 2 x 8 steps
+    history = json.load(open(os.path.join(out, "history.json")))
+    assert "feature_distillation" in history and "distillation" in history
+    assert np.isfinite(history["loss"]).all()
 
 
 def _console(tmp_path):

@@ -215,8 +215,15 @@ def build_training_model(config: dict, input_shape, num_classes: int):
         if dims is None:
             dims = [min(2048, dim * factor) for factor in (4, 8, 16)]
             config["s2sd_target_dims"] = dims
+        feature_distillation = bool(config.get("s2sd_features"))
+        delay = 0
+        if feature_distillation:
+            # The S2SD code's 1000 of ~8000 steps: an eighth of this run's steps.
+            delay = config.get("epochs", 1) * config.get("steps_per_epoch", 1) // 8
+            config["s2sd_feature_delay"] = delay
         model = S2SD(features, embedding_dim=dim, target_dims=tuple(dims),
-                     distillation_weight=config.get("distillation_weight", 50.0), base_head=head)
+                     distillation_weight=config.get("distillation_weight", 50.0), base_head=head,
+                     feature_distillation=feature_distillation, feature_distillation_delay=delay)
         model.compile(optimizer=optimizer, loss=loss)
         model.build((None, *input_shape))
         return model, model.embedding_model(), features
@@ -516,7 +523,8 @@ def train(args) -> int:
     if len(data.seen_y) > 1:
         callbacks.append(RetrievalMetricsCallback(data.seen_validation_data(), k=K_VALUES,
                                                   embedding_model=embedder))
-    print(f"keras-dml: training {config['loss']}{' + S2SD' if args.s2sd else ''} on "
+    variant = (" + S2SD (MSDF)" if args.s2sd_features else " + S2SD") if args.s2sd else ""
+    print(f"keras-dml: training {config['loss']}{variant} on "
           f"{args.dataset} ({data.train_size} images of {data.num_train_classes} classes; "
           f"{classes} classes x {samples} images per batch, {steps} steps per epoch)", flush=True)
     history = model.fit(data.make_train_batches(classes, samples, args.seed), epochs=args.epochs,

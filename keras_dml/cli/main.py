@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="S2SD target head widths (default 4x, 8x, 16x the embedding dim)")
     train.add_argument("--distillation-weight", type=float, default=50.0,
                        help="S2SD distillation weight gamma (default 50)")
+    train.add_argument("--s2sd-features", action="store_true",
+                       help="with --s2sd: also distil from the backbone features (MSDF), "
+                       "switched on after an eighth of the training steps")
     train.add_argument("--epochs", type=_positive_int, default=15)
     train.add_argument("--steps-per-epoch", type=_positive_int, default=None,
                        help="default: one pass over the training images")
@@ -204,6 +207,8 @@ def _validate(args: argparse.Namespace) -> None:
         if args.handler == "train":
             args.dataset = registry.canonical_dataset(args.dataset)
             args.loss = registry.canonical_loss(args.loss)
+            if args.s2sd_features and not args.s2sd:
+                raise ValueError("--s2sd-features needs --s2sd")
             if os.path.exists(args.out) and not os.path.isdir(args.out):
                 raise ValueError(f"--out {args.out!r} exists and is not a directory")
         else:
