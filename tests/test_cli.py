@@ -170,6 +170,28 @@ def test_metrics_table_shows_the_features_column():
     assert header.count("trained") == 2 and header.count("features") == 2
 
 
+@pytest.mark.parametrize("loss, s2sd", [("triplet", False), ("cosface", False),
+                                        ("multisimilarity", True)])
+def test_one_backbone_pass_gives_the_embedding_and_the_features(loss, s2sd):
+    from keras_dml.cli.commands import build_training_model, embedding_and_features_model
+
+    config = {"loss": loss, "backbone": "small_conv", "embedding_dim": 8, "learning_rate": 1e-3,
+              "centers_lr_multiplier": 10.0, "s2sd": s2sd, "s2sd_target_dims": [16, 32]}
+    _, embedder, features = build_training_model(config, (8, 8, 1), num_classes=5)
+    both = embedding_and_features_model(embedder, features)
+    x = np.random.default_rng(0).normal(size=(6, 8, 8, 1)).astype("float32")
+    embeddings, phi = (np.asarray(o) for o in both.predict_on_batch(x))
+    np.testing.assert_allclose(embeddings, np.asarray(embedder.predict_on_batch(x)),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(phi, np.asarray(features.predict_on_batch(x)), rtol=1e-5,
+                               atol=1e-6)
+    assert embeddings.shape == (6, 8) and phi.shape == (6, 1024)
+    # Only the backbone's own weights, shared with the embedder: no copy.
+    assert {id(w) for w in both.weights} == {id(w) for w in embedder.weights}
+    with pytest.raises(ValueError, match="does not start with the backbone"):
+        embedding_and_features_model(embedder, build_training_model(config, (8, 8, 1), 5)[2])
+
+
 def test_names_are_forgiving():
     assert registry.canonical_loss("Multi_Similarity") == "multisimilarity"
     assert registry.canonical_loss("ProxyAnchor") == "proxy-anchor"

@@ -294,12 +294,37 @@ def embed_fn(run_dir: str, using: str = "keras"):
     return _tflite_embed_fn(path)
 
 
-def embed_all(embed, x) -> np.ndarray:
-    """Embeddings of every input of `x` (array or dataset of batches)."""
+def embed_all(embed, x):
+    """Embeddings of every input of `x` (array or dataset of batches).
+
+    `embed` maps a batch to an array, or to a tuple of arrays (then so is the result).
+    """
     chunks = [embed(batch) for batch in _batches(x)]
     if not chunks:
         return np.zeros((0, 0), "float32")
+    if isinstance(chunks[0], tuple):
+        return tuple(np.concatenate(parts).astype("float32") for parts in zip(*chunks, strict=True))
     return np.concatenate(chunks).astype("float32")
+
+
+def embedding_and_features_model(embedder: keras.Model, features: keras.Model) -> keras.Model:
+    """One model returning `(embedding, φ)` from a single pass through the backbone φ.
+
+    `embedder` is what `build_training_model` returns: a functional model that
+    applies `features` to its input, then a chain of one-input layers (the
+    embedding layer; S2SD's head and normalisation). Scoring the embedding and
+    the features with this model runs the backbone once per batch, not twice.
+    """
+    layers = [layer for layer in embedder.layers
+              if not isinstance(layer, keras.layers.InputLayer)]
+    if not layers or layers[0] is not features:
+        raise ValueError(f"{embedder.name} does not start with the backbone {features.name}")
+    inputs = keras.Input(shape=embedder.input_shape[1:], dtype=embedder.inputs[0].dtype)
+    phi = features(inputs)
+    embeddings = phi
+    for layer in layers[1:]:
+        embeddings = layer(embeddings)
+    return keras.Model(inputs, [embeddings, phi], name=f"{embedder.name}_and_features")
 
 
 def _raw_pixels(x) -> np.ndarray | None:
@@ -536,9 +561,12 @@ def train(args) -> int:
     out = args.out
     model.save(os.path.join(out, "model.keras"))
     embedder.save(os.path.join(out, "embedding.keras"))
-    seen = embed_all(embed, data.seen_x) if len(data.seen_y) else None
-    unseen = embed_all(embed, data.unseen_x)
-    featurize = lambda batch: np.asarray(features.predict_on_batch(batch))  # noqa: E731
+    # The embedding and the backbone's features φ from one backbone pass.
+    both = embedding_and_features_model(embedder, features)
+    embed_both = lambda batch: tuple(np.asarray(o) for o in both.predict_on_batch(batch))  # noqa: E731
+    seen, seen_features = (embed_all(embed_both, data.seen_x) if len(data.seen_y)
+                           else (None, None))
+    unseen, unseen_features = embed_all(embed_both, data.unseen_x)
     metrics = {
         "dataset": args.dataset,
         "loss": config["loss"],
@@ -552,9 +580,8 @@ def train(args) -> int:
         # The trained backbone's features φ, before the embedding layer: they
         # can transfer to unseen classes better than the embedding does.
         "features": {
-            "seen": (_score(embed_all(featurize, data.seen_x), data.seen_y)
-                     if len(data.seen_y) else None),
-            "unseen": _score(embed_all(featurize, data.unseen_x), data.unseen_y),
+            "seen": _score(seen_features, data.seen_y) if len(data.seen_y) else None,
+            "unseen": _score(unseen_features, data.unseen_y),
         },
         "artefact": "keras",
     }
