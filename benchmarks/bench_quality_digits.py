@@ -154,12 +154,16 @@ def evaluate(embeddings: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 
 
 def representations(backbone: keras.Model, x: np.ndarray) -> dict[str, np.ndarray]:
-    """The embedding the loss trained and, for the conv backbone, the trunk features."""
-    out = {"embedding": backbone.predict(x, batch_size=512, verbose=0)}
-    if any(layer.name == TRUNK_LAYER for layer in backbone.layers):
-        trunk = keras.Model(backbone.inputs, backbone.get_layer(TRUNK_LAYER).output)
-        out["trunk"] = trunk.predict(x, batch_size=512, verbose=0)
-    return out
+    """The embedding the loss trained and, for the conv backbone, the trunk features.
+
+    Both come from one pass through the backbone (a two-output model on its layers).
+    """
+    if not any(layer.name == TRUNK_LAYER for layer in backbone.layers):
+        return {"embedding": backbone.predict(x, batch_size=512, verbose=0)}
+    both = keras.Model(backbone.inputs,
+                       [backbone.outputs[0], backbone.get_layer(TRUNK_LAYER).output])
+    embedding, trunk = both.predict(x, batch_size=512, verbose=0)
+    return {"embedding": embedding, "trunk": trunk}
 
 
 def train_and_embed(method: str, seed: int, data, args) -> dict[str, np.ndarray]:
