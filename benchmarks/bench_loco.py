@@ -32,6 +32,8 @@ features. `random init` is the untrained encoder.
     python benchmarks/bench_loco.py                  # full run, ~10 min on 2 cores
     python benchmarks/bench_loco.py --quick          # smoke run, 2-3 min
     python benchmarks/bench_loco.py --part memory --batch-sizes 256 1024 4096
+    python benchmarks/bench_loco.py --part memory --layouts conv32 resnet18 \
+        --decoder-block resnet    # the cost of the ResNet decoder block
 """
 
 from __future__ import annotations
@@ -55,6 +57,55 @@ LAYOUTS = {
     "balanced": (16, 16, 64, 64, 256, 256),
 }
 STRIDES = (1, 1, 2, 1, 2, 1)
+# 32x32x3 layouts (issue 13): memory only, random images.
+IMAGE_LAYOUTS = ("conv32", "resnet18")
+
+
+def build_image_stages(layout: str):
+    """Four stages for 32x32x3 images, the last one pooled.
+
+    - `conv32`: each stage two 3x3 Conv2D + ReLU, channels 64 / 96 / 128 / 192,
+      strides 1 / 2 / 2 / 2 (stage 0 holds about 65% of the activations).
+    - `resnet18`: a 3x3 stem then 4 stages of 2 basic blocks (conv-BN-ReLU,
+      conv-BN, shortcut, ReLU), 64 / 128 / 256 / 512 channels at 32 / 16 / 8 / 4
+      pixels: ResNet-18 as used on CIFAR.
+    """
+    import keras
+
+    if layout == "conv32":
+        stages = []
+        for channels, stride in zip((64, 96, 128, 192), (1, 2, 2, 2), strict=True):
+            stages.append(keras.Sequential([
+                keras.layers.Conv2D(channels, 3, strides=stride, padding="same",
+                                    activation="relu"),
+                keras.layers.Conv2D(channels, 3, padding="same", activation="relu"),
+            ]))
+        stages[-1].add(keras.layers.GlobalAveragePooling2D())
+        return stages
+
+    def basic_block(x, filters, stride):
+        y = keras.layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False)(x)
+        y = keras.layers.ReLU()(keras.layers.BatchNormalization()(y))
+        y = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(y)
+        y = keras.layers.BatchNormalization()(y)
+        if stride != 1 or x.shape[-1] != filters:
+            x = keras.layers.Conv2D(filters, 1, strides=stride, use_bias=False)(x)
+            x = keras.layers.BatchNormalization()(x)
+        return keras.layers.ReLU()(keras.layers.Add()([x, y]))
+
+    stages, shape = [], (32, 32, 3)
+    for i, (filters, stride) in enumerate(zip((64, 128, 256, 512), (1, 2, 2, 2), strict=True)):
+        inputs = keras.Input(shape)
+        x = inputs
+        if i == 0:
+            x = keras.layers.Conv2D(64, 3, padding="same", use_bias=False)(x)
+            x = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))
+        x = basic_block(basic_block(x, filters, stride), filters, 1)
+        if i == 3:
+            x = keras.layers.GlobalAveragePooling2D()(x)
+        stages.append(keras.Model(inputs, x, name=f"stage_{i}"))
+        shape = tuple(x.shape[1:])
+    return stages
 
 
 def build_stages(layout: str, width: float = 1.0):
@@ -83,18 +134,21 @@ def build_stages(layout: str, width: float = 1.0):
 
 
 def build_model(method: str, layout: str, seed: int, temperature: float, projection_dim: int,
-                width: float = 1.0):
+                width: float = 1.0, decoder_block: str = "downsample"):
     import keras
 
     from keras_dml.data.augment import SimCLRAugmentation
     from keras_dml.models.loco import LoCo
 
     keras.utils.set_random_seed(seed)
+    stages = (build_image_stages(layout) if layout in IMAGE_LAYOUTS
+              else build_stages(layout, width))
     return LoCo(
-        build_stages(layout, width),
+        stages,
         temperature=temperature,
         augment=SimCLRAugmentation(seed=seed),
         projection_dim=projection_dim,
+        decoder_block=decoder_block,
         **METHODS[method],
     )
 
@@ -104,12 +158,18 @@ def stage_shares(layout: str) -> list[float]:
     import keras
 
     sizes = []
-    x = keras.KerasTensor((1, 8, 8, 1))
-    for stage in build_stages(layout):
+    image = layout in IMAGE_LAYOUTS
+    x = keras.KerasTensor((1, 32, 32, 3) if image else (1, 8, 8, 1))
+    for stage in build_image_stages(layout) if image else build_stages(layout):
         total = 0
-        for layer in stage.layers:
-            x = layer(x)
-            total += _numel(x.shape)
+        if isinstance(stage, keras.Sequential):
+            for layer in stage.layers:
+                x = layer(x)
+                total += _numel(x.shape)
+        else:  # functional: every layer's output once
+            for layer in stage.layers[1:]:
+                total += _numel(layer.output.shape)
+            x = stage(x)
         sizes.append(total)
     return [s / sum(sizes) for s in sizes]
 
@@ -138,9 +198,13 @@ def memory_worker(args) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    (x_train, _), _ = load_split(0)
-    x = np.resize(x_train, (args.batch, 8, 8, 1))
-    model = build_model(args.method, args.layout, 0, args.temperature, args.projection_dim)
+    if args.layout in IMAGE_LAYOUTS:
+        x = np.random.default_rng(0).random((args.batch, 32, 32, 3)).astype("float32")
+    else:
+        (x_train, _), _ = load_split(0)
+        x = np.resize(x_train, (args.batch, 8, 8, 1))
+    model = build_model(args.method, args.layout, 0, args.temperature, args.projection_dim,
+                        decoder_block=args.decoder_block)
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
     model.train_on_batch(x)  # trace, build the optimizer, first run
     times, peaks = [], []
@@ -153,6 +217,7 @@ def memory_worker(args) -> dict:
         peaks.append(tf.config.experimental.get_memory_info("CPU:0")["peak"] - in_use)
     return {
         "layout": args.layout,
+        "decoder_block": args.decoder_block,
         "method": args.method,
         "batch": args.batch,
         "units": len(model.unit_stages),
@@ -173,19 +238,23 @@ def run_memory(args) -> list[dict]:
           "steps after a warm-up step, for both memory and time")
     for layout in args.layouts:
         shares = ", ".join(f"{s:.2f}" for s in stage_shares(layout))
-        print(f"\n{layout}: channels {LAYOUTS[layout]}, stage shares of layer outputs: {shares}")
+        what = "32x32x3 images" if layout in IMAGE_LAYOUTS else f"channels {LAYOUTS[layout]}"
+        print(f"\n{layout} ({what}), decoder block {args.decoder_block!r}, stage shares of "
+              f"layer outputs: {shares}")
         print(f"| {'method':<10} | {'batch':>5} | {'units':>5} | {'params':>9} "
               f"| {'in use before MB':>16} | {'step peak MB':>12} | {'vs end-to-end':>13} "
               f"| {'step ms':>8} |")
         print(f"|{'-' * 12}|{'-' * 7}|{'-' * 7}|{'-' * 11}|{'-' * 18}|{'-' * 14}|{'-' * 15}"
               f"|{'-' * 10}|")
-        for batch, method in [(b, m) for b in args.batch_sizes for m in args.methods]:
+        batch_sizes = args.image_batch_sizes if layout in IMAGE_LAYOUTS else args.batch_sizes
+        for batch, method in [(b, m) for b in batch_sizes for m in args.methods]:
             if method == args.methods[0]:
                 baseline = None
             cmd = [sys.executable, __file__, "--worker", "--layout", layout, "--method", method,
                    "--batch", str(batch), "--steps", str(args.steps),
                    "--temperature", str(args.temperature),
-                   "--projection-dim", str(args.projection_dim)]
+                   "--projection-dim", str(args.projection_dim),
+                   "--decoder-block", args.decoder_block]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode != 0:
                 tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
@@ -265,9 +334,15 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="small settings to check that everything runs")
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--layouts", nargs="*", default=list(LAYOUTS), choices=list(LAYOUTS))
+    parser.add_argument("--layouts", nargs="*", default=[*LAYOUTS, *IMAGE_LAYOUTS],
+                        choices=[*LAYOUTS, *IMAGE_LAYOUTS])
+    parser.add_argument("--decoder-block", default="downsample",
+                        choices=["downsample", "resnet", "none"],
+                        help="LoCoDecoder block of every unit")
     parser.add_argument("--batch-sizes", nargs="*", type=int, default=[256, 1024],
                         help="memory part: images per step (each gives 2 views)")
+    parser.add_argument("--image-batch-sizes", nargs="*", type=int, default=[128, 256, 512],
+                        help="memory part, 32x32 layouts: images per step")
     parser.add_argument("--steps", type=int, default=5,
                         help="memory part: measured steps (median memory and time)")
     parser.add_argument("--epochs", type=int, default=40, help="probe part: pretraining epochs")

@@ -177,6 +177,120 @@ def test_decoder_adds_a_downsampling_residual_block_on_spatial_inputs():
     assert not hasattr(flat, "conv_1") and flat.hidden.units == 5
 
 
+def _layers_reading_the_input(decoder, shape):
+    """Names of the decoder's weight layers whose kernels see the stage's channel count."""
+    layers = (getattr(decoder, n, None) for n in ("conv_1", "shortcut", "conv_2"))
+    return sorted(
+        layer.name for layer in layers
+        if layer is not None and layer.kernel.shape[-2] == shape[-1]
+    )
+
+
+def test_default_decoder_reads_the_stage_output_once():
+    # Every op that reads the stage's full-resolution output adds a full-resolution
+    # gradient to the unit's backward pass: the default block has one such op.
+    x = np.zeros((2, 8, 8, 6), "float32")
+    default = LoCoDecoder(projection_dim=8, filters=4)
+    default(x)
+    assert default.block == "downsample" and not hasattr(default, "shortcut")
+    assert _layers_reading_the_input(default, x.shape) == ["conv_1"]
+    resnet = LoCoDecoder(projection_dim=8, filters=4, block="resnet")
+    resnet(x)
+    assert _layers_reading_the_input(resnet, x.shape) == ["conv_1", "shortcut"]
+    bare = LoCoDecoder(projection_dim=8, block="none")
+    assert tuple(bare(x).shape) == (2, 8)
+    assert not hasattr(bare, "conv_1") and bare.hidden.kernel.shape == (6, 6)
+    with pytest.raises(ValueError, match="block"):
+        LoCoDecoder(block="bottleneck")
+    with pytest.raises(ValueError, match="decoder_block"):
+        LoCo(dense_stages(), decoder_block="wide")
+
+
+def test_decoder_block_round_trips_and_old_configs_keep_the_resnet_block():
+    model = LoCo(conv_stages(), decoder_block="none", projection_dim=8)
+    assert LoCo.from_config(model.get_config()).decoder_block == "none"
+    assert all(d.block == "none" for d in LoCo.from_config(model.get_config()).decoders)
+    old = model.get_config()
+    del old["decoder_block"]  # saved before the option existed
+    assert LoCo.from_config(old).decoder_block == "resnet"
+    config = LoCoDecoder(projection_dim=8).get_config()
+    assert config["block"] == "downsample"
+    del config["block"]
+    assert LoCoDecoder.from_config(config).block == "resnet"
+
+
+@pytest.mark.parametrize("dataset", [False, True])
+def test_unit_wise_train_function_equals_the_single_graph_step(dataset, rng):
+    # fit runs each unit as its own graph call; run_eagerly runs `train_step` itself.
+    images = rng.random((32, 8, 8, 1)).astype("float32")
+    weights = {}
+    for eager in (False, True):
+        keras.utils.set_random_seed(0)
+        model = LoCo(conv_stages(), augment=keras.layers.Identity(), projection_dim=8)
+        model.compile(optimizer=keras.optimizers.Adam(1e-2), run_eagerly=eager,
+                      steps_per_execution=2)
+        data = tf.data.Dataset.from_tensor_slices(images).batch(8) if dataset else images
+        history = model.fit(data, batch_size=8, epochs=2, shuffle=False, verbose=0)
+        assert int(model.optimizer.iterations) == 8
+        weights[eager] = ([v.numpy() for v in model.trainable_variables],
+                          history.history["loss"])
+    for a, b in zip(weights[False][0], weights[True][0], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(weights[False][1], weights[True][1], rtol=1e-4)
+
+
+_MEMORY_SCRIPT = """
+import json, os
+import keras, numpy as np, tensorflow as tf
+from keras_dml.models.loco import LoCo
+
+def stages():
+    # 32x32x3 images; channels x4 as the resolution halves: each stage holds the same
+    # activations, so end-to-end holds 4 stages' worth, LoCo 2, GIM 1.
+    out = []
+    for i, channels in enumerate((4, 16, 64, 256)):
+        out.append(keras.Sequential([
+            keras.layers.Conv2D(channels, 3, strides=1 if i == 0 else 2, padding="same",
+                                activation="relu"),
+            keras.layers.Conv2D(channels, 3, padding="same", activation="relu")]))
+    out[-1].add(keras.layers.GlobalAveragePooling2D())
+    return out
+
+x = np.random.default_rng(0).random((64, 32, 32, 3)).astype("float32")
+peaks = {}
+for name, kwargs in (("end-to-end", {"end_to_end": True}), ("LoCo", {"overlap": 1}),
+                     ("GIM", {"overlap": 0})):
+    keras.utils.set_random_seed(0)
+    model = LoCo(stages(), projection_dim=32, **kwargs)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    model.train_on_batch(x)
+    step_peaks = []
+    for _ in range(2):
+        in_use = tf.config.experimental.get_memory_info("CPU:0")["current"]
+        tf.config.experimental.reset_memory_stats("CPU:0")
+        model.train_on_batch(x)
+        step_peaks.append(tf.config.experimental.get_memory_info("CPU:0")["peak"] - in_use)
+    peaks[name] = min(step_peaks)
+print(json.dumps(peaks))
+"""
+
+
+def test_step_peak_memory_orders_gim_below_loco_below_end_to_end():
+    # TensorFlow's allocator peak of one training step on 32x32 images, in a fresh process
+    # so that no other test's tensors or traced functions are counted.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    peaks = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert peaks["GIM"] < peaks["LoCo"] < peaks["end-to-end"], peaks
+
+
 def test_save_and_load_round_trip(tmp_path, rng):
     keras.utils.set_random_seed(0)
     model = LoCo(conv_stages(), overlap=1, temperature=0.2, projection_dim=8,

@@ -24,28 +24,44 @@ from keras_dml.data.augment import SimCLRAugmentation
 from keras_dml.losses.ntxent import nt_xent_loss
 from keras_dml.losses.supcon import supcon_loss
 
+DECODER_BLOCKS = ("downsample", "resnet", "none")
+
 
 @keras.saving.register_keras_serializable(package="keras_dml")
 class LoCoDecoder(keras.layers.Layer):
     """Project a stage's output to the embedding on which a local contrastive loss is taken.
 
     On a spatial input (rank 3 for sequences, rank 4 for images) it first runs
-    one residual block that halves the resolution (two 3x3 convolutions with
-    batch normalisation and a strided 1x1 shortcut, like the first block of
-    a ResNet stage) and global average pooling; on a `(batch, features)`
-    input it skips both. Then a 2-layer MLP (ReLU hidden layer, linear output)
-    gives the projection: SimCLR's projection head. The extra block lets an
-    early stage be judged by features one stage deeper than its own, which is
-    what LoCo adds over Greedy InfoMax's linear decoders.
+    a block that halves the resolution, then global average pooling; on a
+    `(batch, features)` input it skips both. Then a 2-layer MLP (ReLU hidden
+    layer, linear output) gives the projection: SimCLR's projection head. The
+    extra block lets an early stage be judged by features one stage deeper
+    than its own, which is what LoCo adds over Greedy InfoMax's linear
+    decoders. `block` chooses it:
+
+    - `"downsample"` (default): a 3x3 stride-2 convolution with batch
+      normalisation and ReLU, then a residual unit at half resolution (3x3
+      convolution, batch normalisation, identity shortcut). Only the strided
+      convolution reads the stage's output, so the backward pass creates one
+      full-resolution gradient, as the next stage of the encoder would.
+    - `"resnet"`: the first block of a ResNet stage (two 3x3 convolutions,
+      the first strided, and a strided 1x1 projection shortcut). Both
+      branches read the stage's output, so back-propagation holds two
+      full-resolution gradients and their sum at once: on early,
+      high-resolution stages this costs more memory than the whole network
+      trained end to end (`benchmarks/bench_loco.py` measures it).
+    - `"none"`: no block, pooling and the MLP only (the cheapest).
 
     Args:
         projection_dim: size of the projection the loss sees. Defaults to 128.
         hidden_dim: size of the MLP's hidden layer; `None` uses the size of
             the pooled features.
-        filters: channels of the residual block; `None` keeps the input's
-            channels. The block's activations add to its unit's peak memory,
-            so it is kept narrow rather than doubling channels like a ResNet
-            stage would.
+        filters: channels of the block; `None` keeps the input's channels.
+            The block's activations add to its unit's peak memory, so it is
+            kept narrow rather than doubling channels like a ResNet stage
+            would.
+        block: `"downsample"`, `"resnet"` or `"none"`, as above. Defaults to
+            `"downsample"`.
         **kwargs: `keras.layers.Layer` arguments (`name`, ...).
 
     Example:
@@ -65,6 +81,7 @@ class LoCoDecoder(keras.layers.Layer):
         projection_dim: int = 128,
         hidden_dim: int | None = None,
         filters: int | None = None,
+        block: str = "downsample",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -72,9 +89,12 @@ class LoCoDecoder(keras.layers.Layer):
                            ("filters", filters)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"`{arg}` must be a positive integer, got {value!r}.")
+        if block not in DECODER_BLOCKS:
+            raise ValueError(f"`block` must be one of {DECODER_BLOCKS}, got {block!r}.")
         self.projection_dim = projection_dim
         self.hidden_dim = hidden_dim
         self.filters = filters
+        self.block = block
         self.data_format = keras.config.image_data_format()
 
     def build(self, input_shape):
@@ -86,7 +106,13 @@ class LoCoDecoder(keras.layers.Layer):
                 f"(batch, height, width, channels) inputs, got shape {input_shape}."
             )
         self.spatial = rank > 2
-        if self.spatial:
+        if self.spatial and self.block == "none":
+            channel_axis = -1 if self.data_format == "channels_last" else 1
+            pool = (keras.layers.GlobalAveragePooling2D if rank == 4
+                    else keras.layers.GlobalAveragePooling1D)
+            self.pool = pool(name="pool")
+            features = input_shape[channel_axis]
+        elif self.spatial:
             channel_axis = -1 if self.data_format == "channels_last" else 1
             filters = self.filters or input_shape[channel_axis]
             conv = keras.layers.Conv2D if rank == 4 else keras.layers.Conv1D
@@ -97,21 +123,19 @@ class LoCoDecoder(keras.layers.Layer):
             self.norm_1 = keras.layers.BatchNormalization(axis=channel_axis, name="norm_1")
             self.conv_2 = conv(filters, 3, padding="same", use_bias=False, name="conv_2")
             self.norm_2 = keras.layers.BatchNormalization(axis=channel_axis, name="norm_2")
-            self.shortcut = conv(filters, 1, strides=2, use_bias=False, name="shortcut")
-            self.shortcut_norm = keras.layers.BatchNormalization(
-                axis=channel_axis, name="shortcut_norm"
-            )
             self.pool = pool(name="pool")
-            for layer, shape in (
-                (self.conv_1, input_shape),
-                (self.shortcut, input_shape),
-            ):
-                layer.build(shape)
+            self.conv_1.build(input_shape)
             block_shape = self.conv_1.compute_output_shape(input_shape)
             self.norm_1.build(block_shape)
             self.conv_2.build(block_shape)
             self.norm_2.build(block_shape)
-            self.shortcut_norm.build(block_shape)
+            if self.block == "resnet":
+                self.shortcut = conv(filters, 1, strides=2, use_bias=False, name="shortcut")
+                self.shortcut_norm = keras.layers.BatchNormalization(
+                    axis=channel_axis, name="shortcut_norm"
+                )
+                self.shortcut.build(input_shape)
+                self.shortcut_norm.build(block_shape)
             features = filters
         else:
             features = input_shape[-1]
@@ -123,11 +147,17 @@ class LoCoDecoder(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         x = inputs
-        if self.spatial:
+        if self.spatial and self.block == "none":
+            x = self.pool(x)
+        elif self.spatial:
+            # Only conv_1 (and, for "resnet", the shortcut) reads the stage's output.
             y = ops.relu(self.norm_1(self.conv_1(x), training=training))
-            y = self.norm_2(self.conv_2(y), training=training)
-            shortcut = self.shortcut_norm(self.shortcut(x), training=training)
-            x = self.pool(ops.relu(y + shortcut))
+            z = self.norm_2(self.conv_2(y), training=training)
+            if self.block == "resnet":
+                shortcut = self.shortcut_norm(self.shortcut(x), training=training)
+            else:
+                shortcut = y
+            x = self.pool(ops.relu(z + shortcut))
         return self.projection(self.hidden(x))
 
     def compute_output_shape(self, input_shape):
@@ -140,9 +170,15 @@ class LoCoDecoder(keras.layers.Layer):
                 "projection_dim": self.projection_dim,
                 "hidden_dim": self.hidden_dim,
                 "filters": self.filters,
+                "block": self.block,
             }
         )
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        # Saved before `block` existed: that decoder was the ResNet block.
+        return cls(**{"block": "resnet", **config})
 
 
 @keras.saving.register_keras_serializable(package="keras_dml")
@@ -210,6 +246,12 @@ class LoCo(keras.Model):
             of the decoder's pooled features.
         decoder_filters: channels of each decoder's residual block; `None`
             keeps the channels of the stage output it reads.
+        decoder_block: each decoder's block on spatial stage outputs,
+            `"downsample"` (default), `"resnet"` or `"none"`: see
+            `LoCoDecoder`. `"resnet"` is the ResNet stage-entry block whose
+            projection shortcut doubles the full-resolution gradients of
+            the stage it reads; models saved before this option existed
+            load with it.
         **kwargs: `keras.Model` arguments (`name`, ...).
 
     Example:
@@ -247,9 +289,14 @@ class LoCo(keras.Model):
         projection_dim: int = 128,
         hidden_dim: int | None = None,
         decoder_filters: int | None = None,
+        decoder_block: str = "downsample",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if decoder_block not in DECODER_BLOCKS:
+            raise ValueError(
+                f"`decoder_block` must be one of {DECODER_BLOCKS}, got {decoder_block!r}."
+            )
         if isinstance(stages, keras.layers.Layer) or not stages:
             raise ValueError("`stages` must be a non-empty list of Keras layers or models.")
         stages = list(stages)
@@ -275,13 +322,15 @@ class LoCo(keras.Model):
         self.projection_dim = projection_dim
         self.hidden_dim = hidden_dim
         self.decoder_filters = decoder_filters
+        self.decoder_block = decoder_block
 
         width = len(stages) if self.end_to_end else overlap + 1
         self._unit_stages = tuple(
             tuple(range(first, first + width)) for first in range(len(stages) - width + 1)
         )
         self.decoders = [
-            LoCoDecoder(projection_dim, hidden_dim, decoder_filters, name=f"decoder_{k}")
+            LoCoDecoder(projection_dim, hidden_dim, decoder_filters, decoder_block,
+                        name=f"decoder_{k}")
             for k in range(len(self._unit_stages))
         ]
         self.loss_tracker = keras.metrics.Mean(name="loss")
@@ -430,7 +479,105 @@ class LoCo(keras.Model):
 
     def make_train_function(self, force=False):
         _require_tensorflow("fit")
-        return super().make_train_function(force=force)
+        import tensorflow as tf
+
+        if self.train_function is not None and not force:
+            return self.train_function
+        if self.run_eagerly or tf.distribute.has_strategy():
+            # Eagerly every op runs (and frees) in order anyway; under tf.distribute the
+            # step runs as one graph per replica, ordered by control dependencies.
+            return super().make_train_function(force=force)
+        self.train_function = self._make_unit_wise_train_function()
+        return self.train_function
+
+    def _make_unit_wise_train_function(self):
+        """A train function that runs each unit's forward and backward as its own graph call.
+
+        Inside one graph, TensorFlow's executor may start the next unit's forward
+        pass before the previous unit's backward pass has freed its activations
+        (the control dependency on the handoff orders only what it guards), and
+        the step's peak then exceeds end-to-end training's. Separate calls,
+        driven from Python, are a hard boundary: when a unit's call returns,
+        only its handoff, its loss and its gradients are alive.
+        """
+        import tensorflow as tf
+
+        def compile_function(fn):
+            return tf.function(fn, reduce_retracing=True, jit_compile=self.jit_compile)
+
+        views = compile_function(lambda x, y: (self._views(x), self._labels(y)))
+        unit_steps = [
+            compile_function(lambda inputs, labels, k=k: self._unit_gradients(k, inputs, labels))
+            for k in range(len(self._unit_stages))
+        ]
+        # Variables cannot be arguments of a tf.function: each apply step captures its own.
+        apply_steps = {}
+
+        def apply(variables, gradients, unit_losses):
+            key = tuple(id(v) for v in variables)
+            if key not in apply_steps:
+                apply_steps[key] = compile_function(
+                    lambda grads, losses: self._apply_and_track(grads, variables, losses)
+                )
+            return apply_steps[key](gradients, unit_losses)
+
+        def one_step(data):
+            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+            if sample_weight is not None:
+                raise ValueError("LoCo does not support `sample_weight`.")
+            self._build_for_step(x)
+            if not self.optimizer.built:
+                self.optimizer.build(self.trainable_variables)
+            inputs, labels = views(x, y)
+            gradients = {}
+            unit_losses = []
+            for k, unit_step in enumerate(unit_steps):
+                variables = self._unit_trainable_variables(k)
+                loss, handoff, unit_gradients = unit_step(inputs, labels)
+                for variable, gradient in zip(variables, unit_gradients, strict=True):
+                    if gradient is None:
+                        continue
+                    previous = gradients.get(id(variable))
+                    if previous is not None:
+                        gradient = previous[1] + gradient
+                    gradients[id(variable)] = (variable, gradient)
+                unit_losses.append(loss)
+                inputs = handoff
+            del inputs
+            pairs = list(gradients.values())
+            return apply([v for v, _ in pairs], [g for _, g in pairs], unit_losses)
+
+        def function(iterator):
+            logs = None
+            if isinstance(iterator, tf.data.Iterator):
+                for _ in range(self.steps_per_execution):
+                    optional = iterator.get_next_as_optional()
+                    if not optional.has_value():
+                        break
+                    logs = one_step(optional.get_value())
+            else:
+                for _, data in zip(range(self.steps_per_execution), iterator, strict=False):
+                    logs = one_step(data)
+            if logs is None:
+                raise StopIteration
+            return logs
+
+        return function
+
+    def _unit_gradients(self, k, inputs, labels):
+        """Unit `k`'s loss, the output unit `k + 1` starts from, and its gradients."""
+        import tensorflow as tf
+
+        variables = self._unit_trainable_variables(k)
+        with tf.GradientTape() as tape:
+            loss, handoff = self._unit_forward(k, inputs, labels, training=True)
+            scaled_loss = self.optimizer.scale_loss(loss)
+        return loss, handoff, tape.gradient(scaled_loss, variables)
+
+    def _apply_and_track(self, gradients, variables, unit_losses):
+        if gradients:
+            self.optimizer.apply_gradients(list(zip(gradients, variables, strict=True)))
+        return self._update_trackers(unit_losses)
 
     def make_test_function(self, force=False):
         _require_tensorflow("evaluate")
@@ -514,6 +661,7 @@ class LoCo(keras.Model):
                 "projection_dim": self.projection_dim,
                 "hidden_dim": self.hidden_dim,
                 "decoder_filters": self.decoder_filters,
+                "decoder_block": self.decoder_block,
             }
         )
         return config
@@ -528,6 +676,8 @@ class LoCo(keras.Model):
         augment = keras.saving.deserialize_keras_object(
             config.pop("augment"), custom_objects=custom_objects
         )
+        # Saved before `decoder_block` existed: those decoders were the ResNet block.
+        config.setdefault("decoder_block", "resnet")
         return cls(stages, augment=augment, **config)
 
 
