@@ -2,6 +2,9 @@
 
 - `SimCLRAugmentation`: two-view image augmentation in `keras.ops` (any backend).
 - `m_per_class_dataset`: class-balanced (P × M) batches with `tf.data`.
+- `load_digits_zero_shot`, `load_glyphs_zero_shot`: the bundled zero-shot
+  benchmarks (scikit-learn's digits; characters rendered from matplotlib's
+  fonts), as NumPy arrays.
 
 The `tf.data` parts import TensorFlow on first use, so importing this package
 under the JAX or torch backend does not pull TensorFlow in.
@@ -13,9 +16,16 @@ _LAZY = {
     "m_per_class_dataset": "keras_dml.data.sampler",
     "ZeroShotArrays": "keras_dml.data.digits",
     "load_digits_zero_shot": "keras_dml.data.digits",
+    "load_glyphs_zero_shot": "keras_dml.data.glyphs",
 }
 
-__all__ = ["SimCLRAugmentation", "ZeroShotArrays", "load_digits_zero_shot", "m_per_class_dataset"]
+__all__ = [
+    "SimCLRAugmentation",
+    "ZeroShotArrays",
+    "load_digits_zero_shot",
+    "load_glyphs_zero_shot",
+    "m_per_class_dataset",
+]
 
 
 def __getattr__(name):

@@ -28,6 +28,8 @@ class ZeroShotArrays:
         x_unseen: inputs of the classes never trained on.
         y_unseen: their labels.
         num_train_classes: number of training classes.
+        class_names: each label's name, indexed by label (empty when the
+            labels are their own names, as for the digits).
     """
 
     x_train: np.ndarray
@@ -37,6 +39,7 @@ class ZeroShotArrays:
     x_unseen: np.ndarray
     y_unseen: np.ndarray
     num_train_classes: int
+    class_names: tuple[str, ...] = ()
 
 
 def load_digits_zero_shot(holdout_fraction: float = 0.2, seed: int = 0) -> ZeroShotArrays:
