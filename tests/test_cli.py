@@ -120,6 +120,9 @@ def test_export_int8_then_evaluate_it(run_dir, capsys):
         (["train", "--loss", "hinge", "--out", "x"], "unknown loss 'hinge'"),
         (["train", "--epochs", "0", "--out", "x"], "--epochs"),
         (["train", "--s2sd-features", "--out", "x"], "--s2sd-features needs --s2sd"),
+        (["train", "--dataset", "digits", "--max-classes", "5", "--out", "x"],
+         "--max-classes applies to --dataset glyphs only"),
+        (["train", "--max-classes", "1", "--out", "x"], "--max-classes must be at least 2"),
         (["evaluate", "/nonexistent/run"], "does not exist"),
         (["search", "/nonexistent/run", "--query-index", "0"], "does not exist"),
         (["export", "/nonexistent/run", "--tflite", "int8"], "does not exist"),
@@ -261,3 +264,21 @@ def test_console_unavailable_tfds_dataset_is_one_line(tmp_path):
     lines = [line for line in result.stderr.strip().splitlines() if line.startswith("keras-dml")]
     assert len(lines) == 1 and "not available offline" in lines[0]
     assert "Traceback" not in result.stderr
+
+
+def test_glyphs_are_the_default_dataset_and_train_end_to_end(tmp_path, capsys):
+    # The default run: many-class glyphs, scored on characters never trained on.
+    out = str(tmp_path / "glyphs")
+    code, printed, _ = run(["train", "--epochs", "1", "--steps-per-epoch", "3",
+                            "--max-classes", "40", "--verbose", "0", "--out", out], capsys)
+    assert code == 0
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["dataset"] == "glyphs" and config["backbone"] == "small_conv"
+    assert config["input_shape"] == [32, 32, 1]
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    unseen_classes = np.unique(np.load(os.path.join(out, "test_labels.npy")))
+    assert config["num_train_classes"] == 24 and config["max_classes"] == 40
+    assert list(unseen_classes) == list(range(24, 40))
+    for source in ("raw_pixels", "untrained"):
+        assert set(metrics["baselines"][source]["unseen"]) == METRICS
+    assert "unseen classes" in printed and "raw px" in printed

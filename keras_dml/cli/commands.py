@@ -24,6 +24,8 @@ from keras_dml.data.tfds import DatasetUnavailableError
 ExpectedError = DatasetUnavailableError
 
 K_VALUES = (1, 2, 4, 8)
+# Datasets of small images, trained from scratch with the small conv backbone.
+SMALL_DATASETS = ("glyphs", "digits", "mnist")
 METRIC_ROWS = ("precision_at_1", "recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8",
                "r_precision", "map_at_r", "nmi")
 # Above this many input values per image, raw pixels are not scored (memory).
@@ -40,7 +42,7 @@ class RunData:
     """Everything a run needs from its dataset.
 
     `seen_*` are held-out images of the training classes, `unseen_*` the test
-    classes never trained on. Inputs are NumPy arrays (digits) or
+    classes never trained on. Inputs are NumPy arrays (digits, glyphs) or
     `tf.data.Dataset`s of input batches (TFDS), in the order of the labels.
     """
 
@@ -63,11 +65,20 @@ class RunData:
         return self.seen_batches_with_labels
 
 
-def _digits_data(config: dict) -> RunData:
-    from keras_dml.data.digits import load_digits_zero_shot
+def _bundled_data(config: dict) -> RunData:
+    """The bundled offline datasets: scikit-learn's digits, glyphs from matplotlib's fonts."""
     from keras_dml.data.sampler import m_per_class_dataset
 
-    data = load_digits_zero_shot(holdout_fraction=config["holdout"], seed=config["seed"])
+    if config["dataset"] == "glyphs":
+        from keras_dml.data.glyphs import load_glyphs_zero_shot
+
+        data = load_glyphs_zero_shot(image_size=config.get("image_size") or 32,
+                                     validation_fraction=config["holdout"], seed=config["seed"],
+                                     num_classes=config.get("max_classes"))
+    else:
+        from keras_dml.data.digits import load_digits_zero_shot
+
+        data = load_digits_zero_shot(holdout_fraction=config["holdout"], seed=config["seed"])
     x_train, y_train = data.x_train, data.y_train
     if config.get("max_images"):
         x_train, y_train = x_train[: config["max_images"]], y_train[: config["max_images"]]
@@ -132,8 +143,8 @@ def _tfds_data(config: dict) -> RunData:
 
 def load_run_data(config: dict) -> RunData:
     """Rebuilds the data of a run from its config (same split, same preprocessing)."""
-    if config["dataset"] == "digits":
-        return _digits_data(config)
+    if registry.DATASETS[config["dataset"]] is None:
+        return _bundled_data(config)
     return _tfds_data(config)
 
 
@@ -145,7 +156,7 @@ def _resolve_backbone(config: dict, dataset: str) -> None:
     from keras_dml.data.tfds import backbone_preprocessing
 
     if config["backbone"] == "auto":
-        config["backbone"] = "small_conv" if dataset in ("digits", "mnist") else "resnet50"
+        config["backbone"] = "small_conv" if dataset in SMALL_DATASETS else "resnet50"
     mode, size = backbone_preprocessing(config["backbone"])
     config["preprocessing"] = mode
     if config.get("image_size") is None:
@@ -160,7 +171,7 @@ def _resolve_backbone(config: dict, dataset: str) -> None:
 def _small_conv(input_shape) -> keras.Model:
     """The demo's conv net up to its flattened feature map (one more pooling for inputs >= 16 px).
 
-    The features (1024-d for 8x8 digits) are wider than the embedding and
+    The features (1024-d for 8x8 digits, 4096-d for 32x32 glyphs) are wider than the embedding and
     S2SD's target heads, as a ResNet's pooled features are: a narrow learnt
     projection here would make S2SD hurt and transfer to unseen classes worse
     (BENCHMARKS.md).
@@ -525,7 +536,7 @@ def train(args) -> int:
     config["input_shape"] = list(data.input_shape)
     config["num_train_classes"] = data.num_train_classes
 
-    small = args.dataset in ("digits", "mnist")
+    small = args.dataset in SMALL_DATASETS
     batch_size = args.batch_size or (80 if small else 64)
     classes = args.classes_per_batch or min(data.num_train_classes, 16)
     classes = min(classes, data.num_train_classes)

@@ -101,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
         "the .keras model, an embedding SavedModel, a retrieval SavedModel, a TFLite file, a "
         "ScaNN index of the unseen test classes, metrics.json and PNG plots.",
     )
-    train.add_argument("--dataset", default="digits",
-                       help="digits (bundled, default), mnist, caltech_birds2011 (cub), cars196 "
+    train.add_argument("--dataset", default="glyphs",
+                       help="glyphs (bundled: 589 characters rendered from matplotlib's fonts, "
+                       "default), digits (bundled), mnist, caltech_birds2011 (cub), cars196 "
                        "(cars), stanford_online_products (sop); TFDS datasets must be prepared")
     train.add_argument("--loss", default="triplet", help=f"one of: {losses} (default triplet)")
     train.add_argument("--s2sd", action="store_true",
@@ -118,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps-per-epoch", type=_positive_int, default=None,
                        help="default: one pass over the training images")
     train.add_argument("--batch-size", type=_positive_int, default=None,
-                       help="images per batch (default 80 on digits and MNIST, 64 otherwise)")
+                       help="images per batch (default 80 on glyphs, digits and MNIST, 64 "
+                       "otherwise)")
     train.add_argument("--classes-per-batch", type=_positive_int, default=None,
                        help="P of the P x M class-balanced batches (default: min(classes, 16))")
     train.add_argument("--embedding-dim", type=_positive_int, default=None,
@@ -128,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--centers-lr-multiplier", type=float, default=10.0,
                        help="margin heads: class centres learn this many times faster")
     train.add_argument("--backbone", default="auto", choices=registry.BACKBONES,
-                       help="auto: small_conv for digits/MNIST, resnet50 otherwise")
+                       help="auto: small_conv for glyphs/digits/MNIST, resnet50 otherwise")
     train.add_argument("--weights", default="imagenet", choices=("imagenet", "none"),
                        help="initial weights of a Keras application backbone")
     train.add_argument("--image-size", type=_positive_int, default=None,
@@ -138,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "retrieval on seen classes (default 0.2)")
     train.add_argument("--max-images", type=_positive_int, default=None,
                        help="use at most this many images per part (quick trials)")
+    train.add_argument("--max-classes", type=_positive_int, default=None,
+                       help="glyphs: use this many characters, drawn at random (quick trials)")
     train.add_argument("--data-dir", default=None, help="TFDS data directory")
     train.add_argument("--download", action="store_true",
                        help="let TFDS download and prepare a missing dataset")
@@ -209,6 +213,10 @@ def _validate(args: argparse.Namespace) -> None:
             args.loss = registry.canonical_loss(args.loss)
             if args.s2sd_features and not args.s2sd:
                 raise ValueError("--s2sd-features needs --s2sd")
+            if args.max_classes is not None and args.dataset != "glyphs":
+                raise ValueError("--max-classes applies to --dataset glyphs only")
+            if args.max_classes is not None and args.max_classes < 2:
+                raise ValueError("--max-classes must be at least 2")
             if os.path.exists(args.out) and not os.path.isdir(args.out):
                 raise ValueError(f"--out {args.out!r} exists and is not a directory")
         else:

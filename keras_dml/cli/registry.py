@@ -10,9 +10,10 @@ import dataclasses
 import importlib
 from typing import Any
 
-# Name -> TFDS name (None: the bundled scikit-learn digits). Short aliases are
-# the names the papers use.
+# Name -> TFDS name (None: bundled, offline: glyphs rendered from matplotlib's fonts,
+# scikit-learn's digits). Short aliases are the names the papers use.
 DATASETS: dict[str, str | None] = {
+    "glyphs": None,
     "digits": None,
     "mnist": "mnist",
     "caltech_birds2011": "caltech_birds2011",
