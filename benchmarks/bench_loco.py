@@ -34,6 +34,8 @@ features. `random init` is the untrained encoder.
     python benchmarks/bench_loco.py --part memory --batch-sizes 256 1024 4096
     python benchmarks/bench_loco.py --part memory --layouts conv32 resnet18 \
         --decoder-block resnet    # the cost of the ResNet decoder block
+    python benchmarks/bench_loco.py --part profile --layouts conv32 resnet18 \
+        --image-batch-sizes 128   # each unit's peak on its own, and what stays alive
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ LAYOUTS = {
 }
 STRIDES = (1, 1, 2, 1, 2, 1)
 # 32x32x3 layouts (issue 13): memory only, random images.
-IMAGE_LAYOUTS = ("conv32", "resnet18")
+IMAGE_LAYOUTS = ("conv32", "resnet18", "resnet18x8")
 
 
 def build_image_stages(layout: str):
@@ -69,6 +71,8 @@ def build_image_stages(layout: str):
     - `resnet18`: a 3x3 stem then 4 stages of 2 basic blocks (conv-BN-ReLU,
       conv-BN, shortcut, ReLU), 64 / 128 / 256 / 512 channels at 32 / 16 / 8 / 4
       pixels: ResNet-18 as used on CIFAR.
+    - `resnet18x8`: the same network cut into 8 stages of one basic block each
+      (the stem goes with the first), so that a LoCo unit spans two blocks.
     """
     import keras
 
@@ -93,17 +97,21 @@ def build_image_stages(layout: str):
             x = keras.layers.BatchNormalization()(x)
         return keras.layers.ReLU()(keras.layers.Add()([x, y]))
 
+    blocks = [(f, s) for f, s in zip((64, 128, 256, 512), (1, 2, 2, 2), strict=True)
+              for s in (s, 1)]
+    per_stage = 1 if layout == "resnet18x8" else 2
     stages, shape = [], (32, 32, 3)
-    for i, (filters, stride) in enumerate(zip((64, 128, 256, 512), (1, 2, 2, 2), strict=True)):
+    for i in range(0, len(blocks), per_stage):
         inputs = keras.Input(shape)
         x = inputs
         if i == 0:
             x = keras.layers.Conv2D(64, 3, padding="same", use_bias=False)(x)
             x = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))
-        x = basic_block(basic_block(x, filters, stride), filters, 1)
-        if i == 3:
+        for filters, stride in blocks[i:i + per_stage]:
+            x = basic_block(x, filters, stride)
+        if i + per_stage == len(blocks):
             x = keras.layers.GlobalAveragePooling2D()(x)
-        stages.append(keras.Model(inputs, x, name=f"stage_{i}"))
+        stages.append(keras.Model(inputs, x, name=f"stage_{len(stages)}"))
         shape = tuple(x.shape[1:])
     return stages
 
@@ -231,6 +239,76 @@ def memory_worker(args) -> dict:
     }
 
 
+def profile_worker(args) -> dict:
+    """Per-unit memory profile: each unit's forward, then forward + backward, on its own.
+
+    Every unit runs as its own `tf.function` from the previous unit's output, as the
+    train step does; for each, TensorFlow's allocator peak above what was in use before
+    it, and what is still alive after it (its handoff to the next unit and gradients).
+    """
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    x = np.random.default_rng(0).random((args.batch, 32, 32, 3)).astype("float32")
+    model = build_model(args.method, args.layout, 0, args.temperature, args.projection_dim,
+                        decoder_block=args.decoder_block)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    model.train_on_batch(x)
+
+    def measure(function, *inputs):
+        function(*inputs)  # trace
+        in_use = tf.config.experimental.get_memory_info("CPU:0")["current"]
+        tf.config.experimental.reset_memory_stats("CPU:0")
+        out = function(*inputs)
+        info = tf.config.experimental.get_memory_info("CPU:0")
+        return (info["peak"] - in_use) / 2**20, (info["current"] - in_use) / 2**20, out
+
+    inputs = tf.function(lambda x: model._views(x))(x)
+    units = []
+    for k in range(len(model.unit_stages)):
+        forward = tf.function(
+            lambda inputs, k=k: model._unit_forward(k, inputs, None, training=True)[1])
+        both = tf.function(lambda inputs, k=k: model._unit_gradients(k, inputs, None))
+        forward_peak, _, _ = measure(forward, inputs)
+        peak, alive, (_, handoff, _) = measure(both, inputs)
+        units.append({"unit": list(model.unit_stages[k]), "forward_peak_mb": forward_peak,
+                      "forward_backward_peak_mb": peak, "alive_after_mb": alive})
+        inputs = handoff
+    return {"layout": args.layout, "method": args.method, "batch": args.batch,
+            "decoder_block": args.decoder_block, "units": units}
+
+
+def run_profile(args) -> list[dict]:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow")
+    rows = []
+    batch = args.image_batch_sizes[0]
+    print(f"\n## Per-unit profile, batch {batch}, decoder block {args.decoder_block!r}: each "
+          "unit alone (forward; forward + backward), and what is alive after it")
+    print("| layout | method | unit (stages) | forward peak MB | fwd+bwd peak MB "
+          "| alive after MB |")
+    print("|---|---|---|---|---|---|")
+    for layout in [lay for lay in args.layouts if lay in IMAGE_LAYOUTS]:
+        for method in args.methods:
+            cmd = [sys.executable, __file__, "--worker", "--profile", "--layout", layout,
+                   "--method", method, "--batch", str(batch),
+                   "--temperature", str(args.temperature),
+                   "--projection-dim", str(args.projection_dim),
+                   "--decoder-block", args.decoder_block]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+                print(f"| {layout} | {method} | failed: {tail[:80]} |")
+                continue
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            for unit in row["units"]:
+                print(f"| {layout} | {method} | {tuple(unit['unit'])} "
+                      f"| {unit['forward_peak_mb']:.1f} | {unit['forward_backward_peak_mb']:.1f} "
+                      f"| {unit['alive_after_mb']:.1f} |", flush=True)
+    return rows
+
+
 def run_memory(args) -> list[dict]:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow")
     rows = []
@@ -330,7 +408,7 @@ def run_probe(args) -> list[dict]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["memory", "probe", "all"], default="all")
+    parser.add_argument("--part", choices=["memory", "profile", "probe", "all"], default="all")
     parser.add_argument("--quick", action="store_true",
                         help="small settings to check that everything runs")
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
@@ -355,13 +433,14 @@ def main(argv=None) -> None:
     parser.add_argument("--projection-dim", type=int, default=64)
     parser.add_argument("--json", help="also write all rows to this JSON file")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--layout", default="pyramid", help=argparse.SUPPRESS)
     parser.add_argument("--method", default="LoCo", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=256, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
-        print(json.dumps(memory_worker(args)))
+        print(json.dumps(profile_worker(args) if args.profile else memory_worker(args)))
         return
     if args.quick:
         args.layouts, args.batch_sizes, args.steps = ["pyramid"], [256], 1
@@ -375,6 +454,8 @@ def main(argv=None) -> None:
     results = {}
     if args.part in ("memory", "all"):
         results["memory"] = run_memory(args)
+    if args.part == "profile":
+        results["profile"] = run_profile(args)
     if args.part in ("probe", "all"):
         results["probe"] = run_probe(args)
     if args.json:
