@@ -362,6 +362,11 @@ def test_load_inconsistent_header_is_a_clear_error(saved_scann):
     header_path = saved_scann / "index.json"
     header = json.loads(header_path.read_text())
     header_path.write_text(json.dumps({**header, "size": 599}))
+    with pytest.raises(ValueError, match="does not match its own checksum"):
+        Index.load(saved_scann)
+    # A header without a checksum (saved before it existed) is checked against the data.
+    del header["header_sha256"]
+    header_path.write_text(json.dumps({**header, "size": 599}))
     with pytest.raises(ValueError, match="embeddings.npy has shape"):
         Index.load(saved_scann)
 
