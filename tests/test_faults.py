@@ -192,3 +192,29 @@ def test_scann_builds_are_deterministic():
         assert index.uses_tree
         found.append(index.search(x[:200], k=10)[0])
     np.testing.assert_array_equal(found[0], found[1])
+
+
+# ------------------------------------------------------------ retrieval SavedModel
+
+
+def test_retrieval_savedmodel_empty_batch_and_nan_input(tmp_path):
+    import keras
+    import tensorflow as tf
+
+    from keras_dml.export import export_retrieval_model
+
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4)])
+    index = ScaNNIndex()
+    index.add(model.predict(_vectors(30, dim=6), verbose=0))
+    export_retrieval_model(model, index, str(tmp_path / "retriever"), k=3, use_scann=True)
+    loaded = tf.saved_model.load(str(tmp_path / "retriever"))
+    for name in ("retrieve_exact", "retrieve_scann"):
+        served = loaded.signatures[name]
+        out = served(inputs=tf.zeros((0, 6)))
+        assert out["ids"].shape == (0, 3) and out["scores"].shape == (0, 3)
+        bad = np.ones((2, 6), "float32")
+        bad[1, 0] = np.nan
+        with pytest.raises(tf.errors.InvalidArgumentError, match="`inputs` contains NaN"):
+            served(inputs=tf.constant(bad))
+        ids = served(inputs=tf.constant(_vectors(2, dim=6)))["ids"]
+        assert ids.shape == (2, 3)
