@@ -218,3 +218,48 @@ def test_retrieval_savedmodel_empty_batch_and_nan_input(tmp_path):
             served(inputs=tf.constant(bad))
         ids = served(inputs=tf.constant(_vectors(2, dim=6)))["ids"]
         assert ids.shape == (2, 3)
+
+
+# ------------------------------------------------------------ command line
+
+
+def test_argument_errors_fail_before_tensorflow_is_imported(tmp_path):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "keras_dml.cli", "train", "--loss", "nope",
+         "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "unknown loss 'nope'" in proc.stderr
+    imported = [line.split("|")[-1].strip() for line in proc.stderr.splitlines()
+                if line.startswith("import time:")]
+    assert "keras_dml.cli.main" in imported
+    assert not any(name.split(".")[0] in ("tensorflow", "keras", "jax") for name in imported)
+
+
+def test_train_refuses_a_foreign_out_dir_before_training(tmp_path):
+    from keras_dml.cli.main import main
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "metrics.json").write_text("my numbers")
+    assert main(["train", "--epochs", "1", "--out", str(out)]) == 2
+    assert (out / "metrics.json").read_text() == "my numbers"
+    assert sorted(os.listdir(out)) == ["metrics.json"]
+
+
+def test_train_refuses_an_unwritable_out_dir_before_training(tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    from keras_dml.cli.main import main
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    assert main(["train", "--epochs", "1", "--out", str(tmp_path / "run")]) == 2
+    assert "is not writable" in capsys.readouterr().err

@@ -16,9 +16,12 @@ from typing import Any
 import keras
 import numpy as np
 
+import keras_dml
 from keras_dml.cli import registry
 from keras_dml.cli.main import CommandError
 from keras_dml.data.tfds import DatasetUnavailableError
+
+keras_dml._load_all()  # registers the losses, heads and layers that saved models name
 
 # Errors whose message is enough for the user; main prints them as one line.
 ExpectedError = DatasetUnavailableError
