@@ -14,8 +14,8 @@ import threading
 import numpy as np
 import pytest
 
+from keras_dml import _atomic as atomic
 from keras_dml.index import ExactIndex, Index, ScaNNIndex
-from keras_dml.index import base as index_base
 
 
 def _vectors(n=50, dim=8, seed=0):
@@ -63,7 +63,7 @@ def test_an_interrupted_overwrite_keeps_the_old_index(tmp_path, monkeypatch, whe
     if where == "_write":
         monkeypatch.setattr(ExactIndex, "_write_extra", _interrupt)
     else:  # at the final rename
-        monkeypatch.setattr(index_base, "_exchange", _interrupt)
+        monkeypatch.setattr(atomic, "exchange", _interrupt)
     with pytest.raises(KeyboardInterrupt):
         new.save(path, overwrite=True)
     loaded = Index.load(path)
@@ -78,7 +78,7 @@ def test_an_interrupted_overwrite_keeps_the_old_index(tmp_path, monkeypatch, whe
 def test_overwrite_without_an_atomic_exchange_also_works(tmp_path, monkeypatch):
     path = tmp_path / "index"
     _saved(path)
-    monkeypatch.setattr(index_base, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(atomic, "exchange", lambda a, b: False)
     new = ExactIndex()
     new.add(_vectors(30, seed=1))
     new.save(path, overwrite=True)

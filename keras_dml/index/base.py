@@ -24,18 +24,18 @@ file is wrong.
 from __future__ import annotations
 
 import abc
-import ctypes
 import hashlib
 import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
+
+from keras_dml._atomic import fsync_tree, swap_into_place
 
 FORMAT_NAME = "keras-dml-index"
 FORMAT_VERSION = 1
@@ -490,8 +490,8 @@ class Index(abc.ABC):
         staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.", dir=parent)
         try:
             self._write(staging)
-            _fsync_tree(staging)
-            _swap_into_place(staging, directory)
+            fsync_tree(staging)
+            swap_into_place(staging, directory)
         finally:
             # After a swap `staging` holds the old index; after a failure, a partial new one.
             shutil.rmtree(staging, ignore_errors=True)
@@ -670,61 +670,6 @@ def _check_replaceable(directory: str) -> None:
             f"{directory} holds files the saved index did not write ({', '.join(foreign[:5])}); "
             "refusing to replace it. Move them or save elsewhere."
         )
-
-
-def _fsync_tree(directory: str) -> None:
-    """Flushes every file and directory under `directory` to disk (best effort)."""
-    for root, _, names in os.walk(directory):
-        for name in names:
-            with open(os.path.join(root, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_directory(root)
-
-
-def _fsync_directory(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _exchange(a: str, b: str) -> bool:
-    """Swaps two paths atomically (Linux `renameat2(RENAME_EXCHANGE)`); False if unsupported."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
-                          ctypes.c_uint]
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def _swap_into_place(staging: str, directory: str) -> None:
-    """Puts the complete `staging` at `directory`; an old `directory` ends up at `staging`."""
-    parent = os.path.dirname(directory)
-    if not os.path.lexists(directory):
-        os.rename(staging, directory)
-        os.makedirs(staging)  # so that the caller's cleanup has its usual target
-    elif not _exchange(staging, directory):
-        backup = staging + ".old"
-        os.rename(directory, backup)
-        try:
-            os.rename(staging, directory)
-        except BaseException:
-            os.rename(backup, directory)
-            raise
-        os.rename(backup, staging)
-    _fsync_directory(parent)
 
 
 def _verify_files(directory: str, header: dict[str, Any]) -> None:
