@@ -9,7 +9,7 @@ Persistence never uses pickle: a saved index is a directory holding
 
 | file | content |
 | --- | --- |
-| `index.json` | format and version, index class, config, sizes; size and SHA-256 of each file |
+| `index.json` | format, version, index class, config, sizes, `info`; size and SHA-256 per file |
 | `embeddings.npy` | float32 `(size, dim)`, the stored (possibly normalised) vectors |
 | `ids.npy` | int64 or unicode `(size,)` |
 | `metadata.json` | a JSON list, one entry per item (only when metadata was given) |
@@ -458,7 +458,8 @@ class Index(abc.ABC):
 
     # ------------------------------------------------------------ persistence
 
-    def save(self, directory: str, overwrite: bool = False) -> None:
+    def save(self, directory: str, overwrite: bool = False,
+             info: dict[str, Any] | None = None) -> None:
         """Saves the index to a directory (JSON and `.npy` files, no pickle).
 
         The new index is written (and flushed to disk) in a temporary sibling
@@ -474,6 +475,9 @@ class Index(abc.ABC):
                 valid saved index (a readable `index.json`) holding no file
                 other than the ones it lists is replaced: files of anyone
                 else are never deleted.
+            info: optional JSON-serialisable dict stored in `index.json`
+                (covered by its checksum), e.g. which model the embeddings
+                came from; read it back with `Index.saved_info(directory)`.
 
         Raises:
             FileExistsError: if `directory` exists and `overwrite` is False;
@@ -481,6 +485,10 @@ class Index(abc.ABC):
                 files that the saved index did not write.
         """
         directory = os.path.abspath(os.fspath(directory))
+        if info is not None:
+            if not isinstance(info, dict):
+                raise TypeError(f"`info` must be a dict, got {type(info).__name__}.")
+            json.dumps(info)  # not serialisable: fail before anything is written
         if os.path.lexists(directory):
             if not overwrite:
                 raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it.")
@@ -489,14 +497,14 @@ class Index(abc.ABC):
         os.makedirs(parent, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.", dir=parent)
         try:
-            self._write(staging)
+            self._write(staging, info)
             fsync_tree(staging)
             swap_into_place(staging, directory)
         finally:
             # After a swap `staging` holds the old index; after a failure, a partial new one.
             shutil.rmtree(staging, ignore_errors=True)
 
-    def _write(self, directory: str) -> None:
+    def _write(self, directory: str, info: dict[str, Any] | None = None) -> None:
         dim = self.dim or 0
         embeddings = self._embeddings if self._embeddings is not None else np.zeros((0, dim))
         ids = self._ids if self._ids is not None else np.zeros((0,), np.int64)
@@ -523,6 +531,8 @@ class Index(abc.ABC):
             "has_metadata": self._metadata is not None,
             "files": dict(sorted(files.items())),
         }
+        if info is not None:
+            header["info"] = info
         header["header_sha256"] = _header_digest(header)
         with open(os.path.join(directory, _HEADER), "w") as f:
             json.dump(header, f, indent=2)
@@ -608,6 +618,22 @@ class Index(abc.ABC):
     def _read_extra(self, directory: str, header: dict[str, Any]) -> None:
         """Restores subclass state from a verified directory."""
         return None
+
+    @staticmethod
+    def saved_info(directory: str) -> dict[str, Any]:
+        """The `info` dict given to `save()` ({} if none), from a checked `index.json`.
+
+        Reads only the header (and checks its checksum), not the data.
+
+        Raises:
+            FileNotFoundError: if `directory` does not exist.
+            ValueError: if `index.json` is missing, truncated or edited.
+        """
+        directory = os.path.abspath(os.fspath(directory))
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"No saved index at {directory}.")
+        info = _read_header(directory).get("info", {})
+        return dict(info) if isinstance(info, dict) else {}
 
 
 def _rows_unit_or_zero(embeddings: np.ndarray) -> bool:
