@@ -263,3 +263,190 @@ def test_train_refuses_an_unwritable_out_dir_before_training(tmp_path, monkeypat
     monkeypatch.setattr(tempfile, "mkstemp", read_only)
     assert main(["train", "--epochs", "1", "--out", str(tmp_path / "run")]) == 2
     assert "is not writable" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------ run directories
+
+TINY_TRAIN = ["train", "--dataset", "digits", "--epochs", "1", "--steps-per-epoch", "2",
+              "--max-images", "120", "--verbose", "0"]
+
+
+def _tensorflow_cli():
+    pytest.importorskip("tensorflow")
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("the CLI exports SavedModels and TFLite files")
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """One complete tiny run; tests work on copies of it."""
+    _tensorflow_cli()
+    from keras_dml.cli.main import main
+
+    path = tmp_path_factory.mktemp("trained") / "run"
+    assert main([*TINY_TRAIN, "--out", str(path)]) == 0
+    return path
+
+
+@pytest.fixture
+def run(trained_run, tmp_path):
+    import shutil
+
+    path = tmp_path / "run"
+    shutil.copytree(trained_run, path)
+    return path
+
+
+def _snapshot(path):
+    import hashlib
+
+    files = {}
+    for root, _, names in os.walk(path):
+        for name in names:
+            full = os.path.join(root, name)
+            with open(full, "rb") as f:
+                files[os.path.relpath(full, path)] = hashlib.sha256(f.read()).hexdigest()
+    return files
+
+
+def _cli(argv, capsys):
+    from keras_dml.cli.main import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_line_error(code, err, *needles):
+    assert code == 1, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+
+
+@pytest.mark.parametrize("where", ["writing", "swap"])
+def test_an_interrupted_train_keeps_the_previous_run(run, monkeypatch, capsys, where):
+    from keras_dml.cli import commands
+
+    before = _snapshot(run)
+    if where == "writing":  # Ctrl-C while the plots are drawn, after the models were saved
+        monkeypatch.setattr(commands, "write_plots", _interrupt)
+    else:  # Ctrl-C at the final rename
+        monkeypatch.setattr(atomic, "exchange", _interrupt)
+    code, _, err = _cli([*TINY_TRAIN, "--seed", "3", "--out", run], capsys)
+    assert code == 130 and "interrupted" in err
+    assert _snapshot(run) == before  # the previous run, whole, and nothing of the new one
+    assert sorted(os.listdir(run.parent)) == ["run"]  # no partial run left beside it
+    monkeypatch.undo()
+    code, out, _ = _cli(["search", run, "--query-index", "0", "-k", "3"], capsys)
+    assert code == 0 and "precision@3" in out
+    if where == "writing":
+        # A complete train replaces the previous run; a file of the user's in it is kept.
+        old_id = json.loads((run / "config.json").read_text())["run_id"]
+        (run / "notes.txt").write_text("mine")
+        code, out, _ = _cli([*TINY_TRAIN, "--seed", "3", "--out", run], capsys)
+        assert code == 0
+        assert json.loads((run / "config.json").read_text())["run_id"] != old_id
+        assert not (run / "notes.txt").exists() and not (run / "search_0.png").exists()
+        kept = [name for name in os.listdir(run.parent) if name != "run"]
+        assert kept == [f"run.previous-{old_id[:12]}"] and kept[0] in out
+        assert (run.parent / kept[0] / "notes.txt").read_text() == "mine"
+
+
+def test_every_artefact_of_a_run_carries_its_run_id(run):
+    from keras_dml.cli import rundir
+    from keras_dml.index import Index
+
+    run_id = json.loads((run / "config.json").read_text())["run_id"]
+    for name in ("model.keras", "embedding.keras", "saved_model", "retrieval_model",
+                 "embedding.tflite"):
+        assert rundir.read_stamp(str(run / name)) == run_id, name
+    assert Index.saved_info(run / "index") == {"run_id": run_id}
+    assert json.loads((run / "metrics.json").read_text())["run_id"] == run_id
+
+
+def _other_model():
+    import keras
+
+    return keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
+                             keras.layers.Dense(32)])
+
+
+def test_a_stale_tflite_is_refused_by_evaluate(run, capsys):
+    from keras_dml.cli import rundir
+    from keras_dml.export import export_tflite
+
+    stale = run / "embedding_int8.tflite"  # left by an older model
+    export_tflite(_other_model(), str(stale))
+    rundir.stamp(str(stale), "0" * 32)
+    code, _, err = _cli(["evaluate", run, "--using", "tflite-int8"], capsys)
+    _one_line_error(code, err, "embedding_int8.tflite comes from another run", "0" * 32,
+                    "keras-dml export")
+    os.remove(str(stale) + ".run_id")  # written before run ids, or copied without its sidecar
+    code, _, err = _cli(["evaluate", run, "--using", "tflite-int8"], capsys)
+    _one_line_error(code, err, "embedding_int8.tflite has no run id")
+    assert not (run / "metrics_tflite-int8.json").exists()
+
+
+def test_export_stamps_the_run_id_and_evaluate_accepts_it(run, capsys):
+    code, _, err = _cli(["export", run, "--tflite", "float16"], capsys)
+    assert code == 0, err
+    run_id = json.loads((run / "config.json").read_text())["run_id"]
+    assert (run / "embedding_float16.tflite.run_id").read_text().strip() == run_id
+    assert (run / "saved_model" / "assets.extra" / "run_id").read_text().strip() == run_id
+    assert sorted(n for n in os.listdir(run) if n.startswith(".")) == []  # no staging left
+    code, _, err = _cli(["evaluate", run, "--using", "tflite-float16"], capsys)
+    assert code == 0, err
+    assert json.loads((run / "metrics_tflite-float16.json").read_text())["run_id"] == run_id
+
+
+def test_a_model_or_index_from_another_run_is_refused(run, capsys):
+    import shutil
+
+    from keras_dml.index import Index, ScaNNIndex
+
+    # An index built from other embeddings (same items, same labels), stamped by another run.
+    index = Index.load(run / "index")
+    other = ScaNNIndex()
+    other.add(index.embeddings[::-1].copy(), ids=index.ids, metadata=index.metadata)
+    shutil.rmtree(run / "index")
+    other.save(run / "index", info={"run_id": "f" * 32})
+    code, _, err = _cli(["search", run, "--query-index", "0"], capsys)
+    _one_line_error(code, err, "index comes from another run", "f" * 32)
+    # An embedding model copied in from elsewhere (no run id).
+    _other_model().save(run / "embedding.keras")
+    for argv in (["evaluate", run], ["export", run, "--tflite", "float32"]):
+        code, _, err = _cli(argv, capsys)
+        _one_line_error(code, err, "embedding.keras has no run id")
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(
+    "broken, commands, message",
+    [
+        ("test_labels.npy", [["search", "--query-index", "0"]], "test_labels.npy does not exist"),
+        ("config.json", [["search", "--query-index", "0"], ["evaluate"],
+                         ["export", "--tflite", "float32"]], "config.json is truncated"),
+        ("index/embeddings.npy", [["search", "--query-index", "0"]], "embeddings.npy has"),
+        ("embedding.keras", [["evaluate"], ["export", "--tflite", "float32"]],
+         "embedding.keras is truncated"),
+        ("embedding.tflite", [["evaluate", "--using", "tflite"]],
+         "embedding.tflite cannot be read"),
+    ],
+)
+def test_a_half_written_run_gives_one_line_naming_the_file(run, capsys, broken, commands,
+                                                          message):
+    path = run / broken
+    if broken == "test_labels.npy":
+        path.unlink()
+    else:
+        _truncate(path)
+    for command in commands:
+        code, _, err = _cli([command[0], run, *command[1:]], capsys)
+        _one_line_error(code, err, message)
