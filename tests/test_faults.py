@@ -181,17 +181,22 @@ def test_scann_builds_once_for_concurrent_searches(monkeypatch):
         np.testing.assert_array_equal(found, later)
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed: ScaNN's tree + AH training differs between "
-                   "builds even with training_threads=1 and fixed seeds in its config")
+# Not strict: the difference is sporadic (about half the builds match the first), so two
+# builds can agree by chance; four rarely all do.
+@pytest.mark.xfail(strict=False, reason="not fixable from ScaNN's options: its tree + AH "
+                   "training differs between builds even with training_threads=1, no sampling "
+                   "(training_sample_size = n), its fixed default seeds, and the process pinned "
+                   "to one CPU (0-10 of 2000 neighbour ids differ; see RELIABILITY.md)")
 def test_scann_builds_are_deterministic():
     x = _clustered()
     found = []
-    for _ in range(2):
+    for _ in range(4):
         index = ScaNNIndex(training_threads=1)
         index.add(x)
         assert index.uses_tree
         found.append(index.search(x[:200], k=10)[0])
-    np.testing.assert_array_equal(found[0], found[1])
+    for other in found[1:]:
+        np.testing.assert_array_equal(found[0], other)
 
 
 # ------------------------------------------------------------ retrieval SavedModel
@@ -375,12 +380,11 @@ def _other_model():
 
 
 def test_a_stale_tflite_is_refused_by_evaluate(run, capsys):
-    from keras_dml.cli import rundir
     from keras_dml.export import export_tflite
 
-    stale = run / "embedding_int8.tflite"  # left by an older model
+    stale = run / "embedding_int8.tflite"  # left by an older model, with its run id
     export_tflite(_other_model(), str(stale))
-    rundir.stamp(str(stale), "0" * 32)
+    (run / "embedding_int8.tflite.run_id").write_text("0" * 32 + "\n")
     code, _, err = _cli(["evaluate", run, "--using", "tflite-int8"], capsys)
     _one_line_error(code, err, "embedding_int8.tflite comes from another run", "0" * 32,
                     "keras-dml export")
