@@ -57,9 +57,29 @@ def _zero_diagonal(matrix):
     return matrix * (1.0 - ops.eye(n, dtype=matrix.dtype))
 
 
+def _power_of_two_scale(x, axis=None, keepdims=False):
+    """A power of two near `max |x|` (a constant for autodiff), to keep squares in range.
+
+    Dividing by it brings the largest entry into `[1, 2)`, so sums of squares
+    of embeddings up to float32's maximum (~3e38) stay finite; a power of two
+    divides exactly. Rows (or tensors) that are all zero get a small finite
+    scale; a NaN or Inf entry makes the scale NaN or Inf, so it is not hidden.
+    """
+    largest = ops.max(ops.abs(x), axis=axis, keepdims=keepdims)
+    largest = ops.maximum(largest, ops.cast(1e-30, x.dtype))
+    return ops.stop_gradient(ops.exp2(ops.floor(ops.log2(largest))))
+
+
 def l2_normalize(x, axis: int = -1, epsilon: float = 1e-12):
-    """Scales rows to unit L2 norm; an all-zero row stays zero (no NaN)."""
+    """Scales rows to unit L2 norm; an all-zero row stays zero (no NaN).
+
+    Rows are first divided by a power of two near their largest entry, so
+    rows of norm up to float32's maximum normalise correctly (their squared
+    norm would overflow). The `epsilon` floor applies to the squared norm of
+    the rescaled row, i.e. only to rows that are all zero.
+    """
     x = _as_float(x)
+    x = x / _power_of_two_scale(x, axis=axis, keepdims=True)
     square_sum = ops.sum(ops.square(x), axis=axis, keepdims=True)
     return x * ops.rsqrt(ops.maximum(square_sum, epsilon))
 
@@ -84,21 +104,46 @@ def angular_distance(x, y=None):
     return _zero_diagonal(distance) if y is None else distance
 
 
-def squared_euclidean_distance(x, y=None):
-    """Squared L2 distances `|x|^2 + |y|^2 - 2 x.y`, clipped at 0."""
+def _scaled_squared_euclidean(x, y=None):
+    """`(squared distances of x / s and y / s, s)` with `s` a power of two near `max |x|, |y|`.
+
+    `|x|^2 + |y|^2 - 2 x.y` overflows float32 for entries near 1e19 and gives
+    `inf - inf = NaN`; on the rescaled inputs every term is small.
+    """
     x, y_ = _pair(x, y)
+    scale = _power_of_two_scale(x)
+    if y is not None:
+        scale = ops.maximum(scale, _power_of_two_scale(y_))
+    x = x / scale
+    y_ = x if y is None else y_ / scale
     x_sq = ops.sum(ops.square(x), axis=1, keepdims=True)
     y_sq = x_sq if y is None else ops.sum(ops.square(y_), axis=1, keepdims=True)
     distance = x_sq + ops.transpose(y_sq) - 2.0 * ops.matmul(x, ops.transpose(y_))
     distance = ops.maximum(distance, 0.0)
-    return _zero_diagonal(distance) if y is None else distance
+    return (_zero_diagonal(distance) if y is None else distance), scale
+
+
+def squared_euclidean_distance(x, y=None):
+    """Squared L2 distances `|x|^2 + |y|^2 - 2 x.y`, clipped at 0.
+
+    Computed on inputs divided by a common power of two, then scaled back:
+    NaN-free for any finite input (a squared distance beyond the dtype's
+    range is Inf, not NaN).
+    """
+    distance, scale = _scaled_squared_euclidean(x, y)
+    return distance * ops.square(scale)
 
 
 def euclidean_distance(x, y=None):
-    """L2 distances, with a zero (not NaN) gradient where the distance is 0."""
-    squared = squared_euclidean_distance(x, y)
+    """L2 distances, with a zero (not NaN) gradient where the distance is 0.
+
+    Finite for every finite input (the square root is taken before scaling
+    back, so embeddings near float32's maximum give finite distances). A
+    distance below `1e-8` times the inputs' scale counts as 0.
+    """
+    squared, scale = _scaled_squared_euclidean(x, y)
     is_zero = ops.cast(squared <= _ZERO_DISTANCE_EPS, squared.dtype)
-    return ops.sqrt(squared + is_zero * _ZERO_DISTANCE_EPS) * (1.0 - is_zero)
+    return ops.sqrt(squared + is_zero * _ZERO_DISTANCE_EPS) * (1.0 - is_zero) * scale
 
 
 @dataclasses.dataclass(frozen=True)

@@ -362,6 +362,11 @@ def test_load_inconsistent_header_is_a_clear_error(saved_scann):
     header_path = saved_scann / "index.json"
     header = json.loads(header_path.read_text())
     header_path.write_text(json.dumps({**header, "size": 599}))
+    with pytest.raises(ValueError, match="does not match its own checksum"):
+        Index.load(saved_scann)
+    # A header without a checksum (saved before it existed) is checked against the data.
+    del header["header_sha256"]
+    header_path.write_text(json.dumps({**header, "size": 599}))
     with pytest.raises(ValueError, match="embeddings.npy has shape"):
         Index.load(saved_scann)
 
@@ -446,3 +451,19 @@ def test_bad_constructor_arguments_are_rejected():
         ScaNNIndex(num_leaves=0)
     with pytest.raises(ValueError, match="`leaves_to_search` .* cannot exceed"):
         ScaNNIndex(num_leaves=10, leaves_to_search=20)
+
+
+def test_save_info_is_stored_in_the_checked_header(tmp_path):
+    index = ExactIndex()
+    index.add(np.eye(3, dtype="float32"))
+    index.save(tmp_path / "a", info={"run_id": "abc"})
+    assert Index.saved_info(tmp_path / "a") == {"run_id": "abc"}
+    assert len(Index.load(tmp_path / "a")) == 3
+    index.save(tmp_path / "b")
+    assert Index.saved_info(tmp_path / "b") == {}
+    header = tmp_path / "a" / "index.json"
+    header.write_text(header.read_text().replace('"abc"', '"xyz"'))
+    with pytest.raises(ValueError, match="checksum"):
+        Index.saved_info(tmp_path / "a")
+    with pytest.raises(TypeError, match="dict"):
+        index.save(tmp_path / "c", info="abc")

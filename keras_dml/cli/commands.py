@@ -16,9 +16,12 @@ from typing import Any
 import keras
 import numpy as np
 
-from keras_dml.cli import registry
+import keras_dml
+from keras_dml.cli import registry, rundir
 from keras_dml.cli.main import CommandError
 from keras_dml.data.tfds import DatasetUnavailableError
+
+keras_dml._load_all()  # registers the losses, heads and layers that saved models name
 
 # Errors whose message is enough for the user; main prints them as one line.
 ExpectedError = DatasetUnavailableError
@@ -31,7 +34,7 @@ METRIC_ROWS = ("precision_at_1", "recall_at_1", "recall_at_2", "recall_at_4", "r
 # Above this many input values per image, raw pixels are not scored (memory).
 RAW_PIXEL_MAX_DIM = 4096
 PROJECTOR_MAX_POINTS = 5000
-CONFIG_FILE = "config.json"
+CONFIG_FILE = rundir.CONFIG_FILE
 
 
 # -- data ---------------------------------------------------------------------------
@@ -285,24 +288,43 @@ def _tflite_embed_fn(path: str):
     return embed
 
 
-def embed_fn(run_dir: str, using: str = "keras"):
-    """A function mapping an input batch to embeddings with one artefact of the run."""
-    path = os.path.join(run_dir, registry.MODEL_FILES[using])
-    if not os.path.exists(path):
-        hint = (f"run: keras-dml export {run_dir} --tflite {using.split('-')[-1]}"
-                if using.startswith("tflite-") else "run keras-dml train again")
-        raise CommandError(f"{path} does not exist; {hint}")
-    if using == "keras":
-        import keras_dml.layers  # noqa: F401  (registers the layers the model uses)
+def embed_fn(run_dir: str, using: str = "keras", config: dict | None = None):
+    """A function mapping an input batch to embeddings with one artefact of the run.
 
-        model = keras.saving.load_model(path, compile=False)
+    The artefact must carry the run id of `config` (default: the run's
+    `config.json`); a missing, foreign or unreadable one raises `CommandError`.
+    """
+    if config is None:
+        config = rundir.read_config(run_dir)
+    path = os.path.join(run_dir, registry.MODEL_FILES[using])
+    if using.startswith("tflite-") or using == "tflite":
+        precision = {"tflite": "float32", "tflite-float16": "float16", "tflite-int8": "int8"}
+        fix = f"run: keras-dml export {run_dir} --tflite {precision[using]}"
+    elif using == "saved_model":
+        fix = f"run: keras-dml export {run_dir}"
+    else:
+        fix = "run keras-dml train again"
+    if not os.path.exists(path):
+        raise CommandError(f"{path} does not exist; {fix}")
+    rundir.check_stamp(path, config, fix)
+    if using == "keras":
+        model = rundir.load_artefact(path, _load_keras_model, fix)
         return lambda batch: np.asarray(model.predict_on_batch(batch))
     if using == "saved_model":
         import tensorflow as tf
 
-        serve = tf.saved_model.load(path).signatures["serving_default"]
+        def load(path):
+            return tf.saved_model.load(path).signatures["serving_default"]
+
+        serve = rundir.load_artefact(path, load, fix)
         return lambda batch: serve(inputs=tf.constant(batch, tf.float32))["embeddings"].numpy()
-    return _tflite_embed_fn(path)
+    return rundir.load_artefact(path, _tflite_embed_fn, fix)
+
+
+def _load_keras_model(path: str) -> keras.Model:
+    import keras_dml.layers  # noqa: F401  (registers the layers the model uses)
+
+    return keras.saving.load_model(path, compile=False)
 
 
 def embed_all(embed, x):
@@ -500,11 +522,6 @@ def write_plots(run_dir, embeddings, labels, thumbnails, history, projection) ->
                                labels=labels[keep], images=thumbnails[keep])
 
 
-def _read_json(path: str) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 def _write_json(path: str, value) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(value, f, indent=2, sort_keys=False)
@@ -530,6 +547,7 @@ def train(args) -> int:
     start = time.time()
     config = {key: value for key, value in vars(args).items() if key not in ("handler",)}
     config["version"] = 1
+    config["run_id"] = rundir.new_run_id()
     _resolve_backbone(config, args.dataset)
     keras.utils.set_random_seed(args.seed)
     data = load_run_data(config)
@@ -568,53 +586,67 @@ def train(args) -> int:
                         shuffle=False)
     fit_seconds = time.time() - start
 
-    os.makedirs(args.out, exist_ok=True)
+    # Everything is written into a hidden sibling, then swapped in whole (rundir.write_run):
+    # an interruption leaves the previous run in --out, or the new one, never a mix.
+    run_id = config["run_id"]
+    written = {}
+
+    def write_run(out):
+        for name, saved in (("model.keras", model), ("embedding.keras", embedder)):
+            saved.save(os.path.join(out, name))
+            rundir.stamp(os.path.join(out, name), run_id)
+        # The embedding and the backbone's features φ from one backbone pass.
+        both = embedding_and_features_model(embedder, features)
+        embed_both = lambda batch: tuple(  # noqa: E731
+            np.asarray(o) for o in both.predict_on_batch(batch))
+        seen, seen_features = (embed_all(embed_both, data.seen_x) if len(data.seen_y)
+                               else (None, None))
+        unseen, unseen_features = embed_all(embed_both, data.unseen_x)
+        metrics = {
+            "dataset": args.dataset,
+            "loss": config["loss"],
+            "s2sd": bool(args.s2sd),
+            "protocol": _protocol(config, data),
+            "sizes": {"train": data.train_size, "seen": int(len(data.seen_y)),
+                      "unseen": int(len(data.unseen_y))},
+            "seen": _score(seen, data.seen_y),
+            "unseen": _score(unseen, data.unseen_y),
+            "baselines": baselines,
+            # The trained backbone's features φ, before the embedding layer: they
+            # can transfer to unseen classes better than the embedding does.
+            "features": {
+                "seen": _score(seen_features, data.seen_y) if len(data.seen_y) else None,
+                "unseen": _score(unseen_features, data.unseen_y),
+            },
+            "artefact": "keras",
+            "run_id": run_id,
+        }
+        _write_json(os.path.join(out, "metrics.json"), metrics)
+        history_logs = {k: [float(v) for v in values] for k, values in history.history.items()}
+        _write_json(os.path.join(out, "history.json"), history_logs)
+
+        export_embedding_model(embedder, os.path.join(out, "saved_model"))
+        rundir.stamp(os.path.join(out, "saved_model"), run_id)
+        export_tflite(embedder, os.path.join(out, "embedding.tflite"))
+        rundir.stamp(os.path.join(out, "embedding.tflite"), run_id)
+        index = ScaNNIndex()
+        index.add(unseen, ids=np.arange(len(unseen)),
+                  metadata=[{"label": int(label)} for label in data.unseen_y])
+        index.save(os.path.join(out, "index"), info={"run_id": run_id})
+        export_retrieval_model(embedder, index, os.path.join(out, "retrieval_model"),
+                               k=min(10, len(index)))
+        rundir.stamp(os.path.join(out, "retrieval_model"), run_id)
+        np.save(os.path.join(out, "test_labels.npy"), data.unseen_y)
+        np.save(os.path.join(out, "test_thumbnails.npy"), data.unseen_thumbnails)
+        write_plots(out, unseen, data.unseen_y, data.unseen_thumbnails, history_logs,
+                    args.projection)
+        config["fit_seconds"] = round(fit_seconds, 1)
+        _write_json(os.path.join(out, CONFIG_FILE), config)
+        written["metrics"] = metrics
+
+    kept = rundir.write_run(args.out, write_run)
+    metrics = written["metrics"]
     out = args.out
-    model.save(os.path.join(out, "model.keras"))
-    embedder.save(os.path.join(out, "embedding.keras"))
-    # The embedding and the backbone's features φ from one backbone pass.
-    both = embedding_and_features_model(embedder, features)
-    embed_both = lambda batch: tuple(np.asarray(o) for o in both.predict_on_batch(batch))  # noqa: E731
-    seen, seen_features = (embed_all(embed_both, data.seen_x) if len(data.seen_y)
-                           else (None, None))
-    unseen, unseen_features = embed_all(embed_both, data.unseen_x)
-    metrics = {
-        "dataset": args.dataset,
-        "loss": config["loss"],
-        "s2sd": bool(args.s2sd),
-        "protocol": _protocol(config, data),
-        "sizes": {"train": data.train_size, "seen": int(len(data.seen_y)),
-                  "unseen": int(len(data.unseen_y))},
-        "seen": _score(seen, data.seen_y),
-        "unseen": _score(unseen, data.unseen_y),
-        "baselines": baselines,
-        # The trained backbone's features φ, before the embedding layer: they
-        # can transfer to unseen classes better than the embedding does.
-        "features": {
-            "seen": _score(seen_features, data.seen_y) if len(data.seen_y) else None,
-            "unseen": _score(unseen_features, data.unseen_y),
-        },
-        "artefact": "keras",
-    }
-    _write_json(os.path.join(out, "metrics.json"), metrics)
-    history_logs = {k: [float(v) for v in values] for k, values in history.history.items()}
-    _write_json(os.path.join(out, "history.json"), history_logs)
-
-    export_embedding_model(embedder, os.path.join(out, "saved_model"))
-    export_tflite(embedder, os.path.join(out, "embedding.tflite"))
-    index = ScaNNIndex()
-    index.add(unseen, ids=np.arange(len(unseen)),
-              metadata=[{"label": int(label)} for label in data.unseen_y])
-    index.save(os.path.join(out, "index"), overwrite=True)
-    export_retrieval_model(embedder, index, os.path.join(out, "retrieval_model"),
-                           k=min(10, len(index)))
-    np.save(os.path.join(out, "test_labels.npy"), data.unseen_y)
-    np.save(os.path.join(out, "test_thumbnails.npy"), data.unseen_thumbnails)
-    write_plots(out, unseen, data.unseen_y, data.unseen_thumbnails, history_logs,
-                args.projection)
-    config["fit_seconds"] = round(fit_seconds, 1)
-    _write_json(os.path.join(out, CONFIG_FILE), config)
-
     print()
     print(format_metrics_table(metrics))
     print(f"({metrics['protocol']})")
@@ -623,6 +655,8 @@ def train(args) -> int:
         print(note)
     print()
     print(format_artefacts(out))
+    if kept:
+        print(f"\nthe previous run in {out} held files no run writes; it is kept, whole, in {kept}")
     print(f"\ndone in {time.time() - start:.0f} s")
     return 0
 
@@ -630,13 +664,13 @@ def train(args) -> int:
 def evaluate(args) -> int:
     """`keras-dml evaluate DIR`: re-embed the run's test data with one artefact and report."""
     run_dir = args.run_dir
-    config = _read_json(os.path.join(run_dir, CONFIG_FILE))
-    embed = embed_fn(run_dir, args.using)
+    config = rundir.read_config(run_dir)
+    embed = embed_fn(run_dir, args.using, config)
     data = load_run_data(config)
     seen = embed_all(embed, data.seen_x) if len(data.seen_y) else None
     unseen = embed_all(embed, data.unseen_x)
     metrics_path = os.path.join(run_dir, "metrics.json")
-    previous = _read_json(metrics_path) if os.path.exists(metrics_path) else {}
+    previous = rundir.read_metrics(metrics_path, config)  # {} if absent or from another run
     metrics = {
         **{k: previous[k] for k in ("dataset", "loss", "s2sd") if k in previous},
         "protocol": _protocol(config, data),
@@ -646,11 +680,12 @@ def evaluate(args) -> int:
         "baselines": previous.get("baselines", {}),
         **({"features": previous["features"]} if "features" in previous else {}),
         "artefact": args.using,
+        **({"run_id": config["run_id"]} if "run_id" in config else {}),
     }
     name = "metrics.json" if args.using == "keras" else f"metrics_{args.using}.json"
     _write_json(os.path.join(run_dir, name), metrics)
     history_path = os.path.join(run_dir, "history.json")
-    history = _read_json(history_path) if os.path.exists(history_path) else None
+    history = rundir.read_metrics(history_path, {}) or None
     write_plots(run_dir, unseen, data.unseen_y, data.unseen_thumbnails, history, args.projection)
     print(format_artefacts(run_dir))
     print(f"\nretrieval metrics of {config['dataset']} with the {args.using} artefact "
@@ -669,12 +704,25 @@ def search(args) -> int:
     from keras_dml.index import Index
 
     run_dir = args.run_dir
+    config = rundir.read_config(run_dir)
     index_dir = os.path.join(run_dir, "index")
-    if not os.path.isdir(index_dir):
-        raise CommandError(f"{index_dir} does not exist; run keras-dml train again")
-    index = Index.load(index_dir)
-    labels = np.load(os.path.join(run_dir, "test_labels.npy"))
-    thumbnails = np.load(os.path.join(run_dir, "test_thumbnails.npy"))
+    index = rundir.load_artefact(index_dir, Index.load)
+    rundir.check_index_stamp(index_dir, config)
+
+    def load_npy(path):
+        return np.load(path, allow_pickle=False)
+
+    labels = rundir.load_artefact(os.path.join(run_dir, "test_labels.npy"), load_npy)
+    thumbnails = rundir.load_artefact(os.path.join(run_dir, "test_thumbnails.npy"), load_npy)
+    indexed = np.array([(item or {}).get("label", -1) for item in index.metadata or []])
+    ids = index.ids
+    if (len(labels) != len(index) or len(thumbnails) != len(index)
+            or ids.dtype.kind != "i" or (len(ids) and (ids.min() < 0 or ids.max() >= len(labels)))
+            or (len(indexed) and not np.array_equal(indexed, labels[ids]))):
+        raise CommandError(f"{os.path.join(run_dir, 'test_labels.npy')} and test_thumbnails.npy "
+                           f"({len(labels)} and {len(thumbnails)} rows) do not match the index "
+                           f"{index_dir} ({len(index)} items): they come from different runs; "
+                           "run keras-dml train again")
     n = args.query_index
     if n >= len(index):
         raise CommandError(f"--query-index {n} is out of range: the test set has {len(index)} "
@@ -708,20 +756,32 @@ def export(args) -> int:
 
     _require_tensorflow("export")
     run_dir = args.run_dir
-    config = _read_json(os.path.join(run_dir, CONFIG_FILE))
-    import keras_dml.layers  # noqa: F401  (registers the layers the model uses)
-
+    config = rundir.read_config(run_dir)
+    run_id = config.get("run_id")
     model_path = os.path.join(run_dir, registry.MODEL_FILES["keras"])
     if not os.path.exists(model_path):
         raise CommandError(f"{model_path} does not exist; run keras-dml train again")
-    embedder = keras.saving.load_model(model_path, compile=False)
+    rundir.check_stamp(model_path, config, "run keras-dml train again")
+    embedder = rundir.load_artefact(model_path, _load_keras_model)
     data = load_run_data(config)
-    export_embedding_model(embedder, os.path.join(run_dir, "saved_model"))
     name = {"float32": "tflite", "float16": "tflite-float16", "int8": "tflite-int8"}[args.tflite]
     path = os.path.join(run_dir, registry.MODEL_FILES[name])
     quantization = None if args.tflite == "float32" else args.tflite
-    export_tflite(embedder, path, quantization=quantization,
-                  representative_data=data.representative if args.tflite == "int8" else None)
+
+    # Each file is written beside its final path and swapped in, then stamped with the run id.
+    def write_saved_model(target):
+        export_embedding_model(embedder, target)
+        if run_id:
+            rundir.stamp(target, run_id)
+
+    def write_tflite(target):
+        export_tflite(embedder, target, quantization=quantization,
+                      representative_data=data.representative if args.tflite == "int8" else None)
+
+    rundir.replace_file(os.path.join(run_dir, "saved_model"), write_saved_model)
+    rundir.replace_file(path, write_tflite)
+    if run_id:
+        rundir.stamp(path, run_id)
     sample = next(iter(_batches(data.unseen_x)))
     reference = np.asarray(embedder.predict_on_batch(sample))
     exported = _tflite_embed_fn(path)(sample)

@@ -204,6 +204,37 @@ def _check_run_dir(path: str) -> str:
     return path
 
 
+def _check_out_dir(path: str) -> None:
+    """Refuses an `--out` that training could not write, before hours of training.
+
+    `--out` must be new, empty or a previous run (it has `config.json`), and
+    writable (probed by creating a file: permission bits say nothing to root
+    or about a read-only mount).
+    """
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise ValueError(f"--out {path!r} exists and is not a directory")
+    if os.path.isdir(path):
+        entries = os.listdir(path)
+        if entries and not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(
+                f"--out {path!r} is not empty and is not a keras-dml run (no config.json); "
+                "choose a new or empty directory, nothing of yours is overwritten"
+            )
+        probe_dir = path
+    else:
+        probe_dir = os.path.dirname(os.path.abspath(path))
+        while not os.path.isdir(probe_dir):
+            probe_dir = os.path.dirname(probe_dir)
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".keras-dml-write-test.", dir=probe_dir)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as error:
+        raise ValueError(f"--out {path!r} is not writable ({error.strerror})") from None
+
+
 def _validate(args: argparse.Namespace) -> None:
     """Checks names and paths before anything heavy is imported; raises `_UsageError`."""
     prog = f"keras-dml {args.command}"
@@ -217,8 +248,7 @@ def _validate(args: argparse.Namespace) -> None:
                 raise ValueError("--max-classes applies to --dataset glyphs only")
             if args.max_classes is not None and args.max_classes < 2:
                 raise ValueError("--max-classes must be at least 2")
-            if os.path.exists(args.out) and not os.path.isdir(args.out):
-                raise ValueError(f"--out {args.out!r} exists and is not a directory")
+            _check_out_dir(args.out)
         else:
             _check_run_dir(args.run_dir)
     except ValueError as error:

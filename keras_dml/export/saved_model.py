@@ -18,6 +18,10 @@ batch dimension dynamic):
 | `retrieve_scann` | `ids`, `scores`: the ScaNN searcher (`use_scann=True` only) | ScaNN |
 | `embed` | `embeddings` (float32, L2-normalised) | stock |
 
+An empty batch returns `(0, k)` ids and scores from every retrieval
+signature; a batch whose inputs or embeddings hold NaN or Inf raises
+`tf.errors.InvalidArgumentError` naming `inputs`.
+
 `ids` are the index's ids (int64 or string) and `scores` follow the index's
 convention: inner products (descending) for `"dot"`, squared distances
 (ascending) for `"squared_l2"`.
@@ -96,6 +100,26 @@ def _embedding_fn(model):
         return tf.cast(y, tf.float32)
 
     return embed
+
+
+def _checked_finite(inputs, embeddings):
+    """`embeddings`, after run-time checks that `inputs` and `embeddings` hold no NaN or Inf.
+
+    A failed check raises `tf.errors.InvalidArgumentError` naming `inputs`:
+    a NaN query would otherwise come back with real ids and NaN scores, or
+    crash ScaNN's kernel.
+    """
+    checks = []
+    if inputs.dtype.is_floating:
+        checks.append(tf.debugging.Assert(
+            tf.reduce_all(tf.math.is_finite(inputs)), ["`inputs` contains NaN or Inf."]
+        ))
+    checks.append(tf.debugging.Assert(
+        tf.reduce_all(tf.math.is_finite(embeddings)),
+        ["The embeddings of `inputs` contain NaN or Inf."],
+    ))
+    with tf.control_dependencies(checks):
+        return tf.identity(embeddings)
 
 
 def _normalized(x):
@@ -241,7 +265,7 @@ def export_retrieval_model(
         )
 
     def queries_of(inputs):
-        queries = embed(inputs)
+        queries = _checked_finite(inputs, embed(inputs))
         return _normalized(queries) if index.normalize else queries
 
     @tf.function(input_signature=[spec], autograph=False)
@@ -295,9 +319,7 @@ def _scann_signature(module: tf.Module, index, spec: tf.TensorSpec, k: int, quer
     pre_reorder, leaves = index.search_args(k)
     all_leaves = index.resolved_params(k)["num_leaves"] or -1
 
-    @tf.function(input_signature=[spec], autograph=False)
-    def retrieve_scann(inputs):
-        queries = queries_of(inputs)
+    def search(queries):
         # Without a shared_name the kernel builds the searcher on the first
         # call and keeps it, so later requests only search.
         handle = scann_ops.tensors_to_scann(
@@ -328,7 +350,17 @@ def _scann_signature(module: tf.Module, index, spec: tf.TensorSpec, k: int, quer
                 tf.where(incomplete[:, tf.newaxis], full_scores, scores),
             )
 
-        rows, scores = tf.cond(tf.reduce_any(incomplete), search_all_leaves, lambda: (rows, scores))
+        return tf.cond(tf.reduce_any(incomplete), search_all_leaves, lambda: (rows, scores))
+
+    @tf.function(input_signature=[spec], autograph=False)
+    def retrieve_scann(inputs):
+        queries = queries_of(inputs)
+        # ScaNN's kernel fails on an empty batch; the answer is (0, k).
+        rows, scores = tf.cond(
+            tf.shape(queries)[0] > 0,
+            lambda: search(queries),
+            lambda: (tf.zeros((0, k), tf.int32), tf.zeros((0, k), tf.float32)),
+        )
         return {"ids": tf.gather(module.index_ids, rows), "scores": scores}
 
     return retrieve_scann

@@ -9,7 +9,7 @@ Persistence never uses pickle: a saved index is a directory holding
 
 | file | content |
 | --- | --- |
-| `index.json` | format and version, index class, config, sizes; size and SHA-256 of each file |
+| `index.json` | format, version, index class, config, sizes, `info`; size and SHA-256 per file |
 | `embeddings.npy` | float32 `(size, dim)`, the stored (possibly normalised) vectors |
 | `ids.npy` | int64 or unicode `(size,)` |
 | `metadata.json` | a JSON list, one entry per item (only when metadata was given) |
@@ -34,6 +34,8 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
+
+from keras_dml._atomic import fsync_tree, swap_into_place
 
 FORMAT_NAME = "keras-dml-index"
 FORMAT_VERSION = 1
@@ -61,6 +63,10 @@ def l2_normalize_rows(x: np.ndarray) -> np.ndarray:
         A new float32 array of the same shape.
     """
     square_sum = np.einsum("ij,ij->i", x, x)[:, None]
+    if not np.isfinite(square_sum).all():
+        # Rows beyond ~1e19 overflow the squared norm: rescale them first.
+        x = x / np.maximum(np.abs(x).max(axis=1, keepdims=True), np.float32(1e-30))
+        square_sum = np.einsum("ij,ij->i", x, x)[:, None]
     return (x / np.sqrt(np.maximum(square_sum, _NORM_EPSILON))).astype(np.float32, copy=False)
 
 
@@ -255,6 +261,11 @@ class Index(abc.ABC):
             raise ValueError(f"`ids` must be a 1-D sequence of {n} ids, got shape {ids.shape}.")
         if n == 0:
             return ids.astype(np.int64 if integer_ids else str)
+        if ids.dtype.kind == "u" and ids.max() > np.iinfo(np.int64).max:
+            raise ValueError(
+                f"`ids` holds {ids.max()}, beyond the int64 range ids are stored in; "
+                "use ids below 2**63 or string ids."
+            )
         if ids.dtype.kind in "iu":
             ids = ids.astype(np.int64)
         elif ids.dtype.kind in "US":
@@ -357,6 +368,8 @@ class Index(abc.ABC):
             raise ValueError("`queries` contains NaN or Inf values.")
         if not self.normalize:
             return np.ascontiguousarray(query)
+        if not math.isfinite(square_sum):
+            return l2_normalize_rows(query[None])[0]
         # A Python float scalar keeps the query's float32 (NumPy 2 promotion).
         return query * (1.0 / math.sqrt(max(square_sum, _NORM_EPSILON)))
 
@@ -392,6 +405,8 @@ class Index(abc.ABC):
             raise ValueError("`queries` contains NaN or Inf values.")
         if not self.normalize:
             return np.ascontiguousarray(queries)
+        if not finite:
+            return l2_normalize_rows(queries)
         if queries.shape[0] == 1:
             return queries / np.float32(math.sqrt(max(square_sum, _NORM_EPSILON)))
         return queries / np.sqrt(np.maximum(square_sums, _NORM_EPSILON))[:, None]
@@ -443,41 +458,53 @@ class Index(abc.ABC):
 
     # ------------------------------------------------------------ persistence
 
-    def save(self, directory: str, overwrite: bool = False) -> None:
-        """Saves the index to a new directory (JSON and `.npy` files, no pickle).
+    def save(self, directory: str, overwrite: bool = False,
+             info: dict[str, Any] | None = None) -> None:
+        """Saves the index to a directory (JSON and `.npy` files, no pickle).
 
-        The directory is written next to its final place and renamed at the
-        end, so an interrupted save never leaves a half-written index behind.
+        The new index is written (and flushed to disk) in a temporary sibling
+        directory and then swapped with the old one in a single rename
+        (`renameat2(RENAME_EXCHANGE)` on Linux; elsewhere two renames, the
+        old index renamed back if the second fails). An interrupted save
+        leaves the old index, complete, or the new one: never a mix, never
+        nothing.
 
         Args:
             directory: path of the directory to create.
-            overwrite: replace an existing saved index at `directory`.
+            overwrite: replace an existing saved index at `directory`. Only a
+                valid saved index (a readable `index.json`) holding no file
+                other than the ones it lists is replaced: files of anyone
+                else are never deleted.
+            info: optional JSON-serialisable dict stored in `index.json`
+                (covered by its checksum), e.g. which model the embeddings
+                came from; read it back with `Index.saved_info(directory)`.
 
         Raises:
-            FileExistsError: if `directory` exists and `overwrite` is False, or
-                if it exists, is not empty and is not a saved index.
+            FileExistsError: if `directory` exists and `overwrite` is False;
+                if it is not empty and is not a saved index; if it holds
+                files that the saved index did not write.
         """
         directory = os.path.abspath(os.fspath(directory))
-        if os.path.exists(directory):
+        if info is not None:
+            if not isinstance(info, dict):
+                raise TypeError(f"`info` must be a dict, got {type(info).__name__}.")
+            json.dumps(info)  # not serialisable: fail before anything is written
+        if os.path.lexists(directory):
             if not overwrite:
                 raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it.")
-            if os.listdir(directory) and not os.path.isfile(os.path.join(directory, _HEADER)):
-                raise FileExistsError(
-                    f"{directory} is not empty and is not a saved index; refusing to replace it."
-                )
+            _check_replaceable(directory)
         parent = os.path.dirname(directory)
         os.makedirs(parent, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.", dir=parent)
         try:
-            self._write(staging)
-            if os.path.exists(directory):
-                shutil.rmtree(directory)
-            os.replace(staging, directory)
-        except BaseException:
+            self._write(staging, info)
+            fsync_tree(staging)
+            swap_into_place(staging, directory)
+        finally:
+            # After a swap `staging` holds the old index; after a failure, a partial new one.
             shutil.rmtree(staging, ignore_errors=True)
-            raise
 
-    def _write(self, directory: str) -> None:
+    def _write(self, directory: str, info: dict[str, Any] | None = None) -> None:
         dim = self.dim or 0
         embeddings = self._embeddings if self._embeddings is not None else np.zeros((0, dim))
         ids = self._ids if self._ids is not None else np.zeros((0,), np.int64)
@@ -504,6 +531,9 @@ class Index(abc.ABC):
             "has_metadata": self._metadata is not None,
             "files": dict(sorted(files.items())),
         }
+        if info is not None:
+            header["info"] = info
+        header["header_sha256"] = _header_digest(header)
         with open(os.path.join(directory, _HEADER), "w") as f:
             json.dump(header, f, indent=2)
 
@@ -568,6 +598,11 @@ class Index(abc.ABC):
                 f"{directory}: {_IDS} has shape {ids.shape} and dtype {ids.dtype}; "
                 f"{_HEADER} expects ({size},) {header['id_kind']} ids."
             )
+        if index.normalize and size and not _rows_unit_or_zero(embeddings):
+            raise ValueError(
+                f"{directory}: {_HEADER} says normalize=True but {_EMBEDDINGS} holds rows that "
+                "are not unit-norm; the header does not describe this data."
+            )
         if header["has_metadata"]:
             with open(os.path.join(directory, _METADATA)) as f:
                 metadata = json.load(f)
@@ -583,6 +618,27 @@ class Index(abc.ABC):
     def _read_extra(self, directory: str, header: dict[str, Any]) -> None:
         """Restores subclass state from a verified directory."""
         return None
+
+    @staticmethod
+    def saved_info(directory: str) -> dict[str, Any]:
+        """The `info` dict given to `save()` ({} if none), from a checked `index.json`.
+
+        Reads only the header (and checks its checksum), not the data.
+
+        Raises:
+            FileNotFoundError: if `directory` does not exist.
+            ValueError: if `index.json` is missing, truncated or edited.
+        """
+        directory = os.path.abspath(os.fspath(directory))
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"No saved index at {directory}.")
+        info = _read_header(directory).get("info", {})
+        return dict(info) if isinstance(info, dict) else {}
+
+
+def _rows_unit_or_zero(embeddings: np.ndarray) -> bool:
+    norms = np.sqrt(np.einsum("ij,ij->i", embeddings, embeddings, dtype=np.float64))
+    return bool(np.all((np.abs(norms - 1.0) < 1e-3) | (norms == 0.0)))
 
 
 def _read_header(directory: str) -> dict[str, Any]:
@@ -606,7 +662,40 @@ def _read_header(directory: str) -> dict[str, Any]:
     missing = [key for key in required if key not in header]
     if missing:
         raise ValueError(f"{path} is missing the fields {missing}.")
+    # Saves before the checksum existed have none; every save writes one now.
+    if "header_sha256" in header and header["header_sha256"] != _header_digest(header):
+        raise ValueError(
+            f"{path} does not match its own checksum: it was edited after the save "
+            "(its distance, config or sizes no longer describe the saved data)."
+        )
     return header
+
+
+def _header_digest(header: dict[str, Any]) -> str:
+    content = {key: value for key, value in header.items() if key != "header_sha256"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def _check_replaceable(directory: str) -> None:
+    """Raises `FileExistsError` unless `directory` is empty or a saved index and nothing else."""
+    if not os.path.isdir(directory) or os.path.islink(directory):
+        raise FileExistsError(f"{directory} exists and is not a directory; refusing to replace it.")
+    entries = os.listdir(directory)
+    if not entries:
+        return
+    try:
+        header = _read_header(directory)
+    except ValueError as error:
+        raise FileExistsError(
+            f"{directory} is not empty and is not a saved index ({error}); refusing to replace it."
+        ) from None
+    listed = {name.split("/")[0] for name in header["files"]} | {_HEADER}
+    foreign = sorted(set(entries) - listed)
+    if foreign:
+        raise FileExistsError(
+            f"{directory} holds files the saved index did not write ({', '.join(foreign[:5])}); "
+            "refusing to replace it. Move them or save elsewhere."
+        )
 
 
 def _verify_files(directory: str, header: dict[str, Any]) -> None:

@@ -86,6 +86,11 @@ class ExactIndex(Index):
         size = embeddings.shape[0]
         if self.distance == "squared_l2" and self._squared_norms is None:
             self._squared_norms = np.einsum("ij,ij->i", embeddings, embeddings)
+        if self.distance == "squared_l2" and not (
+            np.isfinite(self._squared_norms).all()
+            and np.isfinite(np.einsum("ij,ij->i", queries, queries)).all()
+        ):
+            return self._search_huge(queries, k)
         chunk = max(1, _BLOCK_ELEMENTS // size)
         rows, scores = [], []
         for start in range(0, queries.shape[0], chunk):
@@ -101,3 +106,18 @@ class ExactIndex(Index):
             rows.append(found[0])
             scores.append(found[1])
         return np.concatenate(rows), np.concatenate(scores).astype(np.float32)
+
+    def _search_huge(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """`squared_l2` search for vectors whose squared norms overflow float32 (beyond ~1e19).
+
+        The vectors are divided by a common power of two, ranked there, and
+        the distances scaled back in float64: the order is exact and a
+        distance beyond float32's range is reported as Inf, never NaN.
+        """
+        largest = max(float(np.abs(self._embeddings).max()), float(np.abs(queries).max()))
+        scale = 2.0 ** np.floor(np.log2(largest))
+        scaled = ExactIndex(distance="squared_l2")
+        scaled.add(self._embeddings / np.float32(scale))
+        rows, scores = scaled._search(queries / np.float32(scale), k)
+        with np.errstate(over="ignore"):
+            return rows, (scores.astype(np.float64) * scale**2).astype(np.float32)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -71,6 +72,12 @@ class ScaNNIndex(Index):
         training_sample_size: points used to train the tree and the hashing
             codebooks; defaults to `min(N, 100_000)`.
         training_threads: threads used to build; 0 lets ScaNN use all cores.
+            Two tree builds of the same data are not identical (measured with
+            ScaNN's asymmetric hashing even with 1 thread and fixed
+            seeds); recall differs slightly between builds.
+
+    The searcher is built once, under a lock: threads that search an index
+    that is not built yet wait for the one build.
 
     Example:
 
@@ -120,6 +127,7 @@ class ScaNNIndex(Index):
         self.anisotropic_quantization_threshold = float(anisotropic_quantization_threshold)
         self.training_sample_size = training_sample_size
         self.training_threads = int(training_threads)
+        self._build_lock = threading.Lock()
         self._searcher = None
         self._search_args: dict[int, tuple[int, int, int]] = {}
 
@@ -189,6 +197,10 @@ class ScaNNIndex(Index):
         Raises:
             ValueError: if the index is empty.
         """
+        with self._build_lock:
+            self._build_unlocked()
+
+    def _build_unlocked(self) -> None:
         if len(self) == 0:
             raise ValueError("The index is empty: call `add()` before `build()`.")
         scann_ops_pybind = _scann_pybind()
@@ -217,10 +229,15 @@ class ScaNNIndex(Index):
 
     @property
     def searcher(self):
-        """The underlying `scann_ops_pybind.ScannSearcher`, built if needed."""
-        if self._searcher is None:
-            self.build()
-        return self._searcher
+        """The underlying `scann_ops_pybind.ScannSearcher`, built once (thread-safe) if needed."""
+        searcher = self._searcher
+        if searcher is None:
+            with self._build_lock:
+                searcher = self._searcher
+                if searcher is None:
+                    self._build_unlocked()
+                    searcher = self._searcher
+        return searcher
 
     def search_args(self, k: int) -> tuple[int, int]:
         """Returns ScaNN's `(pre_reorder_num_neighbors, leaves_to_search)` for `k`.

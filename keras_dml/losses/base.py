@@ -89,8 +89,12 @@ def validate_inputs(labels, embeddings, labels_arg: str = "y_true", embeddings_a
 
     Raises:
         ValueError: naming the argument, for a wrong rank, mismatched batch
-            sizes, non-integer labels, or (when values are concrete) an empty
-            batch or NaN/Inf embeddings.
+            sizes, non-integer labels, an empty batch or NaN/Inf embeddings.
+            Eagerly and for static shapes it is raised here; inside a
+            TensorFlow graph (`model.fit`) the value checks raise
+            `tf.errors.InvalidArgumentError` with the same message when the
+            step runs, and under JAX's `jit` a `JaxRuntimeError` holding the
+            `ValueError` (see `_run_time_checks`).
     """
     check_labels_dtype(labels, labels_arg)
     embeddings = ops.convert_to_tensor(embeddings)
@@ -116,14 +120,99 @@ def validate_inputs(labels, embeddings, labels_arg: str = "y_true", embeddings_a
             f"`{labels_arg}` has {n_labels} labels but `{embeddings_arg}` has {n_embeddings} "
             "embeddings; they must match."
         )
+    if n_embeddings == 0:
+        raise ValueError(_EMPTY_BATCH.format(arg=embeddings_arg))
     value = concrete_value(embeddings)
     if value is not None:
         if value.shape[0] == 0:
-            raise ValueError(f"`{embeddings_arg}` is an empty batch; a metric loss needs pairs.")
+            raise ValueError(_EMPTY_BATCH.format(arg=embeddings_arg))
         if not np.all(np.isfinite(value)):
-            raise ValueError(f"`{embeddings_arg}` contains NaN or Inf.")
+            raise ValueError(_NON_FINITE.format(arg=embeddings_arg))
+    else:
+        labels, embeddings = _run_time_checks(labels, embeddings, labels_arg, embeddings_arg)
     labels = ops.cast(labels, "int32")
     return labels, embeddings
+
+
+_EMPTY_BATCH = "`{arg}` is an empty batch; a metric loss needs pairs."
+_NON_FINITE = "`{arg}` contains NaN or Inf."
+_FRACTIONAL = "`{arg}` must hold integer class labels, got non-integer values."
+
+
+def _whole_numbers(labels):
+    """Scalar bool: every (float) label is a finite whole number."""
+    return ops.all(ops.logical_and(ops.isfinite(labels), ops.equal(labels, ops.round(labels))))
+
+
+def _raise_unless(finite, whole, labels_arg, embeddings_arg):
+    # Host side of the JAX check (`jax.debug.callback`).
+    if not bool(finite):
+        raise ValueError(_NON_FINITE.format(arg=embeddings_arg))
+    if not bool(whole):
+        raise ValueError(_FRACTIONAL.format(arg=labels_arg))
+
+
+def _run_time_checks(labels, embeddings, labels_arg, embeddings_arg):
+    """The value checks of `validate_inputs` for values known only when the step runs.
+
+    - TensorFlow graphs (`tf.function`, what `model.fit` runs): assertion ops
+      on which the returned tensors depend; a failure raises
+      `tf.errors.InvalidArgumentError` whose message names the argument. (XLA
+      drops assertions: with `jit_compile=True` a NaN input still makes the
+      loss NaN, see `propagate_non_finite`.)
+    - JAX (`jax.jit`): a `jax.debug.callback` raises the `ValueError` on the
+      host; `fit` reports it as a `JaxRuntimeError` whose message holds it.
+      The batch size is static there, so an empty batch was already refused.
+    - Other backends run eagerly: the values were checked directly.
+    """
+    backend = keras.backend.backend()
+    float_labels = "float" in _dtype_name(labels)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        if not tf.is_tensor(embeddings) or isinstance(embeddings, keras.KerasTensor):
+            return labels, embeddings
+        checks = [
+            tf.debugging.assert_greater(
+                tf.shape(embeddings)[0], 0, message=_EMPTY_BATCH.format(arg=embeddings_arg)
+            ),
+            tf.debugging.Assert(
+                tf.reduce_all(tf.math.is_finite(embeddings)),
+                [_NON_FINITE.format(arg=embeddings_arg)],
+            ),
+        ]
+        if float_labels:
+            checks.append(
+                tf.debugging.Assert(_whole_numbers(labels), [_FRACTIONAL.format(arg=labels_arg)])
+            )
+        with tf.control_dependencies(checks):
+            return tf.identity(labels), tf.identity(embeddings)
+    if backend == "jax":
+        import functools
+
+        import jax
+
+        if not isinstance(embeddings, jax.core.Tracer):
+            return labels, embeddings
+        whole = _whole_numbers(labels) if float_labels else True
+        jax.debug.callback(
+            functools.partial(_raise_unless, labels_arg=labels_arg, embeddings_arg=embeddings_arg),
+            ops.all(ops.isfinite(embeddings)),
+            whole,
+        )
+    return labels, embeddings
+
+
+def propagate_non_finite(loss, embeddings):
+    """`loss`, or NaN when `embeddings` hold a NaN or Inf.
+
+    A loss built from masked reductions can turn a NaN embedding into a
+    finite value (a masked-out NaN); this keeps NaN in, NaN out, so that
+    `keras.callbacks.TerminateOnNaN` and the logs show it wherever the
+    run-time checks cannot raise (XLA).
+    """
+    finite = ops.all(ops.isfinite(embeddings))
+    return ops.where(finite, loss, ops.cast(float("nan"), loss.dtype))
 
 
 def self_pair_mask(num_queries, num_references, query_offset=0):
@@ -410,7 +499,7 @@ class MetricLoss(keras.losses.Loss):
             references = gather_references(labels, embeddings, instance_labels=instance_labels)
             if references is not None:
                 options["references"] = references
-        return self.fn(labels, embeddings, **options)
+        return propagate_non_finite(self.fn(labels, embeddings, **options), embeddings)
 
     def get_config(self) -> dict:
         config = super().get_config()
