@@ -225,7 +225,8 @@ def test_tfds_dataset_with_a_margin_head_and_s2sd(tmp_path, capsys):
 def test_s2sd_with_feature_distillation_on_digits(tmp_path, capsys):
     pytest.importorskip("keras_dml.models.s2sd")
     out = str(tmp_path / "msdf")
-    code, stdout, _ = run(["train", "--loss", "multisimilarity", "--s2sd", "--s2sd-features",
+    code, stdout, _ = run(["train", "--dataset", "digits", "--loss", "multisimilarity",
+                           "--s2sd", "--s2sd-features",
                            "--epochs", "2", "--steps-per-epoch", "8", "--max-images", "240",
                            "--verbose", "0", "--out", out], capsys)
     assert code == 0, stdout

@@ -59,6 +59,7 @@ class RunData:
     unseen_thumbnails: np.ndarray
     representative: np.ndarray
     make_train_batches: Any = None  # (classes_per_batch, samples_per_class, seed) -> dataset
+    train_labels: np.ndarray | None = None  # labels of the training images, when in memory
     seen_batches_with_labels: Any = None  # TFDS: a dataset of (x, y) batches of the seen split
 
     def seen_validation_data(self):
@@ -83,8 +84,11 @@ def _bundled_data(config: dict) -> RunData:
 
         data = load_digits_zero_shot(holdout_fraction=config["holdout"], seed=config["seed"])
     x_train, y_train = data.x_train, data.y_train
-    if config.get("max_images"):
-        x_train, y_train = x_train[: config["max_images"]], y_train[: config["max_images"]]
+    if config.get("max_images") and config["max_images"] < len(x_train):
+        # A seeded draw, not the first images: those can be a few classes only (glyphs).
+        keep = np.sort(np.random.default_rng(config["seed"]).permutation(len(x_train))[
+            : config["max_images"]])
+        x_train, y_train = x_train[keep], y_train[keep]
 
     def make_train_batches(classes_per_batch, samples_per_class, seed):
         return m_per_class_dataset(x_train, y_train, classes_per_batch=classes_per_batch,
@@ -101,6 +105,7 @@ def _bundled_data(config: dict) -> RunData:
         unseen_thumbnails=np.round(data.x_unseen * 255).astype("uint8"),
         representative=x_train[:200],
         make_train_batches=make_train_batches,
+        train_labels=y_train,
     )
 
 
@@ -556,8 +561,11 @@ def train(args) -> int:
 
     small = args.dataset in SMALL_DATASETS
     batch_size = args.batch_size or (80 if small else 64)
-    classes = args.classes_per_batch or min(data.num_train_classes, 16)
-    classes = min(classes, data.num_train_classes)
+    # Classes present in the training images (--max-images can leave out some).
+    present = data.num_train_classes if data.train_labels is None else len(
+        np.unique(data.train_labels))
+    classes = args.classes_per_batch or min(present, 16)
+    classes = min(classes, present)
     samples = max(2, batch_size // classes)
     steps = args.steps_per_epoch or max(1, math.ceil(data.train_size / (classes * samples)))
     config.update(classes_per_batch=classes, samples_per_class=samples, steps_per_epoch=steps)
