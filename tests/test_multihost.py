@@ -11,6 +11,7 @@ pre-sharded per process, and TripletLoss and ArcFace from a global
 
 from __future__ import annotations
 
+import doctest
 import json
 import os
 import subprocess
@@ -69,6 +70,7 @@ def test_without_cluster_variables_a_process_is_alone(monkeypatch):
     assert not multihost.is_worker()
     assert multihost.initialize() == (0, 1)  # nothing to join
     assert multihost.free_port() > 0
+    assert doctest.testmod(multihost).failed == 0
 
 
 def _load(path):
