@@ -15,7 +15,11 @@ Outside a replica context with more than one replica, and on the JAX and
 torch backends, every function here is the identity (or a no-op): there the
 loss already sees the whole batch it is given. (With JAX's
 `keras.distribution.DataParallel`, the loss is computed on the sharded global
-batch, so the global semantics come without any gather.)
+batch, so the global semantics come without any gather; several processes:
+`keras_dml.multihost`, tested in `tests/test_multihost.py`.)
+
+`prepare_multi_worker_fit` works around a Keras bug that stops `fit` under
+`MultiWorkerMirroredStrategy`.
 
 Example (no strategy active: nothing to gather):
 

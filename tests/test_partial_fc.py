@@ -19,7 +19,15 @@ import numpy as np
 import pytest
 from conftest import loss_gradient
 
-from keras_dml.heads import ArcFace, CosFace, CosineHead, SubCenterArcFace
+from keras_dml.heads import (
+    AdaCos,
+    ArcFace,
+    CosFace,
+    CosineHead,
+    CurricularFace,
+    SphereFace,
+    SubCenterArcFace,
+)
 from keras_dml.models.partial_fc import (
     PartialFCModel,
     margin_softmax_cross_entropy,
@@ -121,6 +129,10 @@ def test_unsupported_heads_and_arguments_are_refused():
     head.build((None, D))
     with pytest.raises(ValueError, match="one centre per class"):
         margin_softmax_cross_entropy(head, x, y)
+    for other in (AdaCos(C), SphereFace(C), CurricularFace(C)):
+        other.build((None, D))
+        with pytest.raises(ValueError, match="supports CosineHead, ArcFace and CosFace"):
+            margin_softmax_cross_entropy(other, x, y)
     arc = ArcFace(C)
     arc.build((None, D))
     with pytest.raises(ValueError, match="equal shards"):
