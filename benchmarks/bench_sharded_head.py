@@ -138,27 +138,34 @@ def main(argv=None) -> int:
     env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="2",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={args.shards}")
     argv = list(sys.argv[1:] if argv is None else argv)
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", *argv],
-                          env=env, capture_output=True, text=True)
-    rows = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
-    if proc.returncode != 0:
-        print(proc.stderr[-3000:], file=sys.stderr)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
           f"{args.shards} virtual CPU devices; batch {args.batch}; python "
-          f"{platform.python_version()}")
+          f"{platform.python_version()}", flush=True)
     print("| C | D | sample rate | devices | argument MB/device | temp MB/device | "
           "output MB/device | full B×C logits MB | ms/step | compile s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
+    # Rows are printed as they come: a configuration that does not fit still leaves the others.
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", *argv],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rows = 0
+    for line in proc.stdout:
+        if not line.startswith("ROW "):
+            continue
+        r = json.loads(line[4:])
+        rows += 1
         if "error" in r:
             print(f"| {r['classes']:,} | {r['dim']} | {r['sample_rate']} | {r['devices']} | "
-                  f"{r['error']} | | | | | |")
+                  f"{r['error']} | | | | | |", flush=True)
             continue
         print(f"| {r['classes']:,} | {r['dim']} | {r['sample_rate']} | {r['devices']} | "
               f"{r['argument_mb']:.1f} | {r['temp_mb']:.1f} | {r['output_mb']:.1f} | "
-              f"{r['full_logits_mb']:.1f} | {r['ms_per_step']:.0f} | {r['compile_s']:.1f} |")
+              f"{r['full_logits_mb']:.1f} | {r['ms_per_step']:.0f} | {r['compile_s']:.1f} |",
+              flush=True)
+    stderr = proc.stderr.read()
+    proc.wait()
     if proc.returncode != 0:
-        print(f"(the worker exited with {proc.returncode} after {len(rows)} rows)")
+        print(f"(the worker exited with {proc.returncode} after {rows} rows)")
+        print(stderr[-3000:], file=sys.stderr)
     return proc.returncode
 
 
