@@ -23,6 +23,11 @@ virtual devices run on the same cores as one).
 
     python benchmarks/bench_sharded_head.py                  # C = 100k, 1M; D = 128, 512
     python benchmarks/bench_sharded_head.py --classes 100000 --dims 128 --repeats 3
+
+Every configuration is compiled first for the centres' shape alone; one whose
+devices would need more than `--max-host-gb` of this host's memory in all
+(argument + temporary + output bytes of the per-device program, times the
+devices) is reported as not run, with that estimate.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ def worker(args) -> list[dict]:
     for num_classes in args.classes:
         for dim in args.dims:
             for sample_rate in args.sample_rates:
-                for shards in (args.shards, 1):
+                for shards in args.device_counts or (args.shards, 1):
                     if shards == 1 and sample_rate < 1.0 and not args.single_device_sampling:
                         continue
                     row = {"classes": num_classes, "dim": dim, "sample_rate": sample_rate,
@@ -77,8 +82,6 @@ def run_one(jax, keras, np, NamedSharding, PartitionSpec, ArcFace, loss_fn, num_
     kernel_sharding = NamedSharding(mesh.backend_mesh, PartitionSpec(None, "model"))
     replicated = NamedSharding(mesh.backend_mesh, PartitionSpec())
     head = ArcFace(num_classes, scale=64.0, margin=0.5)
-    kernel = jax.jit(lambda key: jax.random.normal(key, (dim, num_classes)) * 0.01,
-                     out_shardings=kernel_sharding)(jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
     x = jax.device_put(rng.normal(size=(args.batch, dim)).astype("float32"), replicated)
     y = jax.device_put(rng.integers(0, num_classes, args.batch).astype("int32"), replicated)
@@ -92,10 +95,23 @@ def run_one(jax, keras, np, NamedSharding, PartitionSpec, ArcFace, loss_fn, num_
         return w - 0.1 * grad_w, value, grad_v
 
     jitted = jax.jit(step, donate_argnums=(0,), out_shardings=(kernel_sharding, None, None))
+    # Compiled for the kernel's shape alone: the memory it needs is known before any is used.
+    abstract_kernel = jax.ShapeDtypeStruct((dim, num_classes), "float32",
+                                           sharding=kernel_sharding)
     start = time.perf_counter()
-    compiled = jitted.lower(kernel, x, y, seed.state.value).compile()
+    compiled = jitted.lower(abstract_kernel, x, y, seed.state.value).compile()
     compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()
+    per_device = (memory.argument_size_in_bytes + memory.temp_size_in_bytes
+                  + memory.output_size_in_bytes)
+    # Virtual devices all live in this host's memory.
+    if shards * per_device > args.max_host_gb * 1024.0 ** 3:
+        keras.distribution.set_distribution(None)
+        return {"error": f"not run: needs {shards * per_device / 1024.0 ** 3:.1f} GB of host "
+                         f"memory for {shards} device(s) ({per_device / 1024.0 ** 2:.0f} MB "
+                         f"each), over --max-host-gb {args.max_host_gb}"}
+    kernel = jax.jit(lambda key: jax.random.normal(key, (dim, num_classes)) * 0.01,
+                     out_shardings=kernel_sharding)(jax.random.PRNGKey(0))
     times = []
     for i in range(args.repeats + 1):
         start = time.perf_counter()
@@ -127,6 +143,10 @@ def main(argv=None) -> int:
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device-counts", type=int, nargs="+", default=None,
+                        help="device counts to measure (default: --shards and 1)")
+    parser.add_argument("--max-host-gb", type=float, default=8.0,
+                        help="skip a configuration whose devices need more host memory")
     parser.add_argument("--single-device-sampling", action="store_true",
                         help="also time sampling on one device")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
