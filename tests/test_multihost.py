@@ -117,3 +117,15 @@ def test_two_processes_train_like_one_process_on_the_global_batches(tmp_path):
     for run in runs:
         np.testing.assert_allclose(two[run], one[run], rtol=1e-5, err_msg=run)
         assert one[run][-1] < one[run][0], (run, one[run])
+
+
+def test_module_entry_point_runs_a_script_on_n_processes(tmp_path, capsys):
+    script = tmp_path / "hello.py"
+    script.write_text(
+        "import os\nprint('hello from', os.environ['KERAS_DISTRIBUTION_PROCESS_ID'])\n")
+    assert multihost.main(["2", str(script)]) == 0
+    out = capsys.readouterr().out
+    assert "hello from 0" in out and "hello from 1" in out
+    assert multihost.main(["x"]) == 2  # usage
+    script.write_text("raise SystemExit(4)\n")
+    assert multihost.main(["2", str(script)]) == 1
