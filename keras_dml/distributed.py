@@ -127,7 +127,7 @@ def prepare_multi_worker_fit(model, x, y=None):
     """Lets `fit` train under `MultiWorkerMirroredStrategy`: a workaround of a Keras bug.
 
     Keras 3's TensorFlow trainer cannot `fit` under `MultiWorkerMirroredStrategy`
-    (keras-team/keras#20585, open since TF 2.16): before training it
+    (keras-team/keras#20585): before training it
     reduces a distributed input batch to build the model
     (`_maybe_symbolic_build`), and after every step it reduces the scalar
     logs with `strategy.reduce("MEAN", value, axis=0)`, which fails for a
