@@ -15,7 +15,11 @@ Outside a replica context with more than one replica, and on the JAX and
 torch backends, every function here is the identity (or a no-op): there the
 loss already sees the whole batch it is given. (With JAX's
 `keras.distribution.DataParallel`, the loss is computed on the sharded global
-batch, so the global semantics come without any gather.)
+batch, so the global semantics come without any gather; several processes:
+`keras_dml.multihost`, tested in `tests/test_multihost.py`.)
+
+`prepare_multi_worker_fit` works around a Keras bug that stops `fit` under
+`MultiWorkerMirroredStrategy`.
 
 Example (no strategy active: nothing to gather):
 
@@ -117,3 +121,59 @@ def local_row_offset(num_rows):
     replica_id = tf.cast(context.replica_id_in_sync_group, tf.int32)
     before = tf.range(tf.shape(counts)[0]) < replica_id
     return tf.reduce_sum(tf.where(before, counts, tf.zeros_like(counts)))
+
+
+def prepare_multi_worker_fit(model, x, y=None):
+    """Lets `fit` train under `MultiWorkerMirroredStrategy`: a workaround of a Keras bug.
+
+    Keras 3's TensorFlow trainer cannot `fit` under `MultiWorkerMirroredStrategy`
+    (keras-team/keras#20585): before training it
+    reduces a distributed input batch to build the model
+    (`_maybe_symbolic_build`), and after every step it reduces the scalar
+    logs with `strategy.reduce("MEAN", value, axis=0)`, which fails for a
+    0-d value. Call this on the compiled model, inside or outside
+    `strategy.scope()`, before `fit`; it
+
+    1. builds the model, its compiled loss and metrics (from one local
+       batch `x`, `y`) and the optimizer under the model's strategy, then
+       skips Keras's own build step in `fit`/`evaluate`;
+    2. makes `train_step` and `test_step` return each log as a 1-element
+       vector, which Keras's reduction turns back into the mean over replicas.
+
+    It patches the instance only (private Keras attributes, tested with
+    Keras 3.15 / TF 2.20 in `tests/test_multi_worker.py`); a model saved
+    afterwards is a normal model. Not needed for `MirroredStrategy` on one
+    machine, nor on the JAX backend.
+
+    Args:
+        model: a compiled `keras.Model` created under the strategy's scope.
+        x: one batch of inputs (any batch size), e.g. `x_train[:8]`.
+        y: the matching targets.
+
+    Returns:
+        `model`, ready for `fit`.
+    """
+    if not _is_tensorflow():
+        raise RuntimeError("prepare_multi_worker_fit is for the TensorFlow backend.")
+    if getattr(model, "_keras_dml_multi_worker", False):
+        return model
+    strategy = model.distribute_strategy
+    with strategy.scope():
+        model._symbolic_build(data_batch=(x, y, None))
+        if model.optimizer is not None and not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+    model._maybe_symbolic_build = lambda *args, **kwargs: None
+
+    import tensorflow as tf
+
+    def as_vectors(step):
+        def wrapped(data):
+            logs = step(data)
+            return {key: tf.reshape(value, [1]) if tf.is_tensor(value) and value.shape.rank == 0
+                    else value for key, value in logs.items()}
+        return wrapped
+
+    model.train_step = as_vectors(model.train_step)
+    model.test_step = as_vectors(model.test_step)
+    model._keras_dml_multi_worker = True
+    return model

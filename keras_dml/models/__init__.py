@@ -1,6 +1,8 @@
 """Models that wrap a backbone for training.
 
 - `MarginModel`: backbone + margin head (ArcFace, CosFace, SoftTriple, ...).
+- `PartialFCModel`: a `MarginModel` whose margin softmax is computed shard-wise over
+  devices (Partial FC), with optional negative-centre sampling.
 - `S2SD`: similarity-based self-distillation from high-dimensional target heads.
 - `LoCo`: local contrastive learning with overlapping, gradient-isolated units.
 - `SiameseModel`: two inputs, one shared backbone, a distance output (contrastive loss).
@@ -12,6 +14,7 @@ from keras_dml.models.margin_model import (
     MarginModel,
     inverse_frequency_weights,
 )
+from keras_dml.models.partial_fc import PartialFCModel, margin_softmax_cross_entropy
 from keras_dml.models.s2sd import S2SD, similarity_distillation
 from keras_dml.models.siamese import (
     ContrastivePairLoss,
@@ -27,11 +30,13 @@ __all__ = [
     "LoCoDecoder",
     "MarginCrossentropy",
     "MarginModel",
+    "PartialFCModel",
     "inverse_frequency_weights",
     "S2SD",
     "SiameseModel",
     "make_pair_indices",
     "make_pairs",
+    "margin_softmax_cross_entropy",
     "paired_distance",
     "similarity_distillation",
 ]
