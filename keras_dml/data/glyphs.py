@@ -64,7 +64,7 @@ FACES = (
 )
 CATEGORIES = ("Lu", "Ll", "Lo", "Nd", "Sm", "Sc", "So")
 # Bump when the rendering changes, so that stale caches are not read.
-_RENDER_VERSION = 1
+_RENDER_VERSION = 2
 # Glyphs are drawn on a canvas this many times the output size, then downsampled.
 _SUPERSAMPLE = 2
 
@@ -110,30 +110,41 @@ def _check_size(image_size) -> int:
     return image_size
 
 
-def _render(code_point: int, face: str, image_size: int, rng: np.random.Generator | None):
-    """One glyph as a float32 `(size, size)` image in [0, 1]; `rng=None`: no augmentation."""
-    from PIL import Image, ImageDraw, ImageFilter
+@functools.lru_cache(maxsize=64)
+def _draw(code_point: int, face: str, canvas: int, stroke: int):
+    """The glyph drawn centred on a `canvas`-pixel square (a PIL image; cached)."""
+    from PIL import Image, ImageDraw
 
-    canvas = image_size * _SUPERSAMPLE
     font = _font(face, int(round(canvas * 0.62)))
     char = chr(code_point)
-    stroke = 0 if rng is None else int(rng.integers(0, 2)) * _SUPERSAMPLE // 2
     left, top, right, bottom = font.getbbox(char, stroke_width=stroke)
     image = Image.new("L", (canvas, canvas), 0)
-    draw = ImageDraw.Draw(image)
     # Centre the ink box on the canvas.
     origin = ((canvas - (right - left)) / 2 - left, (canvas - (bottom - top)) / 2 - top)
-    draw.text(origin, char, fill=255, font=font, stroke_width=stroke, stroke_fill=255)
+    ImageDraw.Draw(image).text(origin, char, fill=255, font=font, stroke_width=stroke,
+                               stroke_fill=255)
+    return image
+
+
+def _render(code_point: int, face: str, image_size: int, rng: np.random.Generator | None):
+    """One glyph as a float32 `(size, size)` image in [0, 1]; `rng=None`: no augmentation."""
+    from PIL import Image, ImageFilter
+
+    canvas = image_size * _SUPERSAMPLE
+    stroke = 0 if rng is None else int(rng.integers(0, 2)) * _SUPERSAMPLE // 2
+    image = _draw(code_point, face, canvas, stroke)
+    blur = 0.0
     if rng is not None:
         angle = np.deg2rad(rng.uniform(-12.0, 12.0))
         scale = rng.uniform(0.8, 1.1)
         shear = rng.uniform(-0.2, 0.2)
         shift = rng.uniform(-0.07, 0.07, size=2) * canvas
         # Output pixel p maps to input pixel A^-1 (p - c - t) + c about the centre c.
-        forward = scale * np.array(
-            [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
-        ) @ np.array([[1.0, shear], [0.0, 1.0]])
-        inverse = np.linalg.inv(forward)
+        cos, sin = np.cos(angle), np.sin(angle)
+        a, b, c, d = scale * cos, scale * (cos * shear - sin), scale * sin, scale * (
+            sin * shear + cos)
+        det = a * d - b * c
+        inverse = np.array([[d, -b], [-c, a]]) / det
         centre = np.array([canvas / 2, canvas / 2])
         offset = centre - inverse @ (centre + shift)
         image = image.transform(
@@ -141,14 +152,15 @@ def _render(code_point: int, face: str, image_size: int, rng: np.random.Generato
             (inverse[0, 0], inverse[0, 1], offset[0], inverse[1, 0], inverse[1, 1], offset[1]),
             resample=Image.Resampling.BILINEAR,
         )
-        blur = rng.uniform(0.0, 0.6) * _SUPERSAMPLE
-        if blur > 0.1:
-            image = image.filter(ImageFilter.GaussianBlur(blur))
+        blur = rng.uniform(0.0, 0.6)
     image = image.resize((image_size, image_size), Image.Resampling.BOX)
-    pixels = np.asarray(image, dtype=np.float32) / 255.0
+    if blur > 0.05:  # at output resolution: a quarter of the pixels to filter
+        image = image.filter(ImageFilter.GaussianBlur(blur))
+    pixels = np.asarray(image, dtype=np.float32) * np.float32(1 / 255)
     if rng is not None:
-        pixels = np.clip(pixels + rng.normal(0.0, 0.04, pixels.shape), 0.0, 1.0)
-    return pixels.astype(np.float32)
+        pixels += rng.normal(0.0, 0.04, pixels.shape).astype(np.float32)
+        np.clip(pixels, 0.0, 1.0, out=pixels)
+    return pixels
 
 
 # Two characters are one class when at least this many of the 16 faces draw them with
