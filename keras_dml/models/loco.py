@@ -6,8 +6,8 @@ stages `k .. k + overlap`, so consecutive units share `overlap` stages and a
 shared stage gets gradients from two losses (LoCo's "gradient bridge"). The
 input of every unit is stop-gradient'ed, so no gradient crosses a unit
 boundary, and the train step back-propagates one unit at a time: only one
-unit's activations are alive at once, which is where the memory saving comes
-from.
+unit's activations are alive at once, which is where a memory saving can
+come from (when the activations are spread over the stages).
 
 With 4 stages, `overlap=1` gives units (0, 1), (1, 2), (2, 3) (LoCo);
 `overlap=0` gives (0,), (1,), (2,), (3,) (Greedy InfoMax, one isolated stage
@@ -200,18 +200,24 @@ class LoCo(keras.Model):
     The train step takes one unit at a time: forward from the previous
     unit's stop-gradient'ed output, back-propagate, keep only the gradients
     (summed over units for a shared stage) and the output the next unit
-    starts from; the next unit's forward pass waits for this backward pass,
-    so one unit's activations are alive at a time instead of the whole
-    network's. All gradients are applied in one optimizer step at the end:
-    no unit reads a variable that an earlier unit finished within the same
-    step, so applying unit by unit would give the same update but advance
-    the optimizer's step count (Adam's bias correction, learning-rate
-    schedules) once per unit. The price is compute: a stage shared by two
-    units runs forward twice per step (so its batch-normalisation moving
-    statistics are updated twice). How much memory this saves depends on
-    how evenly the stages split the activations and on what every unit
-    adds (decoder, the `(2N, 2N)` similarity matrices of its loss):
-    `benchmarks/bench_loco.py` measures it.
+    starts from. `fit` runs each unit's forward and backward pass as its own
+    graph call from Python, so one unit's activations are alive at a time
+    instead of the whole network's (under `run_eagerly` ops run in order
+    anyway, and under `tf.distribute` the step is one graph whose units are
+    ordered by control dependencies). All gradients are applied in one
+    optimizer step at the end: no unit reads a variable that an earlier unit
+    finished within the same step, so applying unit by unit would give the
+    same update but advance the optimizer's step count (Adam's bias
+    correction, learning-rate schedules) once per unit. The price is
+    compute: a stage shared by two units runs forward twice per step (so its
+    batch-normalisation moving statistics are updated twice).
+
+    How much memory this saves depends on how evenly the stages split the
+    activations and on what every unit adds (decoder, the `(2N, 2N)`
+    similarity matrices of its loss); every method back-propagates through
+    the first stage, so when the first stage dominates (a wide
+    full-resolution first stage) nothing is saved. `benchmarks/bench_loco.py`
+    measures it, and BENCHMARKS.md records it.
 
     `fit` logs `loss` (the sum of the unit losses) and `unit_<k>_loss` for
     each unit; `evaluate` gives the same on augmented views, with layers in
