@@ -224,10 +224,12 @@ class S2SD(keras.Model):
         feature_distillation_delay: int = 1000,
         base_head: keras.layers.Layer | None = None,
         cross_replica: bool = True,
+        distillation_into_backbone: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.cross_replica = bool(cross_replica)
+        self.distillation_into_backbone = bool(distillation_into_backbone)
         if not isinstance(backbone, keras.layers.Layer):
             raise ValueError(f"`backbone` must be a Keras model or layer, got {type(backbone)}.")
         if base_head is not None and not isinstance(base_head, keras.layers.Layer):
@@ -388,12 +390,19 @@ class S2SD(keras.Model):
         branches = zip(self.target_dims, target_embeddings, margin_heads, strict=True)
         for dim, target, head in branches:
             terms[f"target_{dim}_loss"] = self._branch_loss(labels, target, head, training)
+        student = embeddings
+        if not self.distillation_into_backbone and (target_embeddings or self.feature_distillation):
+            # The same f, computed on φ held constant: the distillation's gradient
+            # reaches f's weights only, and the backbone learns from the metric losses.
+            student = self.embedding_normalization(
+                self.embedding_head(ops.stop_gradient(features))
+            )
         if target_embeddings:
             terms["distillation"] = ops.mean(
                 ops.stack(
                     [
                         similarity_distillation(
-                            embeddings, target, self.temperature, self.cross_replica
+                            student, target, self.temperature, self.cross_replica
                         )
                         for target in target_embeddings
                     ]
@@ -401,7 +410,7 @@ class S2SD(keras.Model):
             )
         if self.feature_distillation:
             terms["feature_distillation"] = similarity_distillation(
-                embeddings, features, self.temperature, self.cross_replica
+                student, features, self.temperature, self.cross_replica
             )
         return terms
 
@@ -531,6 +540,7 @@ class S2SD(keras.Model):
                 "feature_distillation_weight": self.feature_distillation_weight,
                 "feature_distillation_delay": self.feature_distillation_delay,
                 "cross_replica": self.cross_replica,
+                "distillation_into_backbone": self.distillation_into_backbone,
                 "base_head": (
                     None
                     if self.base_head is None
@@ -543,6 +553,8 @@ class S2SD(keras.Model):
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
+        # Models saved before the argument existed distilled into the backbone.
+        config.setdefault("distillation_into_backbone", True)
         backbone = keras.saving.deserialize_keras_object(
             config.pop("backbone"), custom_objects=custom_objects
         )
