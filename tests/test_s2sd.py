@@ -157,7 +157,9 @@ def test_distillation_rejects_bad_inputs(rng):
 def test_target_heads_get_no_gradient_from_distillation_but_f_and_backbone_do():
     keras.utils.set_random_seed(0)
     x, y = make_data(n=16)
-    model = S2SD(make_backbone(), embedding_dim=4, target_dims=(8, 24))
+    # The paper's routing; the default's is tested below.
+    model = S2SD(make_backbone(), embedding_dim=4, target_dims=(8, 24),
+                 distillation_into_backbone=True)
     model.compile(optimizer="sgd", loss=keras_dml.MultiSimilarityLoss())
 
     grads = variable_gradients(
@@ -174,6 +176,43 @@ def test_target_heads_get_no_gradient_from_distillation_but_f_and_backbone_do():
     )
     assert gradient_norm(grads, "target_24") > 0.0
     assert gradient_norm(grads, "target_8") == 0.0
+
+
+@pytest.mark.parametrize("feature_distillation", [False, True])
+def test_by_default_distillation_trains_f_but_not_the_backbone(feature_distillation):
+    keras.utils.set_random_seed(0)
+    x, y = make_data(n=16)
+    model = S2SD(make_backbone(), embedding_dim=4, target_dims=(8, 24),
+                 feature_distillation=feature_distillation)
+    assert model.distillation_into_backbone is False
+    model.compile(optimizer="sgd", loss=keras_dml.MultiSimilarityLoss())
+    key = "feature_distillation" if feature_distillation else "distillation"
+    grads = variable_gradients(model, lambda: model.compute_loss_terms(x, y, training=True)[key])
+    assert gradient_norm(grads, "embedding") > 0.0
+    assert gradient_norm(grads, "backbone") == 0.0
+    assert gradient_norm(grads, "target_24") == 0.0
+    # The metric losses still train the backbone.
+    grads = variable_gradients(
+        model, lambda: model.compute_loss_terms(x, y, training=True)["base_loss"]
+    )
+    assert gradient_norm(grads, "backbone") > 0.0
+    # Same values under both routings: only the gradient differs.
+    paper = S2SD.from_config({**model.get_config(), "distillation_into_backbone": True})
+    paper.set_weights(model.get_weights())
+    paper.compile(optimizer="sgd", loss=keras_dml.MultiSimilarityLoss())
+    for name, value in model.compute_loss_terms(x, y).items():
+        assert float(np_(paper.compute_loss_terms(x, y)[name])) == pytest.approx(
+            float(np_(value)), rel=1e-5
+        )
+
+
+def test_configs_saved_before_the_routing_argument_load_with_the_papers_routing():
+    model = S2SD(make_backbone(), embedding_dim=4, target_dims=(8,))
+    config = model.get_config()
+    assert config["distillation_into_backbone"] is False
+    assert S2SD.from_config(config).distillation_into_backbone is False
+    del config["distillation_into_backbone"]
+    assert S2SD.from_config(config).distillation_into_backbone is True
 
 
 def test_loss_is_half_the_metric_losses_plus_weighted_distillations():

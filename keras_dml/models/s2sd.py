@@ -130,6 +130,19 @@ class S2SD(keras.Model):
     there. With `target_dims=()` and no feature distillation the loss is
     `L(f)` alone: the plain baseline.
 
+    Gradient routing: by default (`distillation_into_backbone=False`) the KL
+    terms train f's weights only; the backbone learns from the metric losses
+    of f and of the target heads. The paper and its code also let the KL
+    terms' gradient flow through f into the backbone
+    (`distillation_into_backbone=True`). On a small backbone trained from
+    scratch that routing makes S2SD worse than its own base loss (issue 14,
+    BENCHMARKS.md): the KL's value is small (γ·KL ≈ 2% of the loss at γ=50)
+    but its gradient into the backbone is several times the metric loss's,
+    and since the detached targets g_i(φ) are computed from the same
+    backbone, the backbone reduces the KL by moving φ to where f's and the
+    g_i's similarity matrices agree (all samples alike) rather than where
+    classes separate; f's and the targets' metric losses then stall.
+
     Variants, chosen by the arguments (the paper's names):
 
     - DSD: one target head, e.g. `target_dims=(2048,)`;
@@ -169,6 +182,10 @@ class S2SD(keras.Model):
     defaults to `distillation_weight` (the code's 50) and
     `feature_distillation_delay=1000` training steps (the code's default;
     scale it to your schedule, as it was set for ~150 epochs of CUB200).
+    One default departs from the paper: `distillation_into_backbone=False`
+    (see "Gradient routing" above). The paper's exact configuration is
+    `S2SD(backbone, distillation_into_backbone=True)`, which is what models
+    saved before that argument existed load with.
 
     Args:
         backbone: a Keras model or layer mapping inputs to `(batch, F)`
@@ -191,6 +208,12 @@ class S2SD(keras.Model):
         cross_replica: under `tf.distribute`, distil the similarity matrices
             of the global batch (all replicas' rows as columns) rather than
             each replica's own; a no-op elsewhere. Defaults to `True`.
+        distillation_into_backbone: let the distillation terms' gradient
+            flow through f into the backbone, as in the paper and its code.
+            Defaults to `False`: the distillation trains f's weights only
+            (f is computed a second time on φ held constant), so the backbone
+            gets the metric losses' gradients alone and S2SD cannot pull it
+            below the plain model on small from-scratch backbones.
         **kwargs: `keras.Model` arguments (`name`, ...).
 
     Example:
