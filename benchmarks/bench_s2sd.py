@@ -306,6 +306,8 @@ def main(argv=None) -> dict:
                         help="γ values of the MSD sweep, run under both routings (none: no sweep)")
     parser.add_argument("--sweep-seeds", type=int, default=None,
                         help="seeds of the γ sweep (default: --seeds)")
+    parser.add_argument("--sweep-paper-routing", action=argparse.BooleanOptionalAction,
+                        default=True, help="also sweep γ with distillation into the backbone")
     parser.add_argument("--temperatures", type=float, nargs="*", default=[0.25, 1.0, 4.0],
                         help="T values of the MSD temperature sweep at --gamma (none: no sweep)")
     parser.add_argument("--learning-rates", type=float, nargs="*", default=[3e-4, 1e-3, 3e-3],
@@ -396,8 +398,8 @@ def main(argv=None) -> dict:
     for g in args.gammas:
         for variant, routing in (("MSD", "f only"), ("MSD paper", "into backbone")):
             name = f"MSD γ={g:g} ({routing})"
-            if g == 0 and variant == "MSD paper":
-                continue  # nothing is distilled: both routings are the same model
+            if variant == "MSD paper" and (g == 0 or not args.sweep_paper_routing):
+                continue  # at γ=0 nothing is distilled: both routings are the same model
             sweep[name] = configuration(name, variant, g, run_seeds=sweep_seeds,
                                         distillation_into_backbone=False)
 

@@ -136,8 +136,8 @@ class S2SD(keras.Model):
     terms' gradient flow through f into the backbone
     (`distillation_into_backbone=True`). On a small backbone trained from
     scratch that routing makes S2SD worse than its own base loss (issue 14,
-    BENCHMARKS.md): the KL's value is small (γ·KL ≈ 2% of the loss at γ=50)
-    but its gradient into the backbone is several times the metric loss's,
+    BENCHMARKS.md): the KL's value is small (γ·KL is 1-3% of the loss at γ=50)
+    but its gradient into the backbone is 7-11x the metric loss's,
     and since the detached targets g_i(φ) are computed from the same
     backbone, the backbone reduces the KL by moving φ to where f's and the
     g_i's similarity matrices agree (all samples alike) rather than where
