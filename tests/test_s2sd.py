@@ -215,6 +215,41 @@ def test_configs_saved_before_the_routing_argument_load_with_the_papers_routing(
     assert S2SD.from_config(config).distillation_into_backbone is True
 
 
+def test_detached_targets_leave_only_fs_metric_loss_to_train_the_backbone():
+    keras.utils.set_random_seed(0)
+    x, y = make_data(n=16)
+    model = S2SD(make_backbone(), embedding_dim=4, target_dims=(8, 24),
+                 targets_into_backbone=False)
+    model.compile(optimizer="sgd", loss=keras_dml.MultiSimilarityLoss())
+    grads = variable_gradients(
+        model, lambda: model.compute_loss_terms(x, y, training=True)["target_24_loss"]
+    )
+    assert gradient_norm(grads, "target_24") > 0.0  # the heads still learn
+    assert gradient_norm(grads, "backbone") == 0.0
+    # The whole loss sends the backbone ½ the gradient of f's metric loss, nothing else.
+    total = variable_gradients(
+        model, lambda: model.compute_loss(x, y, model(x, training=True), training=True)
+    )
+    base = variable_gradients(
+        model, lambda: model.compute_loss_terms(x, y, training=True)["base_loss"]
+    )
+    for path, grad in total.items():
+        if path.startswith("backbone/"):
+            np.testing.assert_allclose(np_(grad), 0.5 * np_(base[path]), rtol=1e-4, atol=1e-7)
+    # Same loss values as with the targets' gradient into the backbone.
+    coupled = S2SD.from_config({**model.get_config(), "targets_into_backbone": True})
+    coupled.set_weights(model.get_weights())
+    coupled.compile(optimizer="sgd", loss=keras_dml.MultiSimilarityLoss())
+    for name, value in model.compute_loss_terms(x, y).items():
+        assert float(np_(coupled.compute_loss_terms(x, y)[name])) == pytest.approx(
+            float(np_(value)), rel=1e-5
+        )
+    config = model.get_config()
+    assert S2SD.from_config(config).targets_into_backbone is False
+    del config["targets_into_backbone"]
+    assert S2SD.from_config(config).targets_into_backbone is True
+
+
 def test_loss_is_half_the_metric_losses_plus_weighted_distillations():
     keras.utils.set_random_seed(0)
     x, y = make_data(n=16)

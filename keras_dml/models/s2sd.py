@@ -214,6 +214,11 @@ class S2SD(keras.Model):
             (f is computed a second time on φ held constant), so the backbone
             gets the metric losses' gradients alone and S2SD cannot pull it
             below the plain model on small from-scratch backbones.
+        targets_into_backbone: let the target heads' metric losses train the
+            backbone, as in the paper (the default). With `False` the target
+            heads are computed on φ held constant (`stop_gradient`), so with
+            `distillation_into_backbone=False` only f's metric loss trains
+            the backbone.
         **kwargs: `keras.Model` arguments (`name`, ...).
 
     Example:
@@ -248,11 +253,13 @@ class S2SD(keras.Model):
         base_head: keras.layers.Layer | None = None,
         cross_replica: bool = True,
         distillation_into_backbone: bool = False,
+        targets_into_backbone: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.cross_replica = bool(cross_replica)
         self.distillation_into_backbone = bool(distillation_into_backbone)
+        self.targets_into_backbone = bool(targets_into_backbone)
         if not isinstance(backbone, keras.layers.Layer):
             raise ValueError(f"`backbone` must be a Keras model or layer, got {type(backbone)}.")
         if base_head is not None and not isinstance(base_head, keras.layers.Layer):
@@ -408,7 +415,10 @@ class S2SD(keras.Model):
 
     def _loss_terms(self, features, embeddings, labels, training):
         terms = {"base_loss": self._branch_loss(labels, embeddings, self.base_head, training)}
-        target_embeddings = [head(features, training=training) for head in self.target_heads]
+        # With `targets_into_backbone=False` the target heads see φ held
+        # constant: their metric losses train their own weights only.
+        target_inputs = features if self.targets_into_backbone else ops.stop_gradient(features)
+        target_embeddings = [head(target_inputs, training=training) for head in self.target_heads]
         margin_heads = self.target_margin_heads or [None] * len(self.target_heads)
         branches = zip(self.target_dims, target_embeddings, margin_heads, strict=True)
         for dim, target, head in branches:
@@ -564,6 +574,7 @@ class S2SD(keras.Model):
                 "feature_distillation_delay": self.feature_distillation_delay,
                 "cross_replica": self.cross_replica,
                 "distillation_into_backbone": self.distillation_into_backbone,
+                "targets_into_backbone": self.targets_into_backbone,
                 "base_head": (
                     None
                     if self.base_head is None
