@@ -28,6 +28,9 @@ default of the S2SD code), optimiser, epochs, batch size and seeds:
   code's 1000 of ~8000 steps on CUB200);
 - MSD paper: MSD with `distillation_into_backbone=True`, the paper's and
   the authors' code's gradient routing (keras-dml's default before issue 14);
+- MSD detached targets (not run by default): MSD with
+  `targets_into_backbone=False`, the target heads trained on φ held constant,
+  so only f's metric loss trains the backbone;
 - FD (not run by default; `--variants baseline FD`): distillation from φ
   alone, no target heads, at weight `--gamma`: a control for MSDF.
 
@@ -181,6 +184,7 @@ def build_model(variant: str, args, gamma: float, seed: int) -> keras.Model:
         variant, tuple(args.target_dims)
     )
     into_backbone = variant == "MSD paper" or args.distillation_into_backbone
+    targets_into = targets_into_backbone(variant, args)
     return S2SD(
         backbone,
         embedding_dim=args.embedding_dim,
@@ -190,7 +194,17 @@ def build_model(variant: str, args, gamma: float, seed: int) -> keras.Model:
         feature_distillation=variant in ("MSDF", "FD"),
         feature_distillation_delay=args.feature_delay,
         distillation_into_backbone=into_backbone,
+        targets_into_backbone=targets_into,
     )
+
+
+def targets_into_backbone(variant: str, args) -> bool:
+    """Whether the target heads' metric losses train the backbone in this run."""
+    if variant == "MSD detached targets":
+        return False
+    if variant == "MSD paper":
+        return True
+    return args.targets_into_backbone
 
 
 def make_loss(name: str):
@@ -299,6 +313,10 @@ def main(argv=None) -> dict:
                              "Dense(128, relu) on it; conv1d for signals (64-d)")
     parser.add_argument("--distillation-into-backbone", action="store_true",
                         help="DSD/MSD/MSDF distil into the backbone too (the paper's routing)")
+    parser.add_argument("--targets-into-backbone", action=argparse.BooleanOptionalAction,
+                        default=True, help="DSD/MSD/MSDF: the target heads' metric losses "
+                        "train the backbone (--no-targets-into-backbone: heads on φ held "
+                        "constant)")
     parser.add_argument("--target-dims", type=int, nargs="+", default=[128, 256, 384, 512])
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--gamma", type=float, default=50.0, help="γ of DSD/MSD/MSDF")
@@ -320,7 +338,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--loss", choices=["multi_similarity", "triplet"],
                         default="multi_similarity")
     parser.add_argument("--variants", nargs="+", default=["baseline", "DSD", "MSD", "MSDF"],
-                        choices=["baseline", "DSD", "MSD", "MSDF", "MSD paper", "FD"])
+                        choices=["baseline", "DSD", "MSD", "MSDF", "MSD paper",
+                                 "MSD detached targets", "FD"])
     parser.add_argument("--eval-every", type=int, default=5,
                         help="score 5-9 every N epochs (0: only at the end)")
     parser.add_argument("--output", help="write all runs as JSON here")
@@ -351,7 +370,8 @@ def main(argv=None) -> dict:
         f"Adam {args.learning_rate}, loss {args.loss}, φ {args.backbone}, "
         f"f {args.embedding_dim}-d, targets {args.target_dims}, T={args.temperature}, "
         f"MSDF delay {args.feature_delay} steps, distillation into backbone "
-        f"{args.distillation_into_backbone}; keras {keras.__version__} "
+        f"{args.distillation_into_backbone}, targets into backbone "
+        f"{args.targets_into_backbone}; keras {keras.__version__} "
         f"({keras.backend.backend()}), {platform.processor() or ''} {os.cpu_count()} CPUs"
     )
 
@@ -373,7 +393,8 @@ def main(argv=None) -> dict:
         run_seeds = seeds if run_seeds is None else run_seeds
         into = variant == "MSD paper" or config.distillation_into_backbone
         key = (variant.split()[0], gamma, config.temperature, config.learning_rate,
-               config.backbone, tuple(config.target_dims), into, len(run_seeds))
+               config.backbone, tuple(config.target_dims), into,
+               targets_into_backbone(variant, config), len(run_seeds))
         if key not in done:
             done[key] = []
             for seed in run_seeds:
