@@ -218,7 +218,9 @@ class S2SD(keras.Model):
             backbone, as in the paper (the default). With `False` the target
             heads are computed on φ held constant (`stop_gradient`), so with
             `distillation_into_backbone=False` only f's metric loss trains
-            the backbone.
+            the backbone. Tried as a fix for S2SD's loss on a narrow learnt φ
+            and not adopted: it did not close that gap and was no better than
+            the default elsewhere (issue 14, BENCHMARKS.md).
         **kwargs: `keras.Model` arguments (`name`, ...).
 
     Example:
