@@ -1,40 +1,56 @@
-"""Does S2SD help? Baseline vs DSD vs MSD vs MSDF on digits, zero-shot to unseen classes.
+"""Does S2SD help? Baseline vs DSD vs MSD vs MSDF, zero-shot to unseen classes.
 
-Protocol: scikit-learn's bundled handwritten digits (8x8, no download). Every
-image of digits 0-4 trains; every image of digits 5-9, never seen in training,
-is scored leave-one-out (each image a query among all the others) with
-`keras_dml.evaluation.retrieval_metrics`: P@1, R-Precision and MAP@R.
+Two datasets, no download, both scored leave-one-out (each test sample a
+query among all the others) with `keras_dml.evaluation.retrieval_metrics`:
+P@1, R-Precision and MAP@R.
 
-All variants share the backbone (the conv layers of the digits example up to
-their flattened 1024-d feature map: the features φ), the base embedding f
-(`Dense(embedding_dim)` + L2 normalisation on φ, used at test time), the loss
-(multi-similarity, the default of the S2SD code), optimiser, epochs, batch
-size and seeds:
+- `--dataset digits`: scikit-learn's bundled handwritten digits (8x8). Every
+  image of digits 0-4 trains; every image of 5-9 is scored. Backbone: the
+  conv layers of the digits example up to their flattened 1024-d feature map
+  (`--backbone trunk`, wide φ) or the same plus a `Dense(128, relu)`
+  (`--backbone dense128`, narrow φ).
+- `--dataset signals`: 1-D signals made here with NumPy (`make_signals`,
+  deterministic): 10 classes, 40 samples long, each class a fixed mixture of
+  two sinusoids and a Gaussian bump, each sample with a random amplitude,
+  phase jitter, circular shift and Gaussian noise. Classes 0-4 train, 5-9 are
+  scored. Backbone (`conv1d`, the one of issue 14): Conv1D(32, 5) ->
+  Conv1D(64, 3, stride 2) -> Conv1D(64, 3) -> global average pooling, a 64-d
+  φ trained from scratch.
+
+All variants share the backbone, the base embedding f (`Dense(embedding_dim)`
++ L2 normalisation on φ, used at test time), the loss (multi-similarity, the
+default of the S2SD code), optimiser, epochs, batch size and seeds:
 
 - baseline: backbone + f trained with the loss alone (a plain `Sequential`);
 - DSD: S2SD with one target head (the largest target width);
 - MSD: S2SD with all target heads;
 - MSDF: MSD plus distillation from φ (delay: an eighth of the steps, as the
   code's 1000 of ~8000 steps on CUB200);
+- MSD paper: MSD with `distillation_into_backbone=True`, the paper's and
+  the authors' code's gradient routing (keras-dml's default before issue 14);
+- MSD detached targets (not run by default): MSD with
+  `targets_into_backbone=False`, the target heads trained on φ held constant,
+  so only f's metric loss trains the backbone;
 - FD (not run by default; `--variants baseline FD`): distillation from φ
   alone, no target heads, at weight `--gamma`: a control for MSDF.
 
-Then a sweep of γ (`distillation_weight`) for MSD, where γ=0 is the control
-"target heads trained, nothing distilled", and the investigation the issue
-asks for when S2SD does not help: MSD at several temperatures T, baseline
-and MSD at several learning rates, and two head designs (the paper's target
-widths 512-2048, and φ = a `Dense(128, relu)` on the trunk, i.e. features
-narrower than the target heads, this benchmark's first design, under which
-S2SD lost). Also reported: the untrained network and raw pixels (the
-zero-shot reference points), MAP@R on 5-9 during training, training step
-time relative to the baseline, and the parameter count at inference
-(backbone + f, the same for every variant).
+DSD/MSD/MSDF use S2SD's default routing (`distillation_into_backbone=False`:
+the distillation trains f's weights only) unless `--distillation-into-backbone`.
+Then a sweep of γ (`distillation_weight`) for MSD under both routings, where
+γ=0 is the control "target heads trained, nothing distilled", and the
+investigation when S2SD does not help: MSD at several temperatures T,
+baseline and MSD at several learning rates, and two head designs. Also
+reported: the untrained network and the raw inputs (the zero-shot reference
+points), MAP@R on the unseen classes during training, training step time
+relative to the baseline, and the parameter count at inference.
 
 Target widths default to 128-512 for a 32-d base embedding: the paper's ratio
 (512-2048 for 128-d, i.e. 4-16x) scaled to f; `--target-dims 512 1024 1536
 2048` runs the paper's widths.
 
-    python benchmarks/bench_s2sd.py                          # full run, ~14 min on 2 cores
+    python benchmarks/bench_s2sd.py                          # digits, full run
+    python benchmarks/bench_s2sd.py --dataset signals --epochs 15 --seeds 5 \
+        --gammas --temperatures --learning-rates --no-head-designs
     python benchmarks/bench_s2sd.py --epochs 3 --seeds 1 --gammas 0 50   # smoke run
 """
 
@@ -70,6 +86,52 @@ def load_digits_zero_shot():
     return (x[seen], y[seen]), (x[~seen], y[~seen])
 
 
+def make_signals(n_per_class: int, classes: int = 10, length: int = 40, seed: int = 0,
+                 noise: float = 0.5, max_shift: int = 20):
+    """`(x, y)`: `classes * n_per_class` 1-D signals of shape `(length, 1)`, shuffled.
+
+    Each class is a fixed mixture of two sinusoids (frequency, phase, weight)
+    and a Gaussian bump (centre, width, signed height), drawn once from a
+    fixed generator, so the classes do not depend on `seed`. Each sample
+    scales its class's signal by a random amplitude in [0.7, 1.3], jitters
+    the sinusoids' phases (σ 0.4 rad), shifts it circularly by up to
+    `max_shift` steps and adds Gaussian noise of standard deviation `noise`.
+    The shift makes raw signals poor neighbours (MAP@R 0.15 on classes 5-9)
+    while a convolutional network with global pooling can learn to ignore it.
+    """
+    proto = np.random.default_rng(1234)
+    t = np.arange(length, dtype="float64")
+    freqs = proto.uniform(0.5, 4.0, size=(classes, 2))
+    phases = proto.uniform(0, 2 * np.pi, size=(classes, 2))
+    weights = proto.uniform(0.3, 1.0, size=(classes, 2))
+    centres = proto.uniform(5, length - 5, size=classes)
+    widths = proto.uniform(1.5, 5.0, size=classes)
+    heights = proto.choice([-1.5, 1.5], size=classes) * proto.uniform(0.6, 1.2, size=classes)
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(classes), n_per_class)
+    amplitude = rng.uniform(0.7, 1.3, size=(len(y), 1))
+    jitter = rng.normal(0, 0.4, size=(len(y), 2))
+    x = np.zeros((len(y), length))
+    for k in range(2):
+        x += weights[y, k:k + 1] * np.sin(
+            2 * np.pi * freqs[y, k:k + 1] * t / length + phases[y, k:k + 1] + jitter[:, k:k + 1]
+        )
+    x += heights[y, None] * np.exp(-0.5 * ((t - centres[y, None]) / widths[y, None]) ** 2)
+    x *= amplitude
+    shifts = rng.integers(-max_shift, max_shift + 1, size=len(y))
+    x = np.stack([np.roll(row, shift) for row, shift in zip(x, shifts, strict=True)])
+    x += rng.normal(0, noise, size=x.shape)
+    order = rng.permutation(len(y))
+    return x[order, :, None].astype("float32"), y[order].astype("int32")
+
+
+def load_signals_zero_shot(n_per_class: int):
+    """`(x_train, y_train), (x_test, y_test)`: classes 0-4 and classes 5-9 of `make_signals`."""
+    x, y = make_signals(n_per_class)
+    seen = y < 5
+    return (x[seen], y[seen]), (x[~seen], y[~seen])
+
+
 def build_backbone(kind: str = "trunk") -> keras.Model:
     """The digits conv net up to its features φ.
 
@@ -81,6 +143,17 @@ def build_backbone(kind: str = "trunk") -> keras.Model:
     narrower than the target heads (an earlier design of this benchmark,
     kept as a head-design control).
     """
+    if kind == "conv1d":
+        return keras.Sequential(
+            [
+                keras.Input((40, 1)),
+                keras.layers.Conv1D(32, 5, activation="relu"),
+                keras.layers.Conv1D(64, 3, strides=2, activation="relu"),
+                keras.layers.Conv1D(64, 3, activation="relu"),
+                keras.layers.GlobalAveragePooling1D(),
+            ],
+            name="backbone",
+        )
     layers = [
         keras.Input((8, 8, 1)),
         keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
@@ -110,6 +183,8 @@ def build_model(variant: str, args, gamma: float, seed: int) -> keras.Model:
     target_dims = {"DSD": (max(args.target_dims),), "FD": ()}.get(
         variant, tuple(args.target_dims)
     )
+    into_backbone = variant == "MSD paper" or args.distillation_into_backbone
+    targets_into = targets_into_backbone(variant, args)
     return S2SD(
         backbone,
         embedding_dim=args.embedding_dim,
@@ -118,7 +193,18 @@ def build_model(variant: str, args, gamma: float, seed: int) -> keras.Model:
         distillation_weight=gamma,
         feature_distillation=variant in ("MSDF", "FD"),
         feature_distillation_delay=args.feature_delay,
+        distillation_into_backbone=into_backbone,
+        targets_into_backbone=targets_into,
     )
+
+
+def targets_into_backbone(variant: str, args) -> bool:
+    """Whether the target heads' metric losses train the backbone in this run."""
+    if variant == "MSD detached targets":
+        return False
+    if variant == "MSD paper":
+        return True
+    return args.targets_into_backbone
 
 
 def make_loss(name: str):
@@ -190,15 +276,19 @@ def mean_std(values):
 def print_table(title, groups, baseline_step):
     print(f"\n{title}")
     header = f"{'variant':<34}" + "".join(f"{SHORT[m]:>16}" for m in METRICS)
-    print(header + f"{'step time':>12}{'train params':>14}{'test params':>13}")
+    print(header + f"{'base loss':>11}{'step time':>12}{'train params':>14}{'test params':>13}")
     for name, runs in groups.items():
         cells = "".join(
             "{:>16}".format("{:.3f} ± {:.3f}".format(*mean_std([r[m] for r in runs])))
             for m in METRICS
         )
         step = statistics.mean(r["step_seconds"] for r in runs) / baseline_step
+        # The last epoch's metric loss of f (the baseline's only loss).
+        base = statistics.mean(
+            r["history"].get("base_loss", r["history"]["loss"])[-1] for r in runs
+        )
         print(
-            f"{name:<34}{cells}{step:>11.2f}x{runs[0]['training_params']:>14,}"
+            f"{name:<34}{cells}{base:>11.3f}{step:>11.2f}x{runs[0]['training_params']:>14,}"
             f"{runs[0]['inference_params']:>13,}"
         )
 
@@ -215,13 +305,27 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--embedding-dim", type=int, default=32)
-    parser.add_argument("--backbone", choices=["trunk", "dense128"], default="trunk",
-                        help="features φ: the conv trunk (1024-d) or a Dense(128, relu) on it")
+    parser.add_argument("--dataset", choices=["digits", "signals"], default="digits")
+    parser.add_argument("--n-per-class", type=int, default=400,
+                        help="signals: samples per class (half the classes train)")
+    parser.add_argument("--backbone", choices=["trunk", "dense128", "conv1d"], default=None,
+                        help="features φ: digits' conv trunk (1024-d, the default there) or a "
+                             "Dense(128, relu) on it; conv1d for signals (64-d)")
+    parser.add_argument("--distillation-into-backbone", action="store_true",
+                        help="DSD/MSD/MSDF distil into the backbone too (the paper's routing)")
+    parser.add_argument("--targets-into-backbone", action=argparse.BooleanOptionalAction,
+                        default=True, help="DSD/MSD/MSDF: the target heads' metric losses "
+                        "train the backbone (--no-targets-into-backbone: heads on φ held "
+                        "constant)")
     parser.add_argument("--target-dims", type=int, nargs="+", default=[128, 256, 384, 512])
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--gamma", type=float, default=50.0, help="γ of DSD/MSD/MSDF")
     parser.add_argument("--gammas", type=float, nargs="*", default=[0.0, 5.0, 20.0, 50.0, 200.0],
-                        help="γ values of the MSD sweep (none: no sweep)")
+                        help="γ values of the MSD sweep, run under both routings (none: no sweep)")
+    parser.add_argument("--sweep-seeds", type=int, default=None,
+                        help="seeds of the γ sweep (default: --seeds)")
+    parser.add_argument("--sweep-paper-routing", action=argparse.BooleanOptionalAction,
+                        default=True, help="also sweep γ with distillation into the backbone")
     parser.add_argument("--temperatures", type=float, nargs="*", default=[0.25, 1.0, 4.0],
                         help="T values of the MSD temperature sweep at --gamma (none: no sweep)")
     parser.add_argument("--learning-rates", type=float, nargs="*", default=[3e-4, 1e-3, 3e-3],
@@ -234,7 +338,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--loss", choices=["multi_similarity", "triplet"],
                         default="multi_similarity")
     parser.add_argument("--variants", nargs="+", default=["baseline", "DSD", "MSD", "MSDF"],
-                        choices=["baseline", "DSD", "MSD", "MSDF", "FD"])
+                        choices=["baseline", "DSD", "MSD", "MSDF", "MSD paper",
+                                 "MSD detached targets", "FD"])
     parser.add_argument("--eval-every", type=int, default=5,
                         help="score 5-9 every N epochs (0: only at the end)")
     parser.add_argument("--output", help="write all runs as JSON here")
@@ -249,23 +354,30 @@ def main(argv=None) -> dict:
         args.variants.insert(0, "baseline")
 
     start = time.time()
-    data = load_digits_zero_shot()
+    if args.backbone is None:
+        args.backbone = "conv1d" if args.dataset == "signals" else "trunk"
+    if args.dataset == "signals":
+        data = load_signals_zero_shot(args.n_per_class)
+    else:
+        data = load_digits_zero_shot()
     (x_train, _), (x_test, y_test) = data
     steps = int(np.ceil(len(x_train) / args.batch_size))
     if args.feature_delay is None:
         args.feature_delay = (args.epochs * steps) // 8
     print(
-        f"digits: train {len(x_train)} images of 0-4, test {len(x_test)} images of 5-9 "
+        f"{args.dataset}: train {len(x_train)} samples of 0-4, test {len(x_test)} of 5-9 "
         f"(leave-one-out); {args.epochs} epochs x {steps} steps, batch {args.batch_size}, "
         f"Adam {args.learning_rate}, loss {args.loss}, φ {args.backbone}, "
         f"f {args.embedding_dim}-d, targets {args.target_dims}, T={args.temperature}, "
-        f"MSDF delay {args.feature_delay} steps; keras {keras.__version__} "
+        f"MSDF delay {args.feature_delay} steps, distillation into backbone "
+        f"{args.distillation_into_backbone}, targets into backbone "
+        f"{args.targets_into_backbone}; keras {keras.__version__} "
         f"({keras.backend.backend()}), {platform.processor() or ''} {os.cpu_count()} CPUs"
     )
 
     seeds = list(range(args.seeds))
     reference = {
-        "raw pixels": [score(x_test.reshape(len(x_test), -1), x_test, y_test)],
+        "raw inputs": [score(x_test.reshape(len(x_test), -1), x_test, y_test)],
         "untrained": [],
     }
     for seed in seeds:
@@ -275,14 +387,17 @@ def main(argv=None) -> dict:
     runs = []
     done: dict[tuple, list] = {}
 
-    def configuration(name, variant, gamma, **changes) -> list:
+    def configuration(name, variant, gamma, run_seeds=None, **changes) -> list:
         """Runs (or reuses) one configuration over all seeds; returns its results."""
         config = with_overrides(args, **changes)
-        key = (variant, gamma, config.temperature, config.learning_rate, config.backbone,
-               tuple(config.target_dims))
+        run_seeds = seeds if run_seeds is None else run_seeds
+        into = variant == "MSD paper" or config.distillation_into_backbone
+        key = (variant.split()[0], gamma, config.temperature, config.learning_rate,
+               config.backbone, tuple(config.target_dims), into,
+               targets_into_backbone(variant, config), len(run_seeds))
         if key not in done:
             done[key] = []
-            for seed in seeds:
+            for seed in run_seeds:
                 result = run(variant, gamma, seed, config, data)
                 result.update(name=name, temperature=config.temperature,
                               learning_rate=config.learning_rate, backbone=config.backbone,
@@ -299,7 +414,15 @@ def main(argv=None) -> dict:
         gamma = 0.0 if variant == "baseline" else args.gamma
         name = variant if variant == "baseline" else f"{variant} γ={gamma:g}"
         groups[name] = configuration(name, variant, gamma)
-    sweep = {f"MSD γ={g:g}": configuration(f"MSD γ={g:g}", "MSD", g) for g in args.gammas}
+    sweep_seeds = seeds if args.sweep_seeds is None else list(range(args.sweep_seeds))
+    sweep = {}
+    for g in args.gammas:
+        for variant, routing in (("MSD", "f only"), ("MSD paper", "into backbone")):
+            name = f"MSD γ={g:g} ({routing})"
+            if variant == "MSD paper" and (g == 0 or not args.sweep_paper_routing):
+                continue  # at γ=0 nothing is distilled: both routings are the same model
+            sweep[name] = configuration(name, variant, g, run_seeds=sweep_seeds,
+                                        distillation_into_backbone=False)
 
     investigation: dict[str, list] = {}
     for temperature in args.temperatures:
@@ -320,7 +443,7 @@ def main(argv=None) -> dict:
             investigation[name] = configuration(name, variant, gamma, backbone=other)
 
     baseline_step = statistics.mean(r["step_seconds"] for r in groups["baseline"])
-    print("\nreference points on digits 5-9 (no training on 0-4):")
+    print(f"\nreference points on {args.dataset} 5-9 (no training on 0-4):")
     for name, results in reference.items():
         cells = "  ".join(
             "{} {:.3f} ± {:.3f}".format(SHORT[m], *mean_std([r[m] for r in results]))
@@ -328,12 +451,13 @@ def main(argv=None) -> dict:
         )
         print(f"  {name:<12}{cells}")
     print_table(
-        f"unseen digits 5-9, mean ± std over {len(seeds)} seeds (step time relative to baseline)",
+        f"unseen {args.dataset} 5-9, mean ± std over {len(seeds)} seeds "
+        "(step time relative to baseline)",
         groups, baseline_step,
     )
     if sweep:
-        print_table("γ sweep (MSD; γ=0: target heads trained, nothing distilled)", sweep,
-                    baseline_step)
+        print_table(f"γ sweep (MSD, {len(sweep_seeds)} seeds; γ=0: target heads trained, "
+                    "nothing distilled)", sweep, baseline_step)
     if investigation:
         print_table("investigation: temperature, learning rate, head design", investigation,
                     baseline_step)

@@ -157,7 +157,9 @@ def test_distillation_rejects_bad_inputs(rng):
 def test_target_heads_get_no_gradient_from_distillation_but_f_and_backbone_do():
     keras.utils.set_random_seed(0)
     x, y = make_data(n=16)
-    model = S2SD(make_backbone(), embedding_dim=4, target_dims=(8, 24))
+    # The paper's routing; the default's is tested below.
+    model = S2SD(make_backbone(), embedding_dim=4, target_dims=(8, 24),
+                 distillation_into_backbone=True)
     model.compile(optimizer="sgd", loss=keras_dml.MultiSimilarityLoss())
 
     grads = variable_gradients(
@@ -174,6 +176,78 @@ def test_target_heads_get_no_gradient_from_distillation_but_f_and_backbone_do():
     )
     assert gradient_norm(grads, "target_24") > 0.0
     assert gradient_norm(grads, "target_8") == 0.0
+
+
+@pytest.mark.parametrize("feature_distillation", [False, True])
+def test_by_default_distillation_trains_f_but_not_the_backbone(feature_distillation):
+    keras.utils.set_random_seed(0)
+    x, y = make_data(n=16)
+    model = S2SD(make_backbone(), embedding_dim=4, target_dims=(8, 24),
+                 feature_distillation=feature_distillation)
+    assert model.distillation_into_backbone is False
+    model.compile(optimizer="sgd", loss=keras_dml.MultiSimilarityLoss())
+    key = "feature_distillation" if feature_distillation else "distillation"
+    grads = variable_gradients(model, lambda: model.compute_loss_terms(x, y, training=True)[key])
+    assert gradient_norm(grads, "embedding") > 0.0
+    assert gradient_norm(grads, "backbone") == 0.0
+    assert gradient_norm(grads, "target_24") == 0.0
+    # The metric losses still train the backbone.
+    grads = variable_gradients(
+        model, lambda: model.compute_loss_terms(x, y, training=True)["base_loss"]
+    )
+    assert gradient_norm(grads, "backbone") > 0.0
+    # Same values under both routings: only the gradient differs.
+    paper = S2SD.from_config({**model.get_config(), "distillation_into_backbone": True})
+    paper.set_weights(model.get_weights())
+    paper.compile(optimizer="sgd", loss=keras_dml.MultiSimilarityLoss())
+    for name, value in model.compute_loss_terms(x, y).items():
+        assert float(np_(paper.compute_loss_terms(x, y)[name])) == pytest.approx(
+            float(np_(value)), rel=1e-5
+        )
+
+
+def test_configs_saved_before_the_routing_argument_load_with_the_papers_routing():
+    model = S2SD(make_backbone(), embedding_dim=4, target_dims=(8,))
+    config = model.get_config()
+    assert config["distillation_into_backbone"] is False
+    assert S2SD.from_config(config).distillation_into_backbone is False
+    del config["distillation_into_backbone"]
+    assert S2SD.from_config(config).distillation_into_backbone is True
+
+
+def test_detached_targets_leave_only_fs_metric_loss_to_train_the_backbone():
+    keras.utils.set_random_seed(0)
+    x, y = make_data(n=16)
+    model = S2SD(make_backbone(), embedding_dim=4, target_dims=(8, 24),
+                 targets_into_backbone=False)
+    model.compile(optimizer="sgd", loss=keras_dml.MultiSimilarityLoss())
+    grads = variable_gradients(
+        model, lambda: model.compute_loss_terms(x, y, training=True)["target_24_loss"]
+    )
+    assert gradient_norm(grads, "target_24") > 0.0  # the heads still learn
+    assert gradient_norm(grads, "backbone") == 0.0
+    # The whole loss sends the backbone ½ the gradient of f's metric loss, nothing else.
+    total = variable_gradients(
+        model, lambda: model.compute_loss(x, y, model(x, training=True), training=True)
+    )
+    base = variable_gradients(
+        model, lambda: model.compute_loss_terms(x, y, training=True)["base_loss"]
+    )
+    for path, grad in total.items():
+        if path.startswith("backbone/"):
+            np.testing.assert_allclose(np_(grad), 0.5 * np_(base[path]), rtol=1e-4, atol=1e-7)
+    # Same loss values as with the targets' gradient into the backbone.
+    coupled = S2SD.from_config({**model.get_config(), "targets_into_backbone": True})
+    coupled.set_weights(model.get_weights())
+    coupled.compile(optimizer="sgd", loss=keras_dml.MultiSimilarityLoss())
+    for name, value in model.compute_loss_terms(x, y).items():
+        assert float(np_(coupled.compute_loss_terms(x, y)[name])) == pytest.approx(
+            float(np_(value)), rel=1e-5
+        )
+    config = model.get_config()
+    assert S2SD.from_config(config).targets_into_backbone is False
+    del config["targets_into_backbone"]
+    assert S2SD.from_config(config).targets_into_backbone is True
 
 
 def test_loss_is_half_the_metric_losses_plus_weighted_distillations():
@@ -247,6 +321,58 @@ def test_fit_on_digits_loss_falls_and_each_term_is_logged():
     assert set(result) == set(history)
     assert result["base_loss"] < history["base_loss"][0]
     assert model.predict(x[:5], verbose=0).shape == (5, 16)
+
+
+def small_signals(n=256, classes=4, length=32, seed=0):
+    """Noisy sinusoids, one frequency per class, random phase: a small 1-D task."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % classes
+    t = np.arange(length)
+    frequencies = np.array([1.0, 2.0, 3.0, 5.0])[labels]
+    phases = rng.uniform(0, 2 * np.pi, size=n)
+    x = np.sin(2 * np.pi * frequencies[:, None] * t / length + phases[:, None])
+    x = x + 0.5 * rng.normal(size=(n, length))
+    return x[..., None].astype("float32"), labels.astype("int32")
+
+
+def small_conv_backbone():
+    return keras.Sequential(
+        [
+            keras.Input((32, 1)),
+            keras.layers.Conv1D(16, 5, activation="relu"),
+            keras.layers.Conv1D(32, 3, strides=2, activation="relu"),
+            keras.layers.GlobalAveragePooling1D(),
+        ],
+        name="backbone",
+    )
+
+
+def test_default_distillation_does_not_stall_the_base_loss_on_a_small_backbone():
+    # Issue 14: with the distillation's gradient reaching a small from-scratch
+    # backbone (`distillation_into_backbone=True`, the paper's routing), the
+    # backbone settles where f's and the targets' similarity matrices agree
+    # and f's metric loss barely falls. The default must learn like the plain
+    # model: f's loss falls by at least half as much in the same steps.
+    x, y = small_signals()
+
+    def base_loss_curve(model, key):
+        model.compile(optimizer=keras.optimizers.Adam(3e-3), loss=keras_dml.MultiSimilarityLoss())
+        return model.fit(x, y, batch_size=64, epochs=8, verbose=0).history[key]
+
+    keras.utils.set_random_seed(0)
+    plain = keras.Sequential(
+        [small_conv_backbone(), keras.layers.Dense(32), keras.layers.UnitNormalization()]
+    )
+    plain_curve = base_loss_curve(plain, "loss")
+    keras.utils.set_random_seed(0)
+    # Defaults except the widths, kept small for speed (4x and 8x f, as the paper's 4-16x).
+    s2sd_curve = base_loss_curve(
+        S2SD(small_conv_backbone(), embedding_dim=32, target_dims=(128, 256)), "base_loss"
+    )
+    plain_drop = plain_curve[0] - plain_curve[-1]
+    s2sd_drop = s2sd_curve[0] - s2sd_curve[-1]
+    assert plain_drop > 0.5  # the plain model does learn here
+    assert s2sd_drop >= 0.5 * plain_drop, (plain_curve, s2sd_curve)
 
 
 def test_inference_uses_backbone_and_f_only():

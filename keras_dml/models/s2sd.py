@@ -130,6 +130,19 @@ class S2SD(keras.Model):
     there. With `target_dims=()` and no feature distillation the loss is
     `L(f)` alone: the plain baseline.
 
+    Gradient routing: by default (`distillation_into_backbone=False`) the KL
+    terms train f's weights only; the backbone learns from the metric losses
+    of f and of the target heads. The paper and its code also let the KL
+    terms' gradient flow through f into the backbone
+    (`distillation_into_backbone=True`). On a small backbone trained from
+    scratch that routing makes S2SD worse than its own base loss (issue 14,
+    BENCHMARKS.md): the KL's value is small (γ·KL is 1-3% of the loss at γ=50)
+    but its gradient into the backbone is 7-11x the metric loss's,
+    and since the detached targets g_i(φ) are computed from the same
+    backbone, the backbone reduces the KL by moving φ to where f's and the
+    g_i's similarity matrices agree (all samples alike) rather than where
+    classes separate; f's and the targets' metric losses then stall.
+
     Variants, chosen by the arguments (the paper's names):
 
     - DSD: one target head, e.g. `target_dims=(2048,)`;
@@ -169,6 +182,10 @@ class S2SD(keras.Model):
     defaults to `distillation_weight` (the code's 50) and
     `feature_distillation_delay=1000` training steps (the code's default;
     scale it to your schedule, as it was set for ~150 epochs of CUB200).
+    One default departs from the paper: `distillation_into_backbone=False`
+    (see "Gradient routing" above). The paper's exact configuration is
+    `S2SD(backbone, distillation_into_backbone=True)`, which is what models
+    saved before that argument existed load with.
 
     Args:
         backbone: a Keras model or layer mapping inputs to `(batch, F)`
@@ -191,6 +208,19 @@ class S2SD(keras.Model):
         cross_replica: under `tf.distribute`, distil the similarity matrices
             of the global batch (all replicas' rows as columns) rather than
             each replica's own; a no-op elsewhere. Defaults to `True`.
+        distillation_into_backbone: let the distillation terms' gradient
+            flow through f into the backbone, as in the paper and its code.
+            Defaults to `False`: the distillation trains f's weights only
+            (f is computed a second time on φ held constant), so the backbone
+            gets the metric losses' gradients alone and S2SD cannot pull it
+            below the plain model on small from-scratch backbones.
+        targets_into_backbone: let the target heads' metric losses train the
+            backbone, as in the paper (the default). With `False` the target
+            heads are computed on φ held constant (`stop_gradient`), so with
+            `distillation_into_backbone=False` only f's metric loss trains
+            the backbone. Tried as a fix for S2SD's loss on a narrow learnt φ
+            and not adopted: it did not close that gap and was no better than
+            the default elsewhere (issue 14, BENCHMARKS.md).
         **kwargs: `keras.Model` arguments (`name`, ...).
 
     Example:
@@ -224,10 +254,14 @@ class S2SD(keras.Model):
         feature_distillation_delay: int = 1000,
         base_head: keras.layers.Layer | None = None,
         cross_replica: bool = True,
+        distillation_into_backbone: bool = False,
+        targets_into_backbone: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.cross_replica = bool(cross_replica)
+        self.distillation_into_backbone = bool(distillation_into_backbone)
+        self.targets_into_backbone = bool(targets_into_backbone)
         if not isinstance(backbone, keras.layers.Layer):
             raise ValueError(f"`backbone` must be a Keras model or layer, got {type(backbone)}.")
         if base_head is not None and not isinstance(base_head, keras.layers.Layer):
@@ -383,17 +417,27 @@ class S2SD(keras.Model):
 
     def _loss_terms(self, features, embeddings, labels, training):
         terms = {"base_loss": self._branch_loss(labels, embeddings, self.base_head, training)}
-        target_embeddings = [head(features, training=training) for head in self.target_heads]
+        # With `targets_into_backbone=False` the target heads see φ held
+        # constant: their metric losses train their own weights only.
+        target_inputs = features if self.targets_into_backbone else ops.stop_gradient(features)
+        target_embeddings = [head(target_inputs, training=training) for head in self.target_heads]
         margin_heads = self.target_margin_heads or [None] * len(self.target_heads)
         branches = zip(self.target_dims, target_embeddings, margin_heads, strict=True)
         for dim, target, head in branches:
             terms[f"target_{dim}_loss"] = self._branch_loss(labels, target, head, training)
+        student = embeddings
+        if not self.distillation_into_backbone and (target_embeddings or self.feature_distillation):
+            # The same f, computed on φ held constant: the distillation's gradient
+            # reaches f's weights only, and the backbone learns from the metric losses.
+            student = self.embedding_normalization(
+                self.embedding_head(ops.stop_gradient(features))
+            )
         if target_embeddings:
             terms["distillation"] = ops.mean(
                 ops.stack(
                     [
                         similarity_distillation(
-                            embeddings, target, self.temperature, self.cross_replica
+                            student, target, self.temperature, self.cross_replica
                         )
                         for target in target_embeddings
                     ]
@@ -401,7 +445,7 @@ class S2SD(keras.Model):
             )
         if self.feature_distillation:
             terms["feature_distillation"] = similarity_distillation(
-                embeddings, features, self.temperature, self.cross_replica
+                student, features, self.temperature, self.cross_replica
             )
         return terms
 
@@ -531,6 +575,8 @@ class S2SD(keras.Model):
                 "feature_distillation_weight": self.feature_distillation_weight,
                 "feature_distillation_delay": self.feature_distillation_delay,
                 "cross_replica": self.cross_replica,
+                "distillation_into_backbone": self.distillation_into_backbone,
+                "targets_into_backbone": self.targets_into_backbone,
                 "base_head": (
                     None
                     if self.base_head is None
@@ -543,6 +589,8 @@ class S2SD(keras.Model):
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
+        # Models saved before the argument existed distilled into the backbone.
+        config.setdefault("distillation_into_backbone", True)
         backbone = keras.saving.deserialize_keras_object(
             config.pop("backbone"), custom_objects=custom_objects
         )
