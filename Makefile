@@ -21,10 +21,11 @@ $(STAMP): pyproject.toml
 
 DEMO_DIR ?= runs/demo
 
-# The whole journey on the bundled digits: train, export, search, evaluate.
+# The whole journey on the bundled glyphs (589 characters rendered from matplotlib's
+# fonts; 353 trained on, 236 never seen): train, export, search, evaluate.
 # The last command prints where every artefact is and the metrics table.
 demo: $(STAMP)
-	$(VENV)/bin/keras-dml train --dataset digits --loss triplet --epochs 15 --out $(DEMO_DIR)
+	$(VENV)/bin/keras-dml train --loss triplet --epochs 2 --out $(DEMO_DIR)
 	$(VENV)/bin/keras-dml export $(DEMO_DIR) --tflite int8
 	$(VENV)/bin/keras-dml search $(DEMO_DIR) --query-index 0 -k 5
 	$(VENV)/bin/keras-dml evaluate $(DEMO_DIR)
