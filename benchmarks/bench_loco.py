@@ -279,8 +279,19 @@ def profile_worker(args) -> dict:
             "decoder_block": args.decoder_block, "units": units}
 
 
-def run_profile(args) -> list[dict]:
+def _run_worker(args, layout: str, method: str, batch: int, extra: list[str]):
+    """Runs one measurement in a fresh process: its JSON row, or the last line of its error."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow")
+    cmd = [sys.executable, __file__, "--worker", *extra, "--layout", layout,
+           "--method", method, "--batch", str(batch), "--temperature", str(args.temperature),
+           "--projection-dim", str(args.projection_dim), "--decoder-block", args.decoder_block]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        return (proc.stderr.strip().splitlines() or ["?"])[-1][:80]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_profile(args) -> list[dict]:
     rows = []
     batch = args.image_batch_sizes[0]
     print(f"\n## Per-unit profile, batch {batch}, decoder block {args.decoder_block!r}: each "
@@ -290,17 +301,10 @@ def run_profile(args) -> list[dict]:
     print("|---|---|---|---|---|---|")
     for layout in [lay for lay in args.layouts if lay in IMAGE_LAYOUTS]:
         for method in args.methods:
-            cmd = [sys.executable, __file__, "--worker", "--profile", "--layout", layout,
-                   "--method", method, "--batch", str(batch),
-                   "--temperature", str(args.temperature),
-                   "--projection-dim", str(args.projection_dim),
-                   "--decoder-block", args.decoder_block]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if proc.returncode != 0:
-                tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
-                print(f"| {layout} | {method} | failed: {tail[:80]} |")
+            row = _run_worker(args, layout, method, batch, ["--profile"])
+            if isinstance(row, str):
+                print(f"| {layout} | {method} | failed: {row} |")
                 continue
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
             rows.append(row)
             for unit in row["units"]:
                 print(f"| {layout} | {method} | {tuple(unit['unit'])} "
@@ -310,7 +314,6 @@ def run_profile(args) -> list[dict]:
 
 
 def run_memory(args) -> list[dict]:
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow")
     rows = []
     print(f"\n## Part 1: one training step (each image gives 2 views), median of {args.steps} "
           "steps after a warm-up step, for both memory and time")
@@ -328,17 +331,10 @@ def run_memory(args) -> list[dict]:
         for batch, method in [(b, m) for b in batch_sizes for m in args.methods]:
             if method == args.methods[0]:
                 baseline = None
-            cmd = [sys.executable, __file__, "--worker", "--layout", layout, "--method", method,
-                   "--batch", str(batch), "--steps", str(args.steps),
-                   "--temperature", str(args.temperature),
-                   "--projection-dim", str(args.projection_dim),
-                   "--decoder-block", args.decoder_block]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if proc.returncode != 0:
-                tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
-                print(f"| {method:<10} | {batch:>5} | failed: {tail[:80]}")
+            row = _run_worker(args, layout, method, batch, ["--steps", str(args.steps)])
+            if isinstance(row, str):
+                print(f"| {method:<10} | {batch:>5} | failed: {row}")
                 continue
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
             rows.append(row)
             if method == "end-to-end":
                 baseline = row["step_peak_mb"]

@@ -73,13 +73,16 @@ def _power_of_two_scale(x, axis=None, keepdims=False):
 def l2_normalize(x, axis: int = -1, epsilon: float = 1e-12):
     """Scales rows to unit L2 norm; an all-zero row stays zero (no NaN).
 
-    Rows are first divided by a power of two near their largest entry, so
-    rows of norm up to float32's maximum normalise correctly (their squared
-    norm would overflow). The `epsilon` floor applies to the squared norm of
-    the rescaled row, i.e. only to rows that are all zero.
+    Rows whose largest entry is at least 1 are first divided by a power of
+    two near it, so rows of norm up to float32's maximum normalise correctly
+    (their squared norm would overflow); smaller rows are left as they are,
+    and the `epsilon` floor applies to their squared norm (an all-zero row
+    stays zero, with a gradient of at most `1 / sqrt(epsilon)`).
     """
     x = _as_float(x)
-    x = x / _power_of_two_scale(x, axis=axis, keepdims=True)
+    # Only scale rows down: scaling a tiny row up would divide the gradient of the
+    # `epsilon`-floored all-zero row by a tiny scale (1e36 instead of 1e6).
+    x = x / ops.maximum(_power_of_two_scale(x, axis=axis, keepdims=True), 1.0)
     square_sum = ops.sum(ops.square(x), axis=axis, keepdims=True)
     return x * ops.rsqrt(ops.maximum(square_sum, epsilon))
 

@@ -540,13 +540,7 @@ class LoCo(keras.Model):
             for k, unit_step in enumerate(unit_steps):
                 variables = self._unit_trainable_variables(k)
                 loss, handoff, unit_gradients = unit_step(inputs, labels)
-                for variable, gradient in zip(variables, unit_gradients, strict=True):
-                    if gradient is None:
-                        continue
-                    previous = gradients.get(id(variable))
-                    if previous is not None:
-                        gradient = previous[1] + gradient
-                    gradients[id(variable)] = (variable, gradient)
+                _accumulate(gradients, variables, unit_gradients)
                 unit_losses.append(loss)
                 inputs = handoff
             del inputs
@@ -603,18 +597,8 @@ class LoCo(keras.Model):
         gradients = {}  # id(variable) -> (variable, gradient summed over the units)
         unit_losses = []
         for k in range(len(self._unit_stages)):
-            variables = self._unit_trainable_variables(k)
-            with tf.GradientTape() as tape:
-                loss, handoff = self._unit_forward(k, inputs, labels, training=True)
-                scaled_loss = self.optimizer.scale_loss(loss)
-            unit_gradients = tape.gradient(scaled_loss, variables)
-            for variable, gradient in zip(variables, unit_gradients, strict=True):
-                if gradient is None:
-                    continue
-                previous = gradients.get(id(variable))
-                if previous is not None:
-                    gradient = previous[1] + gradient
-                gradients[id(variable)] = (variable, gradient)
+            loss, handoff, unit_gradients = self._unit_gradients(k, inputs, labels)
+            _accumulate(gradients, self._unit_trainable_variables(k), unit_gradients)
             unit_losses.append(loss)
             if k + 1 < len(self._unit_stages):
                 # Start the next unit only after this unit's backward pass, so that the
@@ -685,6 +669,20 @@ class LoCo(keras.Model):
         # Saved before `decoder_block` existed: those decoders were the ResNet block.
         config.setdefault("decoder_block", "resnet")
         return cls(stages, augment=augment, **config)
+
+
+def _accumulate(gradients: dict, variables, unit_gradients) -> None:
+    """Adds a unit's gradients into `gradients` (`id(variable) -> (variable, summed gradient)`).
+
+    A stage shared by two units gets the sum of both units' gradients.
+    """
+    for variable, gradient in zip(variables, unit_gradients, strict=True):
+        if gradient is None:
+            continue
+        previous = gradients.get(id(variable))
+        if previous is not None:
+            gradient = previous[1] + gradient
+        gradients[id(variable)] = (variable, gradient)
 
 
 def _require_tensorflow(method: str) -> None:
