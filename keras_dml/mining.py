@@ -207,22 +207,22 @@ def semi_hard_terms(distances, negative_mask, query_mask, term, max_queries=None
         return dml_ops.masked_sum(values, query_mask), dml_ops.masked_count(query_mask)
 
     num_refs = distances.shape[1]
-    k = cap if num_refs is None else min(cap, num_refs)
-    if k < 1:
+    # k: queries kept per anchor, at most `cap` (static) and the number of columns,
+    # which is a tensor only in TensorFlow graphs of unknown shape.
+    static_k = cap if num_refs is None else min(cap, num_refs)
+    if static_k < 1:
         return sorted_path()
+    k = ops.minimum(cap, ops.shape(distances)[1]) if num_refs is None else static_k
 
     def bucket_path():
-        return _semi_hard_terms_bucketed(distances, negative_mask, query_mask, term, k)
+        return _semi_hard_terms_bucketed(distances, negative_mask, query_mask, term, k, static_k)
 
     most_queries = ops.max(ops.sum(ops.cast(query_mask, "int32"), axis=1))
-    fits = most_queries <= k
-    if num_refs is None:
-        fits = ops.logical_and(fits, ops.shape(distances)[1] >= k)
-    return ops.cond(fits, bucket_path, sorted_path)
+    return ops.cond(most_queries <= k, bucket_path, sorted_path)
 
 
-def _semi_hard_terms_bucketed(distances, negative_mask, query_mask, term, k):
-    """`semi_hard_terms` for at most `k` queries per anchor, without sorting rows."""
+def _semi_hard_terms_bucketed(distances, negative_mask, query_mask, term, k, static_k):
+    """`semi_hard_terms` for at most `k` (<= `static_k`, a Python int) queries per anchor."""
     num_anchors = ops.shape(distances)[0]
     num_refs = ops.shape(distances)[1]
     sd = ops.stop_gradient(distances)
@@ -259,7 +259,7 @@ def _semi_hard_terms_bucketed(distances, negative_mask, query_mask, term, k):
     bucket_col = ops.reshape(ops.minimum(bucket_col, num_refs), (num_anchors, k + 1))
     # Suffix minimum over buckets (value, then column), by doubling shifts.
     shift = 1
-    while shift < k + 1:
+    while shift < static_k + 1:
         later_min = ops.concatenate(
             [bucket_min[:, shift:], ops.ones_like(bucket_min[:, :shift]) * filler], axis=1
         )
