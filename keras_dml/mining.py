@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import keras
 from keras import ops
 
 from keras_dml import ops as dml_ops
@@ -224,7 +225,6 @@ def semi_hard_terms(distances, negative_mask, query_mask, term, max_queries=None
 def _semi_hard_terms_bucketed(distances, negative_mask, query_mask, term, k, static_k):
     """`semi_hard_terms` for at most `k` (<= `static_k`, a Python int) queries per anchor."""
     num_anchors = ops.shape(distances)[0]
-    num_refs = ops.shape(distances)[1]
     sd = ops.stop_gradient(distances)
     filler = ops.stop_gradient(_filler(distances))
     # The k smallest query distances of each anchor, ascending; padding is `filler`.
@@ -239,6 +239,28 @@ def _semi_hard_terms_bucketed(distances, negative_mask, query_mask, term, k, sta
     rows = ops.expand_dims(ops.arange(num_anchors, dtype="int32"), 1)
     segment = ops.reshape(rows * (k + 1) + count, (-1,))
     num_segments = num_anchors * (k + 1)
+    if keras.backend.backend() == "tensorflow" and keras.backend.standardize_dtype(
+        sd.dtype
+    ) in ("float16", "bfloat16", "float32"):
+        has_semi_hard, column = _tf_bucket_minima(
+            sd, negative_mask, segment, num_segments, k, static_k
+        )
+    else:
+        has_semi_hard, column = _bucket_minima(
+            sd, negative_mask, filler, segment, num_segments, k, static_k
+        )
+    semi_hard = ops.take_along_axis(distances, column, axis=1)
+    easiest, has_negative = easiest_negative(distances, negative_mask)
+    fallback = ops.where(has_negative, easiest, ops.min(distances, axis=1))
+    chosen = ops.where(has_semi_hard, semi_hard, ops.expand_dims(fallback, 1))
+    positive = ops.take_along_axis(distances, query_columns, axis=1)
+    values = term(positive, chosen)
+    return dml_ops.masked_sum(values, valid), dml_ops.masked_count(valid)
+
+
+def _bucket_minima(sd, negative_mask, filler, segment, num_segments, k, static_k):
+    """Per (anchor, rank r): (a negative in buckets r+1..k, lowest column of their minimum)."""
+    num_anchors, num_refs = ops.shape(sd)[0], ops.shape(sd)[1]
     negative_values = ops.where(negative_mask, sd, ops.ones_like(sd) * filler)
     flat_values = ops.reshape(negative_values, (-1,))
     bucket_min = ops.segment_min(flat_values, segment, num_segments=num_segments)
@@ -275,10 +297,29 @@ def _semi_hard_terms_bucketed(distances, negative_mask, query_mask, term, k, sta
         shift *= 2
     has_semi_hard = bucket_min[:, 1:] < filler
     column = ops.where(has_semi_hard, bucket_col[:, 1:], ops.zeros_like(bucket_col[:, 1:]))
-    semi_hard = ops.take_along_axis(distances, column, axis=1)
-    easiest, has_negative = easiest_negative(distances, negative_mask)
-    fallback = ops.where(has_negative, easiest, ops.min(distances, axis=1))
-    chosen = ops.where(has_semi_hard, semi_hard, ops.expand_dims(fallback, 1))
-    positive = ops.take_along_axis(distances, query_columns, axis=1)
-    values = term(positive, chosen)
-    return dml_ops.masked_sum(values, valid), dml_ops.masked_count(valid)
+    return has_semi_hard, column
+
+
+def _tf_bucket_minima(sd, negative_mask, segment, num_segments, k, static_k):
+    """`_bucket_minima` on TensorFlow: one int64 segment minimum of (value, column) keys."""
+    import tensorflow as tf
+
+    num_anchors = tf.shape(sd)[0]
+    num_refs = tf.shape(sd)[1]
+    value_keys = dml_ops._monotone_int_keys(sd) - 2**31  # the values' order, in int32 range
+    columns = tf.cast(tf.range(num_refs), tf.int64)[None, :]
+    keys = value_keys * 2**32 + columns  # by value, then the lowest column
+    none = tf.constant(tf.int64.max, tf.int64)
+    keys = tf.where(negative_mask, keys, none)
+    minima = tf.math.unsorted_segment_min(tf.reshape(keys, [-1]), segment, num_segments)
+    minima = tf.reshape(minima, tf.stack([num_anchors, k + 1]))  # empty buckets: int64 max
+    shift = 1
+    while shift < static_k + 1:  # suffix minimum over the buckets
+        later = tf.concat([minima[:, shift:], tf.fill(tf.shape(minima[:, :shift]), none)], 1)
+        minima = tf.minimum(minima, later)
+        shift *= 2
+    minima = minima[:, 1:]
+    has_semi_hard = minima < none
+    column = tf.bitwise.bitwise_and(minima, 2**32 - 1)
+    column = tf.where(has_semi_hard, column, tf.zeros_like(column))
+    return has_semi_hard, tf.cast(column, tf.int32)
