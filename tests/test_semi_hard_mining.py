@@ -57,12 +57,14 @@ def _case(rng, n, classes, ties):
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("max_queries", [None, 0, 3])  # bucketed, sorted, bucketed or sorted
-def test_matches_numpy_reference(ties, seed, max_queries):
+@pytest.mark.parametrize("offset", [0.0, -1.5])  # negative "distances", as -dot gives
+def test_matches_numpy_reference(ties, seed, max_queries, offset):
     rng = np.random.default_rng(seed)
     d, negatives, queries = _case(rng, n=13, classes=4, ties=ties)
+    d = d + np.float32(offset)
     queries[0] = False  # an anchor without any query
     negatives[1] = False  # an anchor without negatives: row minimum
-    d[2, negatives[2]] = 0.1  # every negative closer than every query: largest negative
+    d[2, negatives[2]] = d[2].min()  # every negative closer than every query: largest negative
     for margin in (1.0, 0.2):
         total, count = _terms(d, negatives, queries, margin, max_queries)
         want_total, want_count = ref_semi_hard_terms(d, negatives, queries, margin)
