@@ -3,8 +3,11 @@
 Every miner takes the `(B, R)` distance matrix between anchors and references
 plus boolean positive/negative masks and returns distances (so gradients flow
 through them) together with a validity mask. Nothing larger than `(B, R)` is
-built: semi-hard and batch-all mining sort each anchor's negatives once and
-binary-search the positives, O(B·R log R) time and O(B·R) memory.
+built: batch-all mining sorts each anchor's negatives once and binary-searches
+the positives, O(B·R log R) time and O(B·R) memory; semi-hard mining
+(`semi_hard_terms`) does the same for anchors with many positives and, in
+M-per-class batches (few positives per anchor), buckets the negatives between
+the positives' distances instead of sorting, O(B·R log P).
 
 Example:
 
@@ -20,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import keras
 from keras import ops
 
 from keras_dml import ops as dml_ops
@@ -159,3 +163,163 @@ def sum_of_hinges_over_negatives(distances, negative_mask, thresholds):
     prefix_at_count = ops.take_along_axis(prefix, count, axis=1)
     count = ops.cast(count, distances.dtype)
     return count * thresholds - prefix_at_count, count
+
+
+# Largest number of queries (positives) per anchor for which `semi_hard_terms`
+# uses bucketed segment minima instead of sorting every row of the distance matrix.
+SEMI_HARD_MAX_QUERIES = 64
+
+
+def semi_hard_terms(distances, negative_mask, query_mask, term, max_queries=None):
+    """`(sum, count)` of `term(d(a, p), d(a, n*))` over the (a, p) in `query_mask`.
+
+    `n*` is the semi-hard negative of `semi_hard_negatives` (the closest
+    negative strictly farther than p, else the anchor's farthest negative, else
+    the row minimum), with the same values and the same gradient routing.
+
+    When every anchor has at most `max_queries` (default
+    `SEMI_HARD_MAX_QUERIES`) queries, which is the case of M-per-class batches,
+    no row is sorted: each anchor's K query distances are taken with `top_k`,
+    every negative is put into the bucket between two consecutive query
+    distances (a search in K values), and a segment minimum per bucket plus a
+    suffix minimum over the K + 1 buckets give every query its semi-hard
+    negative: O(B·R log K) time, O(B·R) memory. Otherwise each row's negatives
+    are sorted (`semi_hard_negatives`). The choice is made at run time
+    (`ops.cond`) from the batch's largest query count.
+
+    Args:
+        distances: `(B, R)` anchor-to-reference distances.
+        negative_mask: `(B, R)` bool.
+        query_mask: `(B, R)` bool, the (a, p) pairs to sum over.
+        term: `term(positive_distances, negative_distances)`, elementwise.
+        max_queries: the K above; `0` always sorts.
+
+    Returns:
+        `(sum, count)`: float scalars.
+    """
+    distances = ops.convert_to_tensor(distances)
+    query_mask = ops.cast(query_mask, "bool")
+    negative_mask = ops.cast(negative_mask, "bool")
+    cap = SEMI_HARD_MAX_QUERIES if max_queries is None else int(max_queries)
+
+    def sorted_path():
+        negative_distances, _ = semi_hard_negatives(distances, negative_mask, query_mask)
+        values = term(distances, negative_distances)
+        return dml_ops.masked_sum(values, query_mask), dml_ops.masked_count(query_mask)
+
+    num_refs = distances.shape[1]
+    # k: queries kept per anchor, at most `cap` (static) and the number of columns,
+    # which is a tensor only in TensorFlow graphs of unknown shape.
+    static_k = cap if num_refs is None else min(cap, num_refs)
+    if static_k < 1:
+        return sorted_path()
+    k = ops.minimum(cap, ops.shape(distances)[1]) if num_refs is None else static_k
+
+    def bucket_path():
+        return _semi_hard_terms_bucketed(distances, negative_mask, query_mask, term, k, static_k)
+
+    most_queries = ops.max(ops.sum(ops.cast(query_mask, "int32"), axis=1))
+    return ops.cond(most_queries <= k, bucket_path, sorted_path)
+
+
+def _semi_hard_terms_bucketed(distances, negative_mask, query_mask, term, k, static_k):
+    """`semi_hard_terms` for at most `k` (<= `static_k`, a Python int) queries per anchor."""
+    num_anchors = ops.shape(distances)[0]
+    sd = ops.stop_gradient(distances)
+    filler = ops.stop_gradient(_filler(distances))
+    # The k smallest query distances of each anchor, ascending; padding is `filler`.
+    top, query_columns = ops.top_k(ops.where(query_mask, -sd, -filler), k)
+    query_sorted = -top
+    valid = ops.take_along_axis(query_mask, query_columns, axis=1)
+    # count[a, n] = #queries of a strictly closer than n: n is farther than the
+    # query of rank r exactly when count > r, so rank r's semi-hard negative is
+    # the smallest negative with count in r + 1 .. k.
+    count = dml_ops.batched_searchsorted(query_sorted, sd, side="left")
+    count = ops.where(negative_mask, count, ops.zeros_like(count))  # bucket 0 is never read
+    rows = ops.expand_dims(ops.arange(num_anchors, dtype="int32"), 1)
+    segment = ops.reshape(rows * (k + 1) + count, (-1,))
+    num_segments = num_anchors * (k + 1)
+    if keras.backend.backend() == "tensorflow" and keras.backend.standardize_dtype(
+        sd.dtype
+    ) in ("float16", "bfloat16", "float32"):
+        has_semi_hard, column = _tf_bucket_minima(
+            sd, negative_mask, segment, num_segments, k, static_k
+        )
+    else:
+        has_semi_hard, column = _bucket_minima(
+            sd, negative_mask, filler, segment, num_segments, k, static_k
+        )
+    semi_hard = ops.take_along_axis(distances, column, axis=1)
+    easiest, has_negative = easiest_negative(distances, negative_mask)
+    fallback = ops.where(has_negative, easiest, ops.min(distances, axis=1))
+    chosen = ops.where(has_semi_hard, semi_hard, ops.expand_dims(fallback, 1))
+    positive = ops.take_along_axis(distances, query_columns, axis=1)
+    values = term(positive, chosen)
+    return dml_ops.masked_sum(values, valid), dml_ops.masked_count(valid)
+
+
+def _bucket_minima(sd, negative_mask, filler, segment, num_segments, k, static_k):
+    """Per (anchor, rank r): (a negative in buckets r+1..k, lowest column of their minimum)."""
+    num_anchors, num_refs = ops.shape(sd)[0], ops.shape(sd)[1]
+    negative_values = ops.where(negative_mask, sd, ops.ones_like(sd) * filler)
+    flat_values = ops.reshape(negative_values, (-1,))
+    bucket_min = ops.segment_min(flat_values, segment, num_segments=num_segments)
+    bucket_min = ops.minimum(bucket_min, filler)  # empty segments
+    # The lowest column holding each bucket's minimum (a stable sort's choice).
+    is_min = ops.logical_and(
+        ops.reshape(negative_mask, (-1,)), flat_values <= ops.take(bucket_min, segment)
+    )
+    columns = ops.reshape(
+        ops.broadcast_to(ops.arange(num_refs, dtype="int32")[None, :], ops.shape(sd)), (-1,)
+    )
+    bucket_col = ops.segment_min(
+        ops.where(is_min, columns, ops.full_like(columns, num_refs)),
+        segment,
+        num_segments=num_segments,
+    )
+    bucket_min = ops.reshape(bucket_min, (num_anchors, k + 1))
+    bucket_col = ops.reshape(ops.minimum(bucket_col, num_refs), (num_anchors, k + 1))
+    # Suffix minimum over buckets (value, then column), by doubling shifts.
+    shift = 1
+    while shift < static_k + 1:
+        later_min = ops.concatenate(
+            [bucket_min[:, shift:], ops.ones_like(bucket_min[:, :shift]) * filler], axis=1
+        )
+        later_col = ops.concatenate(
+            [bucket_col[:, shift:], ops.full_like(bucket_col[:, :shift], num_refs)], axis=1
+        )
+        take = ops.logical_or(
+            later_min < bucket_min,
+            ops.logical_and(later_min == bucket_min, later_col < bucket_col),
+        )
+        bucket_min = ops.where(take, later_min, bucket_min)
+        bucket_col = ops.where(take, later_col, bucket_col)
+        shift *= 2
+    has_semi_hard = bucket_min[:, 1:] < filler
+    column = ops.where(has_semi_hard, bucket_col[:, 1:], ops.zeros_like(bucket_col[:, 1:]))
+    return has_semi_hard, column
+
+
+def _tf_bucket_minima(sd, negative_mask, segment, num_segments, k, static_k):
+    """`_bucket_minima` on TensorFlow: one int64 segment minimum of (value, column) keys."""
+    import tensorflow as tf
+
+    num_anchors = tf.shape(sd)[0]
+    num_refs = tf.shape(sd)[1]
+    value_keys = dml_ops._monotone_int_keys(sd) - 2**31  # the values' order, in int32 range
+    columns = tf.cast(tf.range(num_refs), tf.int64)[None, :]
+    keys = value_keys * 2**32 + columns  # by value, then the lowest column
+    none = tf.constant(tf.int64.max, tf.int64)
+    keys = tf.where(negative_mask, keys, none)
+    minima = tf.math.unsorted_segment_min(tf.reshape(keys, [-1]), segment, num_segments)
+    minima = tf.reshape(minima, tf.stack([num_anchors, k + 1]))  # empty buckets: int64 max
+    shift = 1
+    while shift < static_k + 1:  # suffix minimum over the buckets
+        later = tf.concat([minima[:, shift:], tf.fill(tf.shape(minima[:, :shift]), none)], 1)
+        minima = tf.minimum(minima, later)
+        shift *= 2
+    minima = minima[:, 1:]
+    has_semi_hard = minima < none
+    column = tf.bitwise.bitwise_and(minima, 2**32 - 1)
+    column = tf.where(has_semi_hard, column, tf.zeros_like(column))
+    return has_semi_hard, tf.cast(column, tf.int32)

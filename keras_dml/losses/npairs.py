@@ -79,9 +79,13 @@ def npairs_loss(
     similarity = references.pairwise(embeddings, distance, kind="similarity")
     positive_mask, _ = references.masks(labels)
     not_self = references.not_self(ops.shape(labels)[0])
-    log_prob = dml_ops.masked_log_softmax(similarity, not_self, axis=1)
-    per_anchor = -dml_ops.masked_mean(log_prob, positive_mask, axis=1)
-    has_positive = ops.any(positive_mask, axis=1)
+    # -mean_p log softmax(s_i)[p] = logsumexp_{j != i} s_ij - mean_p s_ip: two row
+    # reductions, no (B, R) log-probability matrix (nor its gradient) is built.
+    log_normaliser = dml_ops.masked_logsumexp(similarity, not_self, axis=1)
+    num_positives = dml_ops.masked_count(positive_mask, axis=1, dtype=similarity.dtype)
+    positive_sum = dml_ops.masked_sum(similarity, positive_mask, axis=1)
+    per_anchor = log_normaliser - positive_sum / ops.maximum(num_positives, 1.0)
+    has_positive = num_positives > 0
     loss = references.mean(
         dml_ops.masked_sum(per_anchor, has_positive), dml_ops.masked_count(has_positive)
     )

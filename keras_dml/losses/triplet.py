@@ -62,9 +62,10 @@ def triplet_semihard_loss(
     references = resolve_references(labels, embeddings, references)
     distances = _tfa_distances(embeddings, distance_metric, references)
     positives, negatives = references.masks(labels)
-    negative_distances, _ = mining.semi_hard_negatives(distances, negatives, positives)
-    hinge = ops.maximum(margin + distances - negative_distances, 0.0)
-    return references.mean(dml_ops.masked_sum(hinge, positives), dml_ops.masked_count(positives))
+    total, count = mining.semi_hard_terms(
+        distances, negatives, positives, lambda dap, dan: ops.maximum(margin + dap - dan, 0.0)
+    )
+    return references.mean(total, count)
 
 
 def triplet_hard_loss(
@@ -153,13 +154,15 @@ def triplet_loss(
 
     if negative_mining == "all":
         return references.mean(*_batch_all(distances, pairs, negatives, margin, soft_margin))
+
+    def term(positive_distances, negative_distances):
+        gap = positive_distances - negative_distances
+        return ops.softplus(gap) if soft_margin else ops.maximum(gap + margin, 0.0)
+
     if negative_mining == "semi-hard":
-        negative_distances, _ = mining.semi_hard_negatives(distances, negatives, pairs)
-    else:
-        miner = mining.hardest_negative if negative_mining == "hard" else mining.easiest_negative
-        negative_distances = ops.expand_dims(miner(distances, negatives)[0], 1)
-    gap = distances - negative_distances
-    per_pair = ops.softplus(gap) if soft_margin else ops.maximum(gap + margin, 0.0)
+        return references.mean(*mining.semi_hard_terms(distances, negatives, pairs, term))
+    miner = mining.hardest_negative if negative_mining == "hard" else mining.easiest_negative
+    per_pair = term(distances, ops.expand_dims(miner(distances, negatives)[0], 1))
     return references.mean(dml_ops.masked_sum(per_pair, pairs), dml_ops.masked_count(pairs))
 
 
