@@ -16,6 +16,7 @@ queries into the loss of the whole (global) batch.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 from typing import Any
 
@@ -82,6 +83,11 @@ def check_labels_dtype(labels, arg: str = "y_true") -> None:
         )
 
 
+# Set while a loss class runs its function on inputs it has validated: the function's
+# own `validate_inputs` then keeps its shape checks and skips the value checks.
+_VALUES_CHECKED = contextvars.ContextVar("keras_dml_values_checked", default=False)
+
+
 def validate_inputs(labels, embeddings, labels_arg: str = "y_true", embeddings_arg: str = "y_pred"):
     """Checks ranks, batch sizes and values; returns `(labels (B,) int32, embeddings (B, D) float)`.
 
@@ -122,6 +128,10 @@ def validate_inputs(labels, embeddings, labels_arg: str = "y_true", embeddings_a
         )
     if n_embeddings == 0:
         raise ValueError(_EMPTY_BATCH.format(arg=embeddings_arg))
+    if _VALUES_CHECKED.get():
+        # A loss class checked these values already (under its own argument names):
+        # once per step, and under JAX no second callback racing the first.
+        return ops.cast(labels, "int32"), embeddings
     value = concrete_value(embeddings)
     if value is not None:
         if value.shape[0] == 0:
@@ -499,7 +509,12 @@ class MetricLoss(keras.losses.Loss):
             references = gather_references(labels, embeddings, instance_labels=instance_labels)
             if references is not None:
                 options["references"] = references
-        return propagate_non_finite(self.fn(labels, embeddings, **options), embeddings)
+        token = _VALUES_CHECKED.set(True)
+        try:
+            loss = self.fn(labels, embeddings, **options)
+        finally:
+            _VALUES_CHECKED.reset(token)
+        return propagate_non_finite(loss, embeddings)
 
     def get_config(self) -> dict:
         config = super().get_config()
