@@ -528,12 +528,7 @@ class LoCo(keras.Model):
             return apply_steps[key](gradients, unit_losses)
 
         def one_step(data):
-            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-            if sample_weight is not None:
-                raise ValueError("LoCo does not support `sample_weight`.")
-            self._build_for_step(x)
-            if not self.optimizer.built:
-                self.optimizer.build(self.trainable_variables)
+            x, y = self._start_train_step(data)
             inputs, labels = views(x, y)
             gradients = {}
             unit_losses = []
@@ -586,13 +581,7 @@ class LoCo(keras.Model):
     def train_step(self, data):
         import tensorflow as tf
 
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        if sample_weight is not None:
-            raise ValueError("LoCo does not support `sample_weight`.")
-        self._build_for_step(x)
-        if not self.optimizer.built:
-            # Built lazily, `apply_gradients` would know only the variables of this first step.
-            self.optimizer.build(self.trainable_variables)
+        x, y = self._start_train_step(data)
         inputs, labels = self._views(x), self._labels(y)
         gradients = {}  # id(variable) -> (variable, gradient summed over the units)
         unit_losses = []
@@ -614,6 +603,17 @@ class LoCo(keras.Model):
         x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
         self._build_for_step(x)
         return self._update_trackers(self.compute_unit_losses(x, y, training=False))
+
+    def _start_train_step(self, data):
+        """`(x, y)` of a training batch, with the model and its optimizer built."""
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if sample_weight is not None:
+            raise ValueError("LoCo does not support `sample_weight`.")
+        self._build_for_step(x)
+        if not self.optimizer.built:
+            # Built lazily, `apply_gradients` would know only the variables of this first step.
+            self.optimizer.build(self.trainable_variables)
+        return x, y
 
     def _build_for_step(self, x):
         # On TensorFlow, `fit` builds a model when its train step first calls it; this one
