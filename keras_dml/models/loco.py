@@ -512,10 +512,28 @@ class LoCo(keras.Model):
             return tf.function(fn, reduce_retracing=True, jit_compile=self.jit_compile)
 
         views = compile_function(lambda x, y: (self._views(x), self._labels(y)))
-        unit_steps = [
-            compile_function(lambda inputs, labels, k=k: self._unit_gradients(k, inputs, labels))
-            for k in range(len(self._unit_stages))
-        ]
+        def unit_step_function(k):
+            # Traced with an unknown batch size: with a static one, Grappler folds the
+            # batch-sized constants (the loss's (2N, 2N) masks) into each unit's graph,
+            # and every unit's graph keeps its own copy alive between steps.
+            traced = {}
+
+            def unit_step(inputs, labels):
+                key = (labels is None, tuple(inputs.shape[1:]), inputs.dtype)
+                if key not in traced:
+                    spec = [tf.TensorSpec((None, *inputs.shape[1:]), inputs.dtype)]
+                    if labels is None:
+                        fn = lambda x: self._unit_gradients(k, x, None)  # noqa: E731
+                    else:
+                        spec.append(tf.TensorSpec((None,), labels.dtype))
+                        fn = lambda x, y: self._unit_gradients(k, x, y)  # noqa: E731
+                    traced[key] = tf.function(fn, input_signature=spec,
+                                              jit_compile=self.jit_compile)
+                return traced[key](inputs) if labels is None else traced[key](inputs, labels)
+
+            return unit_step
+
+        unit_steps = [unit_step_function(k) for k in range(len(self._unit_stages))]
         # Variables cannot be arguments of a tf.function: each apply step captures its own.
         apply_steps = {}
 
