@@ -99,3 +99,27 @@ def mixed_precision(policy: str):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+def ref_semi_hard_terms(d, negatives, queries, margin):
+    """NumPy reference of semi-hard mining (tfa's rule), with loops.
+
+    Returns the hinge `max(margin + d(a, p) - d(a, n*), 0)` summed over the
+    queries, and their number.
+    """
+    total, count = 0.0, 0
+    for a in range(d.shape[0]):
+        negs = [d[a, n] for n in range(d.shape[1]) if negatives[a, n]]
+        for p in range(d.shape[1]):
+            if not queries[a, p]:
+                continue
+            count += 1
+            farther = [v for v in negs if v > d[a, p]]
+            if farther:
+                neg = min(farther)
+            elif negs:
+                neg = max(negs)
+            else:
+                neg = d[a].min()
+            total += max(margin + d[a, p] - neg, 0.0)
+    return total, count

@@ -5,30 +5,10 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from conftest import loss_gradient
+from conftest import loss_gradient, ref_semi_hard_terms
 from keras import ops
 
 from keras_dml import mining
-
-
-def ref_semi_hard_terms(d, negatives, queries, margin):
-    """Loops; the hinge `max(margin + d(a, p) - d(a, n*), 0)` summed over the queries."""
-    total, count = 0.0, 0
-    for a in range(d.shape[0]):
-        negs = [d[a, n] for n in range(d.shape[1]) if negatives[a, n]]
-        for p in range(d.shape[1]):
-            if not queries[a, p]:
-                continue
-            count += 1
-            farther = [v for v in negs if v > d[a, p]]
-            if farther:
-                neg = min(farther)
-            elif negs:
-                neg = max(negs)
-            else:
-                neg = d[a].min()
-            total += max(margin + d[a, p] - neg, 0.0)
-    return total, count
 
 
 def _terms(d, negatives, queries, margin, max_queries):

@@ -7,7 +7,7 @@ import math
 import keras
 import numpy as np
 import pytest
-from conftest import loss_gradient, mixed_precision
+from conftest import loss_gradient, mixed_precision, ref_semi_hard_terms
 
 import keras_dml
 from keras_dml.losses import triplet_hard_loss, triplet_loss, triplet_semihard_loss
@@ -38,22 +38,10 @@ def ref_distance_matrix(x, metric):
 
 def ref_tfa_semihard(labels, x, margin=1.0, metric="L2"):
     d = ref_distance_matrix(x, metric)
-    n = len(labels)
-    total, num_pos = 0.0, 0
-    for a in range(n):
-        negs = [d[a, k] for k in range(n) if labels[k] != labels[a]]
-        for p in range(n):
-            if p == a or labels[p] != labels[a]:
-                continue
-            num_pos += 1
-            farther = [v for v in negs if v > d[a, p]]
-            if farther:
-                neg = min(farther)
-            elif negs:
-                neg = max(negs)
-            else:
-                neg = min(d[a])
-            total += max(margin + d[a, p] - neg, 0.0)
+    labels = np.asarray(labels)
+    same = labels[:, None] == labels[None, :]
+    total, num_pos = ref_semi_hard_terms(d, ~same, same & ~np.eye(len(labels), dtype=bool),
+                                         margin)
     return total / num_pos if num_pos else 0.0
 
 
