@@ -33,6 +33,18 @@ def _scann_pybind():
     return scann_ops_pybind
 
 
+def _seed_config(config: str, seed: int) -> str:
+    """Adds `seed` to the clustering and sampling seeds of a ScaNN config text proto."""
+    for block, fields in (
+        ("partitioning {", ("clustering_seed",)),
+        ("asymmetric_hash {", ("clustering_seed", "sampling_seed")),
+    ):
+        if block in config:
+            stanza = " ".join(f"{field}: {seed}" for field in fields)
+            config = config.replace(block, f"{block}\n {stanza}", 1)
+    return config
+
+
 class ScaNNIndex(Index):
     """Approximate nearest-neighbour index backed by ScaNN, with exact rescoring.
 
@@ -72,9 +84,14 @@ class ScaNNIndex(Index):
         training_sample_size: points used to train the tree and the hashing
             codebooks; defaults to `min(N, 100_000)`.
         training_threads: threads used to build; 0 lets ScaNN use all cores.
-            Two tree builds of the same data are not identical (measured with
-            ScaNN's asymmetric hashing even with 1 thread and fixed
-            seeds); recall differs slightly between builds.
+        seed: seed of ScaNN's k-means (tree) and hashing codebooks. With an
+            integer (default 0) the tree's centres start from k-means++,
+            which ScaNN seeds, so two builds of the same data give the same
+            searcher and the same neighbours, whatever the thread count.
+            None: ScaNN's random initialisation, which is not reproducible
+            (builds of the same data returned different neighbours for up to
+            a third of the queries); its build is a little faster. Both are
+            measured in BENCHMARKS.md ("ScaNN builds").
 
     The searcher is built once, under a lock: threads that search an index
     that is not built yet wait for the one build.
@@ -104,6 +121,7 @@ class ScaNNIndex(Index):
         anisotropic_quantization_threshold: float = 0.2,
         training_sample_size: int | None = None,
         training_threads: int = 0,
+        seed: int | None = 0,
     ):
         super().__init__(distance=distance, normalize=normalize)
         for name, value in (
@@ -126,7 +144,10 @@ class ScaNNIndex(Index):
         self.dimensions_per_block = int(dimensions_per_block)
         self.anisotropic_quantization_threshold = float(anisotropic_quantization_threshold)
         self.training_sample_size = training_sample_size
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"`seed` must be a non-negative integer or None, got {seed!r}.")
         self.training_threads = int(training_threads)
+        self.seed = seed
         self._build_lock = threading.Lock()
         self._searcher = None
         self._search_args: dict[int, tuple[int, int, int]] = {}
@@ -142,6 +163,7 @@ class ScaNNIndex(Index):
             anisotropic_quantization_threshold=self.anisotropic_quantization_threshold,
             training_sample_size=self.training_sample_size,
             training_threads=self.training_threads,
+            seed=self.seed,
         )
         return config
 
@@ -206,6 +228,7 @@ class ScaNNIndex(Index):
         scann_ops_pybind = _scann_pybind()
         params = self.resolved_params()
         builder = scann_ops_pybind.builder(self._embeddings, 10, _SCANN_DISTANCES[self.distance])
+        seeded = self.seed is not None
         builder = builder.set_n_training_threads(self.training_threads)
         if params["brute_force"]:
             builder = builder.score_brute_force()
@@ -215,6 +238,8 @@ class ScaNNIndex(Index):
                 num_leaves=params["num_leaves"],
                 num_leaves_to_search=params["leaves_to_search"],
                 training_sample_size=sample,
+                # ScaNN's random initialisation is not reproducible; its k-means++ is seeded.
+                random_init=not seeded,
             )
             threshold = (
                 self.anisotropic_quantization_threshold if self.distance == "dot" else float("nan")
@@ -225,7 +250,13 @@ class ScaNNIndex(Index):
                 training_sample_size=sample,
             )
             builder = builder.reorder(params["reorder_num_neighbors"])
-        self._searcher = builder.build()
+        if not seeded:
+            self._searcher = builder.build()
+            return
+        config = _seed_config(builder.create_config(), self.seed)
+        self._searcher = scann_ops_pybind.create_searcher(
+            self._embeddings, config, self.training_threads
+        )
 
     @property
     def searcher(self):
