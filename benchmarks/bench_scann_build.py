@@ -64,7 +64,8 @@ def run(size: int, dim: int, builds: int, num_queries: int, k: int) -> list[dict
             qps.append(len(queries) / (time.perf_counter() - start))
             found.append(ids)
         recalls = [
-            np.mean([len(set(a) & set(b)) / k for a, b in zip(ids, truth)]) for ids in found
+            np.mean([len(set(a) & set(b)) / k for a, b in zip(rows_, truth, strict=True)])
+            for rows_ in found
         ]
         differing = sum(int(np.any(found[0] != other)) for other in found[1:])
         rows.append(
