@@ -7,8 +7,13 @@ the old tree, complete, or the new one; never a mix, never nothing.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
+import shutil
+import socket
 import sys
+import tempfile
+import uuid
 
 
 def fsync_tree(directory: str) -> None:
@@ -64,3 +69,70 @@ def swap_into_place(staging: str, directory: str) -> None:
             raise
         os.rename(backup, staging)
     fsync_directory(parent)
+
+
+def write_text(path: str, text: str) -> None:
+    """Writes `text` to `path` through a flushed temporary sibling and one rename."""
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _host_tag() -> str:
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
+
+
+def make_staging(target: str) -> str:
+    """Creates an empty staging directory beside `target`, named after it and its writer.
+
+    The name (`.NAME.partial-HOST-PID-RANDOM`) lets a later writer of the same
+    target recognise, and remove, what a killed process left behind
+    (`remove_stale_staging`).
+    """
+    parent = os.path.dirname(target)
+    prefix = f".{os.path.basename(target)}.partial-{_host_tag()}-{os.getpid()}-"
+    return tempfile.mkdtemp(prefix=prefix, dir=parent)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: it exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_staging(target: str) -> list[str]:
+    """Removes staging directories of `target` whose writer, on this host, is gone.
+
+    Returns the paths removed. Staging directories of live processes, of other
+    hosts (a shared file system) and of unknown writers are left alone.
+    """
+    parent = os.path.dirname(target) or "."
+    prefix = f".{os.path.basename(target)}.partial-{_host_tag()}-"
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        pid_text = name[len(prefix):].split("-", 1)[0]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid() or _alive(int(pid_text)):
+            continue
+        path = os.path.join(parent, name)
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.lexists(path):
+            removed.append(path)
+    return removed

@@ -20,6 +20,7 @@ plots.plot_training_curves(history, path="curves.png")
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,8 +37,17 @@ def _figure(width: float, height: float):
 
 
 def _save(figure, path: str | None) -> None:
-    if path is not None:
-        figure.savefig(path, dpi=120)
+    if path is None:
+        return
+    # Through a temporary sibling: an interruption leaves the old plot or the new one.
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp-{os.getpid()}{ext or '.png'}"
+    try:
+        figure.savefig(tmp, dpi=120, format=ext[1:] or None)
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
 
 
 def _as_matrix(x, arg: str) -> np.ndarray:

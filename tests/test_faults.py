@@ -90,6 +90,50 @@ def _interrupt(*args, **kwargs):
     raise KeyboardInterrupt
 
 
+_KILLED_WRITER = """
+import os, signal, sys
+from keras_dml import _atomic
+staging = _atomic.make_staging(sys.argv[1])
+open(os.path.join(staging, "embeddings.npy"), "wb").write(b"half")
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _killed_writer_leaves_staging(target):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(target)], timeout=120)
+    assert done.returncode == -9
+    left = [n for n in os.listdir(target.parent) if n.startswith(f".{target.name}.partial-")]
+    assert len(left) == 1
+    return target.parent / left[0]
+
+
+def test_a_save_after_a_killed_save_removes_what_it_left(tmp_path):
+    path = tmp_path / "index"
+    _saved(path)
+    stale = _killed_writer_leaves_staging(path)
+    live = tmp_path / f".index.partial-{atomic._host_tag()}-1-abc"  # pid 1 is alive
+    live.mkdir()
+    foreign = tmp_path / ".index.partial-ffffff-999999-abc"  # another host's
+    foreign.mkdir()
+    _saved(path, seed=1, overwrite=True)
+    assert not stale.exists()
+    assert live.exists() and foreign.exists()
+    assert len(Index.load(path)) == 20
+
+
+def test_write_text_is_all_or_nothing(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.json"
+    path.write_text("old")
+    monkeypatch.setattr(os, "replace", _interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        atomic.write_text(str(path), "new")
+    assert path.read_text() == "old"
+    assert os.listdir(tmp_path) == ["metrics.json"]
+
+
 # ------------------------------------------------------------ ids, headers, values
 
 
@@ -367,6 +411,52 @@ def test_an_interrupted_train_keeps_the_previous_run(run, monkeypatch, capsys, w
         kept = [name for name in os.listdir(run.parent) if name != "run"]
         assert kept == [f"run.previous-{old_id[:12]}"] and kept[0] in out
         assert (run.parent / kept[0] / "notes.txt").read_text() == "mine"
+
+
+def test_a_train_after_a_killed_train_removes_what_it_left(run, capsys):
+    stale = _killed_writer_leaves_staging(run)
+    code, _, err = _cli([*TINY_TRAIN, "--seed", "3", "--out", run], capsys)
+    assert code == 0, err
+    assert not stale.exists()
+    assert sorted(os.listdir(run.parent)) == ["run"]
+
+
+@pytest.mark.parametrize("where", ["metrics", "plot", "projector"])
+def test_an_interrupted_evaluate_keeps_every_file_whole(run, monkeypatch, capsys, where):
+    import matplotlib.figure
+
+    from keras_dml.cli import commands
+
+    before = _snapshot(run)
+    if where == "metrics":
+        monkeypatch.setattr(atomic, "write_text", _interrupt)
+    elif where == "plot":  # half a PNG written, then Ctrl-C
+        def half_then_interrupt(self, fname, *args, **kwargs):
+            with open(fname, "wb") as f:
+                f.write(b"\x89PNG")
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(matplotlib.figure.Figure, "savefig", half_then_interrupt)
+    else:
+        real = commands.rundir.replace_file
+
+        def interrupted(path, write):
+            def write_then_interrupt(tmp):
+                write(tmp)
+                raise KeyboardInterrupt
+
+            return real(path, write_then_interrupt)
+
+        monkeypatch.setattr(commands.rundir, "replace_file", interrupted)
+    code, _, err = _cli(["evaluate", run], capsys)
+    assert code == 130 and "interrupted" in err
+    after = _snapshot(run)
+    assert sorted(after) == sorted(before)  # no temporary file left, nothing removed
+    changed = [name for name in before if after[name] != before[name]]
+    # Only what evaluate had finished before the interruption is new, and it is whole.
+    assert changed == ([] if where == "metrics" else ["metrics.json"])
+    assert json.loads((run / "metrics.json").read_text())["unseen"]
+    assert sorted(os.listdir(run.parent)) == ["run"]
 
 
 def test_every_artefact_of_a_run_carries_its_run_id(run):

@@ -523,14 +523,18 @@ def write_plots(run_dir, embeddings, labels, thumbnails, history, projection) ->
     keep = np.arange(len(labels))
     if len(keep) > PROJECTOR_MAX_POINTS:
         keep = np.sort(np.random.default_rng(0).choice(keep, PROJECTOR_MAX_POINTS, replace=False))
-    export_embedding_projector(os.path.join(run_dir, "projector"), embeddings[keep],
-                               labels=labels[keep], images=thumbnails[keep])
+    rundir.replace_file(
+        os.path.join(run_dir, "projector"),
+        lambda staging: export_embedding_projector(
+            staging, embeddings[keep], labels=labels[keep], images=thumbnails[keep]),
+    )
 
 
 def _write_json(path: str, value) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2, sort_keys=False)
-        f.write("\n")
+    """Writes `value` as JSON; an interruption leaves the old file or the new one, whole."""
+    from keras_dml._atomic import write_text
+
+    write_text(path, json.dumps(value, indent=2, sort_keys=False) + "\n")
 
 
 def _require_tensorflow(command: str) -> None:

@@ -35,7 +35,13 @@ import zipfile
 from collections.abc import Callable
 from typing import Any
 
-from keras_dml._atomic import fsync_tree, swap_into_place
+from keras_dml._atomic import (
+    fsync_tree,
+    make_staging,
+    remove_stale_staging,
+    swap_into_place,
+    write_text,
+)
 from keras_dml.cli.main import CommandError
 
 CONFIG_FILE = "config.json"
@@ -197,7 +203,8 @@ def write_run(out: str, write: Callable[[str], None]) -> str | None:
     out = os.path.realpath(out)  # through a symlink: the run replaces its target, not the link
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
+    remove_stale_staging(out)  # what a killed `train` left beside it
+    staging = make_staging(out)
     try:
         write(staging)
         fsync_tree(staging)
@@ -252,8 +259,8 @@ def _run_id_of(run_dir: str) -> str | None:
 
 def replace_file(path: str, write: Callable[[str], None]) -> None:
     """Writes a file or directory at a temporary sibling with `write(tmp)`, then swaps it in."""
-    parent = os.path.dirname(os.path.abspath(path))
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-", dir=parent)
+    remove_stale_staging(os.path.abspath(path))
+    staging = make_staging(os.path.abspath(path))
     target = os.path.join(staging, os.path.basename(path))
     try:
         write(target)
@@ -267,7 +274,4 @@ def replace_file(path: str, write: Callable[[str], None]) -> None:
 
 
 def _write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text + "\n")
-    os.replace(tmp, path)
+    write_text(path, text + "\n")

@@ -29,13 +29,12 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 
-from keras_dml._atomic import fsync_tree, swap_into_place
+from keras_dml._atomic import fsync_tree, make_staging, remove_stale_staging, swap_into_place
 
 FORMAT_NAME = "keras-dml-index"
 FORMAT_VERSION = 1
@@ -495,7 +494,8 @@ class Index(abc.ABC):
             _check_replaceable(directory)
         parent = os.path.dirname(directory)
         os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.", dir=parent)
+        remove_stale_staging(directory)  # what a killed save left beside it
+        staging = make_staging(directory)
         try:
             self._write(staging, info)
             fsync_tree(staging)
