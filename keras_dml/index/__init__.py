@@ -1,6 +1,6 @@
-"""Nearest-neighbour indexes over embeddings: exact (NumPy) and approximate (ScaNN).
+"""Nearest-neighbour indexes over embeddings: exact (NumPy), approximate (ScaNN), sharded.
 
-Both share one interface: `add(embeddings, ids=None, metadata=None)`,
+All share one interface: `add(embeddings, ids=None, metadata=None)`,
 `search(queries, k)` -> `(ids, scores)`, `save(directory)`,
 `Index.load(directory)` and `len(index)`.
 
@@ -17,5 +17,6 @@ Example:
 from keras_dml.index.base import Index
 from keras_dml.index.exact import ExactIndex
 from keras_dml.index.scann_index import ScaNNIndex
+from keras_dml.index.sharded import ShardedIndex
 
-__all__ = ["ExactIndex", "Index", "ScaNNIndex"]
+__all__ = ["ExactIndex", "Index", "ScaNNIndex", "ShardedIndex"]

@@ -582,6 +582,10 @@ class Index(abc.ABC):
             raise ValueError(f"{directory}: unknown index class {name!r} in {_HEADER}.")
         if cls is not Index and not issubclass(target, cls):
             raise ValueError(f"{directory} holds a {name}, not a {cls.__name__}.")
+        loader = getattr(target, "_load_saved", None)
+        if loader is not None:
+            # Indexes that are not one array store (`ShardedIndex`) read their own layout.
+            return loader(directory, header)
         _verify_files(directory, header)
         index = target.from_config(header["config"])
         size, dim = header["size"], header["dim"]
