@@ -1,4 +1,4 @@
-"""Nearest-neighbour indexes over embeddings: exact (NumPy), approximate (ScaNN), sharded.
+"""Nearest-neighbour indexes over embeddings: exact (NumPy), approximate (ScaNN), sharded, Milvus.
 
 All share one interface: `add(embeddings, ids=None, metadata=None)`,
 `search(queries, k)` -> `(ids, scores)`, `save(directory)`,
@@ -16,7 +16,8 @@ Example:
 
 from keras_dml.index.base import Index
 from keras_dml.index.exact import ExactIndex
+from keras_dml.index.milvus import MilvusIndex
 from keras_dml.index.scann_index import ScaNNIndex
 from keras_dml.index.sharded import ShardedIndex
 
-__all__ = ["ExactIndex", "Index", "ScaNNIndex", "ShardedIndex"]
+__all__ = ["ExactIndex", "Index", "MilvusIndex", "ScaNNIndex", "ShardedIndex"]
