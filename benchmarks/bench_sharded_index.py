@@ -98,6 +98,7 @@ def main() -> None:
         del index
 
     qps = best_qps(exact, queries, args.k, args.repeats)
+    # Its first column is `add` plus the one search that gives the ground truth.
     rows.append(("ExactIndex (reference)", exact_seconds, qps, 1.0))
 
     if not args.no_milvus and importlib.util.find_spec("pymilvus") is not None:
