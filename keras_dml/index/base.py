@@ -90,7 +90,7 @@ def _sha256(path: str) -> str:
 
 
 class Index(abc.ABC):
-    """Base class of `ExactIndex` and `ScaNNIndex`: add items, search, save and load.
+    """Base class of every index (`ExactIndex`, `ScaNNIndex`, ...): add, search, save, load.
 
     Use a subclass; `Index.load(directory)` loads a saved index of either kind.
 
@@ -545,8 +545,10 @@ class Index(abc.ABC):
     def load(cls, directory: str) -> Index:
         """Loads an index saved with `save()`, checking every file first.
 
-        `Index.load` returns whichever index class was saved;
-        `ExactIndex.load` / `ScaNNIndex.load` also check the class.
+        `Index.load` returns whichever index class was saved (a
+        `ShardedIndex` loads and checks each shard; a `MilvusIndex`
+        reconnects to its collection); `ExactIndex.load` / `ScaNNIndex.load`
+        also check the class.
 
         Args:
             directory: a directory written by `save()`.
