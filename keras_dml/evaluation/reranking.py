@@ -39,6 +39,7 @@ import numpy as np
 from keras import ops
 from scipy import sparse
 
+from keras_dml._numpy_ops import l2_normalize_rows as _l2_normalize
 from keras_dml.evaluation.retrieval import nearest_neighbors
 from keras_dml.index.exact import top_k_rows
 
@@ -48,7 +49,6 @@ _BLOCK_ELEMENTS = 1 << 24
 # Re-ranking holds a handful of float64 (rows x items) arrays per block; 4M
 # elements keeps its peak near 200 MiB whatever the gallery size.
 _RERANK_BLOCK_ELEMENTS = 1 << 22
-_NORM_EPSILON = 1e-12
 
 
 def _as_matrix(x, arg: str) -> np.ndarray:
@@ -61,11 +61,6 @@ def _as_matrix(x, arg: str) -> np.ndarray:
     if not np.all(np.isfinite(x)):
         raise ValueError(f"`{arg}` contains NaN or Inf.")
     return x
-
-
-def _l2_normalize(x: np.ndarray) -> np.ndarray:
-    norms = np.sqrt(np.maximum(np.einsum("ij,ij->i", x, x), _NORM_EPSILON))
-    return (x / norms[:, None]).astype("float32", copy=False)
 
 
 def _check_positive_int(value, arg: str, upper: int | None = None) -> int:

@@ -45,6 +45,7 @@ import numpy as np
 from keras import ops
 
 from keras_dml import distances as distances_lib
+from keras_dml._numpy_ops import l2_normalize_rows as _l2_normalize
 
 # Working memory of one chunk of queries (float32 scores against every
 # reference, plus the chunk's top-k); the default chunk size keeps under it.
@@ -94,9 +95,6 @@ def _as_ks(k) -> tuple[int, ...]:
     return tuple(dict.fromkeys(int(v) for v in ks))
 
 
-_BUILTIN = ("cosine", "angular", "dot", "euclidean", "squared_euclidean")
-
-
 class _Scorer:
     """Ranking scores (larger is nearer) of query chunks against fixed references.
 
@@ -108,8 +106,8 @@ class _Scorer:
     def __init__(self, references: np.ndarray, distance):
         self.distance = distances_lib.get(distance)
         name = self.distance.name
-        self.builtin = self.distance is distances_lib.get(name) if name in _BUILTIN else False
-        if self.builtin and name in ("cosine", "angular"):
+        self.builtin = distances_lib.is_builtin(self.distance)
+        if self.builtin and self.distance.unit_inputs:
             references = _l2_normalize(references)
         self.references = ops.convert_to_tensor(references)
         self.bias = None
@@ -119,7 +117,7 @@ class _Scorer:
             self.bias = ops.convert_to_tensor(-np.sum(np.square(references), axis=1)[None, :])
 
     def prepare(self, queries: np.ndarray) -> np.ndarray:
-        if self.builtin and self.distance.name in ("cosine", "angular"):
+        if self.builtin and self.distance.unit_inputs:
             return _l2_normalize(queries)
         return queries
 
@@ -142,11 +140,6 @@ class _Scorer:
             return -scores
         squared = np.maximum(np.sum(np.square(queries), axis=1, keepdims=True) - scores, 0.0)
         return squared if name == "squared_euclidean" else np.sqrt(squared)
-
-
-def _l2_normalize(x: np.ndarray) -> np.ndarray:
-    norm = np.sqrt(np.maximum(np.sum(np.square(x), axis=1, keepdims=True), 1e-12))
-    return x / norm
 
 
 def _check_batch_size(batch_size) -> None:
@@ -511,8 +504,7 @@ def retrieval_metrics(
     if nmi:
         from sklearn.metrics import normalized_mutual_info_score
 
-        name = distances_lib.get(distance).name
-        points = _l2_normalize(queries) if name in ("cosine", "angular") else queries
+        points = _l2_normalize(queries) if distances_lib.get(distance).unit_inputs else queries
         n_classes = len(np.unique(query_codes))
         clusters = _kmeans_assignments(points, n_classes, seed)
         metrics["nmi"] = float(normalized_mutual_info_score(query_codes, clusters))

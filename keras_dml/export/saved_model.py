@@ -39,6 +39,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_dml._numpy_ops import NORM_EPSILON
 from keras_dml.index.base import Index
 
 SERVING_SIGNATURE = "serving_default"
@@ -46,9 +47,6 @@ EMBED_SIGNATURE = "embed"
 EXACT_SIGNATURE = "retrieve_exact"
 SCANN_SIGNATURE = "retrieve_scann"
 INPUT_NAME = "inputs"
-
-# The same floor as `keras_dml.distances.l2_normalize`: zero rows stay zero.
-_NORM_EPSILON = 1e-12
 
 
 def _input_spec(model, input_signature: tf.TensorSpec | None) -> tf.TensorSpec:
@@ -123,7 +121,8 @@ def _checked_finite(inputs, embeddings):
 
 
 def _normalized(x):
-    return tf.math.l2_normalize(x, axis=-1, epsilon=_NORM_EPSILON)
+    # The floor of `keras_dml.distances.l2_normalize`: zero rows stay zero.
+    return tf.math.l2_normalize(x, axis=-1, epsilon=NORM_EPSILON)
 
 
 def _save(module: tf.Module, path: str, signatures: dict) -> None:

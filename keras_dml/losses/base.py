@@ -271,12 +271,6 @@ def label_masks(labels, ref_labels=None, query_offset=None):
     return same, negative
 
 
-# Measures whose self-distance is exactly 0 in `distances` (their `y=None` form
-# zeroes the diagonal); with separate references the self-pairs are zeroed the
-# same way, so rounding cannot leave a tiny distance (and sqrt's steep slope) there.
-_ZERO_SELF_DISTANCE = ("euclidean", "squared_euclidean", "angular")
-
-
 @dataclasses.dataclass(frozen=True)
 class References:
     """The samples a metric loss compares its queries with, and how it averages over queries.
@@ -347,17 +341,13 @@ class References:
         convert = measure.distance if kind == "distance" else measure.similarity
         if self._is_query_batch:
             return convert(embeddings)
-        if self.query_offset is not None and measure.name in _ZERO_SELF_DISTANCE:
-            offset, raw = self.query_offset, measure.fn
-
-            def with_zero_self(x, y=None):
-                values = raw(x, y)
-                is_self = self_pair_mask(ops.shape(values)[0], ops.shape(values)[1], offset)
-                return values * (1.0 - ops.cast(is_self, values.dtype))
-
-            measure = distances_lib.Distance(measure.name, with_zero_self, measure.is_similarity)
-            convert = measure.distance if kind == "distance" else measure.similarity
-        return convert(embeddings, self.embeddings)
+        values = convert(embeddings, self.embeddings)
+        if self.query_offset is not None and measure.zero_self:
+            # As `y=None` zeroes the diagonal: rounding cannot leave a tiny
+            # self-distance (and sqrt's steep slope) at the queries' own rows.
+            is_self = self_pair_mask(ops.shape(values)[0], ops.shape(values)[1], self.query_offset)
+            values = values * (1.0 - ops.cast(is_self, values.dtype))
+        return values
 
     def gather_rows(self, values):
         """Per-query values `(B, ...)` of every reference: across replicas, all replicas' rows.

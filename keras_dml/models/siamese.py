@@ -30,15 +30,14 @@ from keras_dml import distances as distances_lib
 
 # The distances a Siamese model can output: each is >= 0 and 0 for identical
 # embeddings, which is what the contrastive margins are measured in.
-SIAMESE_DISTANCES = ("euclidean", "squared_euclidean", "angular")
-# Below this a squared distance counts as 0: sqrt's derivative is infinite
-# there (the same floor as `keras_dml.distances.euclidean_distance`).
-_ZERO_DISTANCE_EPS = 1e-16
+SIAMESE_DISTANCES = tuple(
+    name for name in distances_lib.NAMES if not distances_lib.get(name).is_similarity
+)
 
 
 def _siamese_distance_name(distance) -> str:
-    name = distances_lib.get(distance).name
-    if name not in SIAMESE_DISTANCES:
+    name = distances_lib.builtin_name(distance, SIAMESE_DISTANCES)
+    if name is None:
         raise ValueError(
             f"`distance` must be one of {SIAMESE_DISTANCES} (a distance, 0 for identical "
             f"embeddings), got {distance!r}; for cosine use 'angular' (1 - cos)."
@@ -82,8 +81,7 @@ def paired_distance(embeddings_a, embeddings_b, distance: str = "euclidean"):
     squared = ops.sum(ops.square(a - b), axis=-1)
     if name == "squared_euclidean":
         return squared
-    is_zero = ops.cast(squared <= _ZERO_DISTANCE_EPS, squared.dtype)
-    return ops.sqrt(squared + is_zero * _ZERO_DISTANCE_EPS) * (1.0 - is_zero)
+    return distances_lib.safe_sqrt(squared)
 
 
 def contrastive_pair_loss(
