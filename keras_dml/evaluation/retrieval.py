@@ -45,6 +45,7 @@ import numpy as np
 from keras import ops
 
 from keras_dml import distances as distances_lib
+from keras_dml._checks import check_positive_int, is_integer
 from keras_dml._numpy_ops import l2_normalize_rows as _l2_normalize
 
 # Working memory of one chunk of queries (float32 scores against every
@@ -89,7 +90,7 @@ def _as_labels(y, n: int, arg: str, embeddings_arg: str) -> np.ndarray:
 def _as_ks(k) -> tuple[int, ...]:
     ks = (k,) if isinstance(k, (int, np.integer)) else tuple(k)
     if not ks or any(
-        isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in ks
+        not is_integer(v) or v < 1 for v in ks
     ):
         raise ValueError(f"`k` must be a positive integer or a sequence of them, got {k!r}.")
     return tuple(dict.fromkeys(int(v) for v in ks))
@@ -143,12 +144,8 @@ class _Scorer:
 
 
 def _check_batch_size(batch_size) -> None:
-    if batch_size is not None and (
-        isinstance(batch_size, bool)
-        or not isinstance(batch_size, (int, np.integer))
-        or batch_size < 1
-    ):
-        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+    if batch_size is not None:
+        check_positive_int(batch_size, "batch_size")
 
 
 def _chunk_rows(batch_size: int | None, n_references: int, k: int) -> int:
@@ -323,7 +320,7 @@ def nearest_neighbors(
             f"{queries.shape[1]}; they must match."
         )
     available = len(references) - int(exclude_self)
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= available:
+    if not is_integer(k) or not 1 <= k <= available:
         raise ValueError(f"`k` must be an integer in [1, {available}], got {k!r}.")
     _check_batch_size(batch_size)
     scorer = _Scorer(references, distance)

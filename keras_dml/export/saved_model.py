@@ -39,6 +39,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_dml._checks import is_integer
 from keras_dml._numpy_ops import NORM_EPSILON
 from keras_dml.index.base import Index
 
@@ -246,7 +247,7 @@ def export_retrieval_model(
         raise ValueError(f"`index` must be a keras_dml.index index, got {type(index).__name__}.")
     if len(index) == 0:
         raise ValueError("`index` is empty: add embeddings before exporting.")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= len(index):
+    if not is_integer(k) or not 1 <= k <= len(index):
         raise ValueError(f"`k` must be an integer in [1, {len(index)}], got {k!r}.")
     k = int(k)
     if use_scann and not isinstance(index, ScaNNIndex):

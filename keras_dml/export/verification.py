@@ -38,6 +38,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_dml import distances as distances_lib
+from keras_dml._checks import is_number
 from keras_dml.evaluation.verification import (
     ThresholdCalibration,
     _pair_distance_name,
@@ -102,7 +103,7 @@ def _resolve(model, threshold, far, distance):
         distance = model.distance
         model = model.embedding_model()
     distance = _pair_distance_name("cosine" if distance is None else distance)
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.number)):
+    if not is_number(threshold):
         raise ValueError(
             f"`threshold` must be a number or a ThresholdCalibration, got {type(threshold)}."
         )

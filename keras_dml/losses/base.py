@@ -27,65 +27,21 @@ from keras import ops
 from keras_dml import distances as distances_lib
 from keras_dml import distributed
 
-
-def concrete_value(x) -> np.ndarray | None:
-    """Returns `x` as a NumPy array when its value is known now, else None.
-
-    Values are known in eager execution; inside `tf.function`, `jax.jit` or a
-    symbolic Keras graph they are not, and the value checks are skipped.
-    """
-    if isinstance(x, (np.ndarray, np.generic, list, tuple, int, float)):
-        return np.asarray(x)
-    if isinstance(x, keras.KerasTensor):
-        return None
-    try:
-        return np.asarray(ops.convert_to_numpy(x))
-    except (TypeError, ValueError, AttributeError, NotImplementedError, RuntimeError):
-        return None
-
-
-def _dtype_name(x) -> str:
-    dtype = getattr(x, "dtype", None)
-    if dtype is None:
-        dtype = np.asarray(x).dtype
-    try:
-        return keras.backend.standardize_dtype(dtype)
-    except ValueError:
-        return str(dtype)
-
-
-def check_positive(value, arg: str) -> None:
-    """Raises `ValueError` naming `arg` when a Python number `value` is not > 0."""
-    if isinstance(value, (int, float)) and not value > 0:
-        raise ValueError(f"`{arg}` must be > 0, got {value}.")
-
-
-def check_labels_dtype(labels, arg: str = "y_true") -> None:
-    """Raises `ValueError` unless `labels` hold integer class ids.
-
-    Float tensors are accepted when every value is a whole number (Keras casts
-    `y_true` to the loss dtype before `call`); the value check runs only when
-    values are concrete.
-    """
-    dtype = _dtype_name(labels)
-    if "int" in dtype:
-        return
-    if "float" not in dtype:
-        raise ValueError(
-            f"`{arg}` must hold integer class labels, got dtype {dtype}."
-        )
-    value = concrete_value(labels)
-    is_whole = np.isfinite(value) & (value == np.round(value)) if value is not None else None
-    if value is not None and value.size and not np.all(is_whole):
-        raise ValueError(
-            f"`{arg}` must hold integer class labels, got non-integer values such as "
-            f"{value[np.flatnonzero(value != np.round(value))[:1]].tolist()}."
-        )
-
+# Re-exported: these checks lived here before `keras_dml._checks`.
+from keras_dml._checks import (  # noqa: F401
+    check_labels_dtype,
+    check_positive,
+    concrete_value,
+    labels_vector,
+)
+from keras_dml._checks import dtype_name as _dtype_name
 
 # Set while a loss class runs its function on inputs it has validated: the function's
 # own `validate_inputs` then keeps its shape checks and skips the value checks.
 _VALUES_CHECKED = contextvars.ContextVar("keras_dml_values_checked", default=False)
+# Set while `MetricLoss.__call__` runs on labels whose dtype and (concrete) values it
+# checked before Keras cast them: `validate_inputs` does not check them again.
+_LABELS_CHECKED = contextvars.ContextVar("keras_dml_labels_checked", default=False)
 
 
 def validate_inputs(labels, embeddings, labels_arg: str = "y_true", embeddings_arg: str = "y_pred"):
@@ -102,30 +58,18 @@ def validate_inputs(labels, embeddings, labels_arg: str = "y_true", embeddings_a
             step runs, and under JAX's `jit` a `JaxRuntimeError` holding the
             `ValueError` (see `_run_time_checks`).
     """
-    check_labels_dtype(labels, labels_arg)
+    if not _LABELS_CHECKED.get():
+        check_labels_dtype(labels, labels_arg)
     embeddings = ops.convert_to_tensor(embeddings)
     if ops.dtype(embeddings) in ("float16", "bfloat16") or "float" not in ops.dtype(embeddings):
         embeddings = ops.cast(embeddings, "float32")
-    labels = ops.convert_to_tensor(labels)
     if len(embeddings.shape) != 2:
         raise ValueError(
             f"`{embeddings_arg}` must be embeddings of shape (batch, dim), got shape "
             f"{tuple(embeddings.shape)}."
         )
-    label_shape = tuple(labels.shape)
-    if len(label_shape) == 2 and label_shape[1] == 1:
-        labels = ops.reshape(labels, (-1,))
-    elif len(label_shape) != 1:
-        raise ValueError(
-            f"`{labels_arg}` must be integer labels of shape (batch,) or (batch, 1), got shape "
-            f"{label_shape}."
-        )
-    n_labels, n_embeddings = labels.shape[0], embeddings.shape[0]
-    if n_labels is not None and n_embeddings is not None and n_labels != n_embeddings:
-        raise ValueError(
-            f"`{labels_arg}` has {n_labels} labels but `{embeddings_arg}` has {n_embeddings} "
-            "embeddings; they must match."
-        )
+    n_embeddings = embeddings.shape[0]
+    labels = labels_vector(labels, labels_arg, n_embeddings, embeddings_arg)
     if n_embeddings == 0:
         raise ValueError(_EMPTY_BATCH.format(arg=embeddings_arg))
     if _VALUES_CHECKED.get():
@@ -469,9 +413,14 @@ class MetricLoss(keras.losses.Loss):
         self.cross_replica = None if cross_replica is None else bool(cross_replica)
 
     def __call__(self, y_true, y_pred, sample_weight=None):
-        # Keras casts y_true to the loss dtype before `call`; check the labels first.
+        # Keras casts y_true to the loss dtype before `call`; check the labels first,
+        # once (`validate_inputs` in `call` then skips them).
         check_labels_dtype(y_true, "y_true")
-        loss = super().__call__(y_true, y_pred, sample_weight=sample_weight)
+        token = _LABELS_CHECKED.set(True)
+        try:
+            loss = super().__call__(y_true, y_pred, sample_weight=sample_weight)
+        finally:
+            _LABELS_CHECKED.reset(token)
         if sample_weight is None:
             # With a sample weight the value was broadcast to per-sample values
             # and Keras's own reduction already divided it.

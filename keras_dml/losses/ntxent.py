@@ -16,10 +16,10 @@ from keras import ops
 
 from keras_dml import distances
 from keras_dml import ops as dml_ops
+from keras_dml._checks import check_positive
 from keras_dml.losses.base import (
     MetricLoss,
     References,
-    check_positive,
     concrete_value,
     label_masks,
     validate_inputs,

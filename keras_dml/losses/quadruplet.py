@@ -8,6 +8,7 @@ from keras import ops
 from keras_dml import distances as distances_lib
 from keras_dml import mining
 from keras_dml import ops as dml_ops
+from keras_dml._checks import is_number
 from keras_dml.losses.base import MetricLoss, References, resolve_references
 from keras_dml.losses.triplet import triplet_loss
 
@@ -196,7 +197,7 @@ class QuadrupletLoss(MetricLoss):
     ):
         mining.check_modes(negative_mining, positive_mining)
         for arg, value in (("margin", margin), ("pair_margin", pair_margin)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            if not is_number(value) or value < 0:
                 raise ValueError(f"`{arg}` must be a number >= 0, got {value!r}.")
         super().__init__(
             quadruplet_loss,

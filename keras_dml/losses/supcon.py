@@ -6,10 +6,10 @@ import keras
 from keras import ops
 
 from keras_dml import ops as dml_ops
+from keras_dml._checks import check_positive
 from keras_dml.losses.base import (
     MetricLoss,
     References,
-    check_positive,
     resolve_references,
     validate_inputs,
 )

@@ -20,6 +20,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from keras_dml._checks import check_labels_dtype, labels_vector
 from keras_dml.data.augment import SimCLRAugmentation
 from keras_dml.losses.ntxent import nt_xent_loss
 from keras_dml.losses.supcon import supcon_loss
@@ -418,14 +419,10 @@ class LoCo(keras.Model):
     def _labels(y):
         if y is None:
             return None
-        y = ops.convert_to_tensor(y)
-        if len(y.shape) == 2 and y.shape[1] not in (1, None):
-            raise ValueError(
-                f"`y` must be integer class labels of shape (batch,), got shape {tuple(y.shape)}."
-            )
-        if "int" not in keras.backend.standardize_dtype(y.dtype):
-            raise ValueError(f"`y` must hold integer class labels, got dtype {y.dtype}.")
-        labels = ops.cast(ops.reshape(y, (-1,)), "int32")
+        # LoCo's own steps take `y` from the user, never cast by Keras: float labels
+        # are refused (see `keras_dml._checks`).
+        check_labels_dtype(y, "y", whole_floats=False)
+        labels = ops.cast(labels_vector(y, "y"), "int32")
         return ops.concatenate([labels, labels], axis=0)
 
     def _contrastive_loss(self, projections, labels):

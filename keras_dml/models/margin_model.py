@@ -15,8 +15,9 @@ import numpy as np
 from keras import ops
 
 from keras_dml import distributed
+from keras_dml._checks import is_number
 from keras_dml.heads.base import CosineHead
-from keras_dml.losses.base import check_labels_dtype
+from keras_dml.losses.base import check_labels_dtype, labels_vector
 
 
 def inverse_frequency_weights(class_counts: Sequence[int] | np.ndarray, power: float = 1.0):
@@ -114,11 +115,10 @@ class MarginCrossentropy(keras.losses.Loss):
         dtype: str | None = None,
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma >= 0:
+        if not is_number(gamma) or not gamma >= 0:
             raise ValueError(f"`gamma` must be a number >= 0, got {gamma!r}.")
         if (
-            isinstance(label_smoothing, bool)
-            or not isinstance(label_smoothing, (int, float))
+            not is_number(label_smoothing)
             or not 0 <= label_smoothing < 1
         ):
             raise ValueError(f"`label_smoothing` must be in [0, 1), got {label_smoothing!r}.")
@@ -354,7 +354,7 @@ class MarginModel(keras.Model):
         # Whole-valued float labels are accepted: Keras itself passes float
         # labels when it builds a model under tf.distribute.
         check_labels_dtype(y, "y")
-        labels = ops.cast(ops.reshape(y, (-1,)), "int32")
+        labels = ops.cast(labels_vector(y, "y"), "int32")
         logits, head_losses = self._call_head(y_pred, labels, training)
         loss = super().compute_loss(
             x=x, y=labels, y_pred=logits, sample_weight=sample_weight, training=training

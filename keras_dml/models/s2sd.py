@@ -21,6 +21,7 @@ import numpy as np
 from keras import ops
 
 from keras_dml import distributed
+from keras_dml._checks import check_positive
 from keras_dml.distances import cosine_similarity
 from keras_dml.losses.base import check_labels_dtype
 
@@ -70,7 +71,7 @@ def similarity_distillation(
     Reference: Roth, Milbich, Ommer, Cohen & Ghassemi, "Simultaneous
     Similarity-based Self-Distillation for Deep Metric Learning", ICML 2021, eq. 3.
     """
-    temperature = _check_positive(temperature, "temperature")
+    temperature = check_positive(temperature, "temperature")
     student = ops.convert_to_tensor(student_embeddings)
     teacher = ops.stop_gradient(ops.convert_to_tensor(teacher_embeddings))
     if len(student.shape) != 2 or len(teacher.shape) != 2:
@@ -275,7 +276,7 @@ class S2SD(keras.Model):
                 f"`target_dims` must not repeat a width (heads are named by it), got "
                 f"{self.target_dims}."
             )
-        self.temperature = _check_positive(temperature, "temperature")
+        self.temperature = check_positive(temperature, "temperature")
         self.distillation_weight = _check_non_negative(distillation_weight, "distillation_weight")
         self.feature_distillation = bool(feature_distillation)
         self.feature_distillation_weight = _check_non_negative(
@@ -609,14 +610,6 @@ def _check_dim(value, arg: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"`{arg}` must hold integers >= 1, got {value!r}.")
     return int(value)
-
-
-def _check_positive(value, arg: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-        raise ValueError(f"`{arg}` must be a number, got {value!r}.")
-    if not np.isfinite(value) or value <= 0:
-        raise ValueError(f"`{arg}` must be > 0, got {value}.")
-    return float(value)
 
 
 def _check_non_negative(value, arg: str) -> float:

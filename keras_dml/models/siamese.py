@@ -27,6 +27,7 @@ import numpy as np
 from keras import ops
 
 from keras_dml import distances as distances_lib
+from keras_dml._checks import is_integer
 
 # The distances a Siamese model can output: each is >= 0 and 0 for identical
 # embeddings, which is what the contrastive margins are measured in.
@@ -374,7 +375,7 @@ def make_pair_indices(
         raise ValueError(f"`labels` must be a non-empty 1-D array, got shape {labels.shape}.")
     n = labels.shape[0]
     num_pairs = n if num_pairs is None else num_pairs
-    if isinstance(num_pairs, bool) or not isinstance(num_pairs, (int, np.integer)) or num_pairs < 1:
+    if not is_integer(num_pairs) or num_pairs < 1:
         raise ValueError(f"`num_pairs` must be a positive integer, got {num_pairs!r}.")
     if not 0.0 <= positive_fraction <= 1.0:
         raise ValueError(f"`positive_fraction` must lie in [0, 1], got {positive_fraction!r}.")
