@@ -378,7 +378,10 @@ class MetricLoss(keras.losses.Loss):
     cross_replica=..., **options)`; `call` validates `y_true`/`y_pred` and
     returns `fn(labels, embeddings, **options)`, a scalar. `get_config`
     returns the options, so every subclass round-trips through `from_config`
-    and `.keras` files without writing its own.
+    and `.keras` files without writing its own. The options are the single
+    store of the settings: each reads as an attribute (`loss.margin`) and
+    assigning one raises `AttributeError` (build a new loss instead); a
+    `distance` name is stored canonical (`"L2"` -> `"euclidean"`).
 
     Under `tf.distribute` (TensorFlow backend):
 
@@ -407,10 +410,37 @@ class MetricLoss(keras.losses.Loss):
         **options: Any,
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
+        if isinstance(options.get("distance"), str):
+            # Stored by its canonical name; an unknown name fails here, not at the first batch.
+            options["distance"] = distances_lib.get(options["distance"]).name
         self.fn = fn
         self._options = options
         # None: the loss has no cross-replica form (not listed in its config).
         self.cross_replica = None if cross_replica is None else bool(cross_replica)
+
+    # The options are the one store of a loss's settings (what `fn` reads and
+    # `get_config` writes); they read as attributes and cannot be assigned.
+
+    def __getattr__(self, name):
+        options = self.__dict__.get("_options")
+        if options is not None and name in options:
+            return options[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name, value):
+        options = self.__dict__.get("_options")
+        if options is not None and name in options:
+            raise AttributeError(
+                f"`{name}` of {type(self).__name__} is read-only: a loss keeps the options it "
+                f"was built with. Build a new one, e.g. `{type(self).__name__}.from_config("
+                f"{{**loss.get_config(), {name!r}: ...}})`."
+            )
+        super().__setattr__(name, value)
+
+    @property
+    def options(self) -> dict:
+        """A copy of the loss's options (its constructor arguments other than the Keras ones)."""
+        return dict(self._options)
 
     def __call__(self, y_true, y_pred, sample_weight=None):
         # Keras casts y_true to the loss dtype before `call`; check the labels first,

@@ -119,7 +119,6 @@ class ContrastiveLoss(MetricLoss):
         reduction: str = "sum_over_batch_size",
         dtype: str | None = None,
     ):
-        distances.get(distance)  # An unknown name fails here, not at the first batch.
         super().__init__(
             contrastive_loss,
             name=name,
@@ -131,7 +130,3 @@ class ContrastiveLoss(MetricLoss):
             squared=squared,
             distance=distance,
         )
-        self.pos_margin = pos_margin
-        self.neg_margin = neg_margin
-        self.squared = squared
-        self.distance = distance

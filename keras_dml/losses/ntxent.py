@@ -213,7 +213,6 @@ class NTXentLoss(MetricLoss):
             cross_replica=cross_replica,
             temperature=temperature,
         )
-        self.temperature = temperature
 
     def call(self, y_true, y_pred):
         y_true = ops.convert_to_tensor(y_true)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from keras_dml import distances as distances_lib
 from keras_dml import mining
 from keras_dml import ops as dml_ops
 from keras_dml._checks import is_number
@@ -209,5 +208,5 @@ class QuadrupletLoss(MetricLoss):
             pair_margin=float(pair_margin),
             negative_mining=negative_mining,
             positive_mining=positive_mining,
-            distance=distances_lib.get(distance).name,
+            distance=distance,
         )

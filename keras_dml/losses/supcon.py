@@ -130,5 +130,3 @@ class SupConLoss(MetricLoss):
             temperature=temperature,
             base_temperature=base_temperature,
         )
-        self.temperature = temperature
-        self.base_temperature = base_temperature
