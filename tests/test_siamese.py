@@ -214,6 +214,8 @@ def test_pair_errors():
 
 
 def test_docstring_examples_run():
+    from keras_dml.losses import pair
     from keras_dml.models import siamese
 
     assert doctest.testmod(siamese).failed == 0
+    assert doctest.testmod(pair).failed == 0  # ContrastivePairLoss moved there
