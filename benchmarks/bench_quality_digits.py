@@ -25,6 +25,14 @@ Full run (3 seeds, 14 methods and 2 baselines; ~4 minutes on 2 quiet CPU cores):
 Small smoke run:
 
     python benchmarks/bench_quality_digits.py --seeds 0 --epochs 2 --methods raw_pixels,arcface
+
+`--dataset glyphs` runs the same table on the bundled many-class glyphs
+(`keras_dml.data.glyphs`: 32x32, 353 training characters, 236 unseen ones
+scored), with the same network plus one pooling after the first conv layer
+(trunk 4096-d), 32 classes x 4 samples per batch and the heads' centres for
+the 353 training classes:
+
+    python benchmarks/bench_quality_digits.py --dataset glyphs --epochs 3
 """
 
 from __future__ import annotations
@@ -91,8 +99,18 @@ METHODS: dict[str, tuple[str, object, dict]] = {
 }
 
 
-def load_split():
-    """Digits as (8, 8, 1) images in [0, 1]: (train classes 0-4, test classes 5-9)."""
+def load_split(dataset: str = "digits"):
+    """Images in [0, 1]: (training classes, unseen test classes).
+
+    Digits: (8, 8, 1), classes 0-4 / 5-9. Glyphs: (32, 32, 1), the default
+    split of `load_glyphs_zero_shot` (its held-out images of the training
+    characters are not used).
+    """
+    if dataset == "glyphs":
+        from keras_dml.data.glyphs import load_glyphs_zero_shot
+
+        glyphs = load_glyphs_zero_shot()
+        return (glyphs.x_train, glyphs.y_train), (glyphs.x_unseen, glyphs.y_unseen)
     digits = load_digits()
     x = (digits.images / 16.0).astype("float32")[..., None]
     y = digits.target.astype("int32")
@@ -100,7 +118,7 @@ def load_split():
     return (x[train], y[train]), (x[test], y[test])
 
 
-def build_backbone(embedding_dim: int, kind: str = "conv") -> keras.Model:
+def build_backbone(embedding_dim: int, kind: str = "conv", input_shape=(8, 8, 1)) -> keras.Model:
     """The one backbone every method trains, ending in an L2-normalised embedding.
 
     `conv`: conv net -> Dense(embedding_dim) (the demo's network). `linear`: a
@@ -118,10 +136,12 @@ def build_backbone(embedding_dim: int, kind: str = "conv") -> keras.Model:
             ],
             name="digits_linear_backbone",
         )
+    pool = [keras.layers.MaxPooling2D()] if input_shape[0] >= 16 else []
     return keras.Sequential(
         [
-            keras.Input((8, 8, 1)),
+            keras.Input(input_shape),
             keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
+            *pool,
             keras.layers.Conv2D(64, 3, padding="same", activation="relu"),
             keras.layers.MaxPooling2D(),
             keras.layers.Flatten(name=TRUNK_LAYER),
@@ -171,7 +191,7 @@ def train_and_embed(method: str, seed: int, data, args) -> dict[str, np.ndarray]
     (x_train, y_train), (x_test, _) = data
     kind, target, kwargs = METHODS[method]
     keras.utils.set_random_seed(seed)
-    backbone = build_backbone(args.embedding_dim, args.backbone)
+    backbone = build_backbone(args.embedding_dim, args.backbone, x_train.shape[1:])
     if kind == "untrained":
         return representations(backbone, x_test)
     optimizer = keras.optimizers.Adam(args.learning_rate)
@@ -182,7 +202,7 @@ def train_and_embed(method: str, seed: int, data, args) -> dict[str, np.ndarray]
         model = backbone
         model.compile(optimizer=optimizer, loss=loss_class(**kwargs))
     else:
-        model = MarginModel(backbone, target(TRAIN_CLASSES, **kwargs))
+        model = MarginModel(backbone, target(args.num_train_classes, **kwargs))
         model.compile(
             optimizer=optimizer,
             centers_optimizer=args.learning_rate * args.centers_lr_multiplier,
@@ -190,19 +210,20 @@ def train_and_embed(method: str, seed: int, data, args) -> dict[str, np.ndarray]
     batches = m_per_class_dataset(
         x_train,
         y_train,
-        classes_per_batch=TRAIN_CLASSES,
+        classes_per_batch=args.classes_per_batch,
         samples_per_class=args.samples_per_class,
         seed=seed,
     )
-    steps = int(np.ceil(len(y_train) / (TRAIN_CLASSES * args.samples_per_class)))
+    steps = int(np.ceil(len(y_train) / (args.classes_per_batch * args.samples_per_class)))
     model.fit(batches, epochs=args.epochs, steps_per_epoch=steps, shuffle=False, verbose=0)
     return representations(backbone, x_test)
 
 
 def run(args) -> dict:
     """results[method][representation][metric] = (mean, std) over seeds."""
-    data = load_split()
-    (_, _), (x_test, y_test) = data
+    data = load_split(args.dataset)
+    (_, y_train), (x_test, y_test) = data
+    args.num_train_classes = int(len(np.unique(y_train)))
     results: dict[str, dict] = {}
     for method in args.methods:
         runs: dict[str, list] = {}
@@ -277,11 +298,22 @@ def parse_args(argv=None):
     )
     parser.add_argument("--backbone", choices=("conv", "linear"), default="conv")
     parser.add_argument("--embedding-dim", type=int, default=32, help="conv backbone only")
-    parser.add_argument("--samples-per-class", type=int, default=16, help="M; P = 5 classes")
+    parser.add_argument("--dataset", choices=("digits", "glyphs"), default="digits")
+    parser.add_argument("--classes-per-batch", type=int, default=None,
+                        help="P (default: 5 for digits, 32 for glyphs)")
+    parser.add_argument("--samples-per-class", type=int, default=None,
+                        help="M (default: 16 for digits, 4 for glyphs)")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--centers-lr-multiplier", type=float, default=10.0)
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
+    glyphs = args.dataset == "glyphs"
+    if args.classes_per_batch is None:
+        args.classes_per_batch = 32 if glyphs else TRAIN_CLASSES
+    if args.samples_per_class is None:
+        args.samples_per_class = 4 if glyphs else 16
+    if glyphs and args.backbone == "linear":
+        parser.error("the linear backbone is for 8x8 digits only")
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
@@ -298,15 +330,18 @@ def main(argv=None) -> dict:
         tf.get_logger().setLevel("ERROR")
     start = time.time()
     results = run(args)
+    split = ("train 0-4 / test 5-9" if args.dataset == "digits" else
+             f"train {args.num_train_classes} characters / test the unseen ones")
     print(
-        f"\nDigits, train 0-4 / test 5-9 (leave-one-out, cosine), seeds {args.seeds}, "
+        f"\n{args.dataset}, {split} (leave-one-out, cosine), seeds {args.seeds}, "
         f"{args.epochs} epochs, {args.backbone} backbone, "
-        f"P x M = {TRAIN_CLASSES} x {args.samples_per_class}, "
+        f"P x M = {args.classes_per_batch} x {args.samples_per_class}, "
         f"backend {keras.backend.backend()}, total {time.time() - start:.0f}s\n"
     )
     for representation, title in (
         ("embedding", f"Embedding ({args.embedding_dim}-d output the loss trains)"),
-        ("trunk", "Trunk features (the conv backbone's 1024-d flattened feature map)"),
+        ("trunk", "Trunk features (the conv backbone's flattened feature map: "
+                  f"{'4096' if args.dataset == 'glyphs' else '1024'}-d)"),
     ):
         if any(representation in row for row in results.values()):
             print(f"\n{title}\n")

@@ -16,6 +16,17 @@ P@1, R-Precision and MAP@R.
   scored. Backbone (`conv1d`, the one of issue 14): Conv1D(32, 5) ->
   Conv1D(64, 3, stride 2) -> Conv1D(64, 3) -> global average pooling, a 64-d
   φ trained from scratch.
+- `--dataset glyphs`: the bundled many-class glyphs (`keras_dml.data.glyphs`,
+  32x32, 589 characters drawn in matplotlib's 16 fonts): the training
+  characters' training images train; the 236 unseen characters are scored.
+  Backbones: `glyphconv`, the demo's small conv net (conv 32, pool, conv 64,
+  pool, flatten: a wide 4096-d φ), or `glyphgap`, the same with global
+  average pooling instead of flatten (a narrow 64-d φ, below the target
+  widths).
+
+With `--paired` (the default) every variant of a seed starts from the
+baseline's backbone and f weights for that seed and sees the same batches in
+the same order, so a per-seed difference is the method's and not the draw's.
 
 All variants share the backbone, the base embedding f (`Dense(embedding_dim)`
 + L2 normalisation on φ, used at test time), the loss (multi-similarity, the
@@ -132,6 +143,14 @@ def load_signals_zero_shot(n_per_class: int):
     return (x[seen], y[seen]), (x[~seen], y[~seen])
 
 
+def load_glyphs(num_classes: int | None = None):
+    """`(x_train, y_train), (x_test, y_test)`: training characters, unseen characters."""
+    from keras_dml.data.glyphs import load_glyphs_zero_shot
+
+    data = load_glyphs_zero_shot(num_classes=num_classes)
+    return (data.x_train, data.y_train), (data.x_unseen, data.y_unseen)
+
+
 def build_backbone(kind: str = "trunk") -> keras.Model:
     """The digits conv net up to its features φ.
 
@@ -143,6 +162,19 @@ def build_backbone(kind: str = "trunk") -> keras.Model:
     narrower than the target heads (an earlier design of this benchmark,
     kept as a head-design control).
     """
+    if kind in ("glyphconv", "glyphgap"):
+        return keras.Sequential(
+            [
+                keras.Input((32, 32, 1)),
+                keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
+                keras.layers.MaxPooling2D(),
+                keras.layers.Conv2D(64, 3, padding="same", activation="relu"),
+                keras.layers.MaxPooling2D(),
+                keras.layers.Flatten() if kind == "glyphconv"
+                else keras.layers.GlobalAveragePooling2D(),
+            ],
+            name="backbone",
+        )
     if kind == "conv1d":
         return keras.Sequential(
             [
@@ -180,6 +212,19 @@ def build_model(variant: str, args, gamma: float, seed: int) -> keras.Model:
             ],
             name="baseline",
         )
+    model = _build_s2sd(variant, args, gamma, backbone)
+    if getattr(args, "paired", False):
+        # Common random numbers: the backbone and f start from the baseline's weights for
+        # this seed, so a difference to the baseline is the method's, not the draw's.
+        baseline = build_model("baseline", args, 0.0, seed)
+        model.build((None, *backbone.input_shape[1:]))
+        backbone.set_weights(baseline.layers[0].get_weights())
+        model.embedding_head.set_weights(baseline.layers[1].get_weights())
+        keras.utils.set_random_seed(seed)
+    return model
+
+
+def _build_s2sd(variant: str, args, gamma: float, backbone) -> keras.Model:
     target_dims = {"DSD": (max(args.target_dims),), "FD": ()}.get(
         variant, tuple(args.target_dims)
     )
@@ -232,6 +277,49 @@ class Recorder(keras.callbacks.Callback):
             self.curve[epoch + 1] = score(self.embed(), self.x_test, self.y_test)["map_at_r"]
 
 
+class EpochBatches(keras.utils.PyDataset):
+    """Batches drawn from NumPy with `seed`, anew each epoch.
+
+    `samples_per_class=0`: a fresh permutation each epoch. Otherwise each batch
+    holds `batch_size // samples_per_class` random classes with
+    `samples_per_class` random samples each (with many classes, random batches
+    hold almost no positive pair). The order depends on the seed only, not on
+    how many random ops a model created, so the baseline and S2SD of one seed
+    see the same batches.
+    """
+
+    def __init__(self, x, y, batch_size: int, seed: int, samples_per_class: int = 0):
+        super().__init__()
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self.samples_per_class = samples_per_class
+        self.members = [np.flatnonzero(y == c) for c in np.unique(y)]
+        self.rng = np.random.default_rng(seed)
+        self.on_epoch_end()
+
+    def __len__(self) -> int:
+        return int(np.ceil(len(self.x) / self.batch_size))
+
+    def __getitem__(self, index):
+        rows = self.batches[index]
+        return self.x[rows], self.y[rows]
+
+    def on_epoch_end(self):
+        if not self.samples_per_class:
+            order = self.rng.permutation(len(self.x))
+            self.batches = [order[i:i + self.batch_size]
+                            for i in range(0, len(order), self.batch_size)]
+            return
+        per_batch = max(2, self.batch_size // self.samples_per_class)
+        self.batches = []
+        for _ in range(len(self)):
+            classes = self.rng.choice(len(self.members), size=per_batch, replace=False)
+            self.batches.append(np.concatenate([
+                self.rng.choice(self.members[c], size=self.samples_per_class,
+                                replace=len(self.members[c]) < self.samples_per_class)
+                for c in classes
+            ]))
+
+
 def score(model_or_array, x, y) -> dict:
     embeddings = model_or_array
     if isinstance(model_or_array, keras.Model):
@@ -246,10 +334,16 @@ def run(variant: str, gamma: float, seed: int, args, data) -> dict:
     embedding_model = model if variant == "baseline" else model.embedding_model()
     model.compile(optimizer=keras.optimizers.Adam(args.learning_rate), loss=make_loss(args.loss))
     recorder = Recorder(lambda: embedding_model, x_test, y_test, args.eval_every)
-    history = model.fit(
-        x_train, y_train, batch_size=args.batch_size, epochs=args.epochs, shuffle=True,
-        verbose=0, callbacks=[recorder],
-    )
+    if getattr(args, "paired", False):
+        batches = EpochBatches(x_train, y_train, args.batch_size, seed,
+                               getattr(args, "samples_per_class", 0))
+        history = model.fit(batches, epochs=args.epochs, shuffle=False, verbose=0,
+                            callbacks=[recorder])
+    else:
+        history = model.fit(
+            x_train, y_train, batch_size=args.batch_size, epochs=args.epochs, shuffle=True,
+            verbose=0, callbacks=[recorder],
+        )
     steps = int(np.ceil(len(x_train) / args.batch_size))
     # The first epoch includes tracing; the step time is taken from the others.
     timed = recorder.epoch_seconds[1:] or recorder.epoch_seconds
@@ -305,10 +399,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--embedding-dim", type=int, default=32)
-    parser.add_argument("--dataset", choices=["digits", "signals"], default="digits")
+    parser.add_argument("--dataset", choices=["digits", "signals", "glyphs"], default="digits")
+    parser.add_argument("--glyph-classes", type=int, default=None,
+                        help="glyphs: use only this many characters (default: all 589)")
     parser.add_argument("--n-per-class", type=int, default=400,
                         help="signals: samples per class (half the classes train)")
-    parser.add_argument("--backbone", choices=["trunk", "dense128", "conv1d"], default=None,
+    parser.add_argument("--backbone", choices=["trunk", "dense128", "conv1d", "glyphconv",
+                                               "glyphgap"], default=None,
                         help="features φ: digits' conv trunk (1024-d, the default there) or a "
                              "Dense(128, relu) on it; conv1d for signals (64-d)")
     parser.add_argument("--distillation-into-backbone", action="store_true",
@@ -342,6 +439,13 @@ def main(argv=None) -> dict:
                                  "MSD detached targets", "FD"])
     parser.add_argument("--eval-every", type=int, default=5,
                         help="score 5-9 every N epochs (0: only at the end)")
+    parser.add_argument("--paired", action=argparse.BooleanOptionalAction, default=True,
+                        help="common random numbers: every variant of a seed starts from the "
+                             "baseline's backbone and f weights and sees the same batches "
+                             "(--no-paired: the draws of the first tables of issue 14)")
+    parser.add_argument("--samples-per-class", type=int, default=None,
+                        help="with --paired: batches of classes x this many samples "
+                             "(default: 4 for glyphs, 0 = random batches otherwise)")
     parser.add_argument("--output", help="write all runs as JSON here")
     args = parser.parse_args(argv)
     if keras.backend.backend() == "tensorflow":
@@ -355,9 +459,13 @@ def main(argv=None) -> dict:
 
     start = time.time()
     if args.backbone is None:
-        args.backbone = "conv1d" if args.dataset == "signals" else "trunk"
+        args.backbone = {"signals": "conv1d", "glyphs": "glyphconv"}.get(args.dataset, "trunk")
+    if args.samples_per_class is None:
+        args.samples_per_class = 4 if args.dataset == "glyphs" else 0
     if args.dataset == "signals":
         data = load_signals_zero_shot(args.n_per_class)
+    elif args.dataset == "glyphs":
+        data = load_glyphs(args.glyph_classes)
     else:
         data = load_digits_zero_shot()
     (x_train, _), (x_test, y_test) = data
@@ -365,7 +473,8 @@ def main(argv=None) -> dict:
     if args.feature_delay is None:
         args.feature_delay = (args.epochs * steps) // 8
     print(
-        f"{args.dataset}: train {len(x_train)} samples of 0-4, test {len(x_test)} of 5-9 "
+        f"{args.dataset}: train {len(x_train)} samples of the training classes, test "
+        f"{len(x_test)} of the unseen classes "
         f"(leave-one-out); {args.epochs} epochs x {steps} steps, batch {args.batch_size}, "
         f"Adam {args.learning_rate}, loss {args.loss}, φ {args.backbone}, "
         f"f {args.embedding_dim}-d, targets {args.target_dims}, T={args.temperature}, "
@@ -443,7 +552,7 @@ def main(argv=None) -> dict:
             investigation[name] = configuration(name, variant, gamma, backbone=other)
 
     baseline_step = statistics.mean(r["step_seconds"] for r in groups["baseline"])
-    print(f"\nreference points on {args.dataset} 5-9 (no training on 0-4):")
+    print(f"\nreference points on the unseen {args.dataset} classes (no training):")
     for name, results in reference.items():
         cells = "  ".join(
             "{} {:.3f} ± {:.3f}".format(SHORT[m], *mean_std([r[m] for r in results]))
@@ -451,7 +560,7 @@ def main(argv=None) -> dict:
         )
         print(f"  {name:<12}{cells}")
     print_table(
-        f"unseen {args.dataset} 5-9, mean ± std over {len(seeds)} seeds "
+        f"unseen {args.dataset} classes, mean ± std over {len(seeds)} seeds "
         "(step time relative to baseline)",
         groups, baseline_step,
     )
