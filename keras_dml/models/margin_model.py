@@ -22,10 +22,11 @@ from keras_dml.losses.margin_crossentropy import (  # noqa: F401  (re-exported)
     _check_class_weights,
     inverse_frequency_weights,
 )
+from keras_dml.models.base import BackboneModel, call_head, known_output_shape
 
 
 @keras.saving.register_keras_serializable(package="keras_dml")
-class MarginModel(keras.Model):
+class MarginModel(BackboneModel):
     """Wrap a backbone and a margin head to train embeddings with `compile()` and `fit(x, y)`.
 
     `model(x)` and `model.predict(x)` return the backbone's embeddings; the
@@ -83,14 +84,13 @@ class MarginModel(keras.Model):
             raise ValueError(f"`head` must be a keras_dml head layer, got {type(head)}.")
         self.backbone = backbone
         self.head = head
-        self._input_shape_for_export = None
-        output_shape = _known_output_shape(backbone)
+        output_shape = known_output_shape(backbone)
         if output_shape is not None:
             self._build_head(output_shape)
             self.built = True
 
     def build(self, input_shape):
-        self._input_shape_for_export = tuple(input_shape)
+        self._record_input_shape(input_shape)
         if not self.backbone.built:
             self.backbone.build(input_shape)
         self._build_head(self.backbone.compute_output_shape(input_shape))
@@ -178,14 +178,6 @@ class MarginModel(keras.Model):
             optimizer = self._split_optimizer(optimizer, centers_optimizer)
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
 
-    def compile_from_config(self, config):
-        # The stored config holds the final optimizer (a MultiOptimizer when
-        # `centers_optimizer` was given) and loss, so plain `compile` rebuilds it.
-        config = keras.saving.deserialize_keras_object(config)
-        self.compile(**config)
-        if self.built:
-            self.optimizer.build(self.trainable_variables)
-
     def _split_optimizer(self, optimizer, centers_optimizer):
         optimizer = keras.optimizers.get(optimizer)
         if isinstance(centers_optimizer, (int, float)) and not isinstance(centers_optimizer, bool):
@@ -233,25 +225,8 @@ class MarginModel(keras.Model):
         return loss
 
     def _call_head(self, embeddings, labels, training):
-        """Runs the head with its current variables; returns `(logits, losses it added)`.
-
-        `stateless_call` collects the head's `add_loss` on every backend (on
-        JAX, `compute_loss` runs in a scope that would drop them) and returns
-        its updated non-trainable variables (AdaCos's scale), written back here.
-        """
-        head = self.head
-        logits, non_trainable, losses = head.stateless_call(
-            head.trainable_variables,
-            head.non_trainable_variables,
-            embeddings,
-            labels,
-            return_losses=True,
-            training=training,
-        )
-        if training:
-            for variable, value in zip(head.non_trainable_variables, non_trainable, strict=True):
-                variable.assign(value)
-        return logits, losses
+        """Runs the head with its current variables; returns `(logits, losses it added)`."""
+        return call_head(self.head, embeddings, labels, training)
 
     def _update_compiled_metrics(self, embeddings, labels, sample_weight):
         # Compiled metrics want class logits, not embeddings. They are updated
@@ -274,21 +249,9 @@ class MarginModel(keras.Model):
 
     # -- inference --------------------------------------------------------------
 
-    def embedding_model(self) -> keras.Model:
-        """The backbone alone, as a Keras model: save, export or index this one."""
-        if isinstance(self.backbone, keras.Model):
-            return self.backbone
-        shape = self._input_shape_for_export
-        if shape is None:
-            raise ValueError(
-                "Build the model (call it on data) before asking for its embedding model."
-            )
-        inputs = keras.Input(shape=tuple(shape)[1:])
-        return keras.Model(inputs, self.backbone(inputs), name=f"{self.name}_embedding")
-
-    def embed(self, x, batch_size: int | None = None, verbose: int = 0):
-        """Embeddings of `x` from the backbone, as a NumPy array (the head is not used)."""
-        return self.embedding_model().predict(x, batch_size=batch_size, verbose=verbose)
+    def _backbone_is_embedding_model(self) -> bool:
+        # The head is used only in training: a backbone model is the inference model.
+        return isinstance(self.backbone, keras.Model)
 
     # -- serialisation ------------------------------------------------------------
 
@@ -313,17 +276,3 @@ class MarginModel(keras.Model):
         )
         return cls(backbone=backbone, head=head, **config)
 
-
-def _known_output_shape(backbone):
-    """The backbone's output shape when it is already known (functional, built Sequential)."""
-    if not isinstance(backbone, keras.Model):
-        return None
-    try:
-        shape = backbone.output_shape
-    except (AttributeError, ValueError, RuntimeError):
-        return None
-    if not isinstance(shape, tuple) or not all(d is None or isinstance(d, int) for d in shape):
-        raise ValueError(
-            f"`backbone` must have a single output of shape (batch, dim), got {shape}."
-        )
-    return shape

@@ -31,6 +31,7 @@ from keras_dml._checks import is_integer
 
 # Moved to keras_dml.losses.pair; importable from here as before.
 from keras_dml.losses.pair import ContrastivePairLoss, contrastive_pair_loss  # noqa: F401
+from keras_dml.models.base import BackboneModel, has_symbolic_io
 
 # The distances a Siamese model can output: each is >= 0 and 0 for identical
 # embeddings, which is what the contrastive margins are measured in.
@@ -88,22 +89,8 @@ def paired_distance(embeddings_a, embeddings_b, distance: str = "euclidean"):
     return distances_lib.safe_sqrt(squared)
 
 
-def _has_symbolic_io(backbone) -> bool:
-    """Whether `backbone` is a built model with symbolic inputs and outputs.
-
-    True for functional models and for a Sequential that starts with `keras.Input`.
-    """
-    if not isinstance(backbone, keras.Model):
-        return False
-    try:
-        inputs, outputs = backbone.inputs, backbone.outputs
-    except (AttributeError, ValueError, RuntimeError):
-        return False
-    return bool(inputs) and bool(outputs)
-
-
 @keras.saving.register_keras_serializable(package="keras_dml")
-class SiameseModel(keras.Model):
+class SiameseModel(BackboneModel):
     """Wrap one backbone into a two-input model that outputs the distance of each pair.
 
     `model((x_a, x_b))` embeds both inputs with the same backbone (one set of
@@ -137,14 +124,15 @@ class SiameseModel(keras.Model):
         Discriminatively, with Application to Face Verification", CVPR 2005.
     """
 
+    _build_hint = "call it on a pair"
+
     def __init__(self, backbone: keras.layers.Layer, distance: str = "euclidean", **kwargs):
         super().__init__(**kwargs)
         if not isinstance(backbone, keras.layers.Layer):
             raise ValueError(f"`backbone` must be a Keras model or layer, got {type(backbone)}.")
         self.backbone = backbone
         self.distance = _siamese_distance_name(distance)
-        self._input_shape_for_export = None
-        if _has_symbolic_io(backbone):
+        if has_symbolic_io(backbone):
             # A functional backbone is built already, so is the model: it can
             # load weights before ever being called.
             self.built = True
@@ -156,7 +144,7 @@ class SiameseModel(keras.Model):
                 f"A SiameseModel takes a pair (x_a, x_b) of inputs, got one input of shape "
                 f"{tuple(input_shape)}."
             )
-        self._input_shape_for_export = tuple(shape_a)
+        self._record_input_shape(shape_a)
         if not self.backbone.built:
             self.backbone.build(tuple(shape_a))
         self.built = True
@@ -174,8 +162,10 @@ class SiameseModel(keras.Model):
 
     def call(self, inputs, training=None):
         x_a, x_b = self._split(inputs)
-        if self._input_shape_for_export is None and getattr(x_a, "shape", None) is not None:
-            self._input_shape_for_export = tuple(x_a.shape)
+        if getattr(self, "_inference_input_shape", None) is None and getattr(
+            x_a, "shape", None
+        ) is not None:
+            self._record_input_shape(x_a.shape)
         embeddings_a = self.backbone(x_a, training=training)
         embeddings_b = self.backbone(x_b, training=training)
         return paired_distance(embeddings_a, embeddings_b, self.distance)
@@ -197,29 +187,9 @@ class SiameseModel(keras.Model):
             loss = ContrastivePairLoss()
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
 
-    def compile_from_config(self, config):
-        # Keras skips a custom `compile` when loading unless this is defined;
-        # the stored config holds the final loss, so plain `compile` rebuilds it.
-        config = keras.saving.deserialize_keras_object(config)
-        self.compile(**config)
-        if self.built:
-            self.optimizer.build(self.trainable_variables)
-
-    def embedding_model(self) -> keras.Model:
-        """The backbone alone, as a one-input Keras model: index, verify or export this one."""
-        if _has_symbolic_io(self.backbone):
-            return self.backbone
-        shape = self._input_shape_for_export
-        if shape is None:
-            raise ValueError(
-                "Build the model (call it on a pair) before asking for its embedding model."
-            )
-        inputs = keras.Input(shape=tuple(shape)[1:])
-        return keras.Model(inputs, self.backbone(inputs), name=f"{self.name}_embedding")
-
-    def embed(self, x, batch_size: int | None = None, verbose: int = 0) -> np.ndarray:
-        """Embeddings of `x` from the backbone, as a NumPy array."""
-        return self.embedding_model().predict(x, batch_size=batch_size, verbose=verbose)
+    def _backbone_is_embedding_model(self) -> bool:
+        # The pair and its distance are training-only: the backbone embeds one input.
+        return has_symbolic_io(self.backbone)
 
     def get_config(self) -> dict:
         config = super().get_config()
