@@ -228,3 +228,4 @@ def test_pair_building_lives_in_data_and_old_imports_still_work():
 
     assert make_pairs is pairs.make_pairs is keras_dml.models.make_pairs
     assert make_pair_indices is pairs.make_pair_indices is keras_dml.data.make_pair_indices
+    assert doctest.testmod(pairs).failed == 0
