@@ -33,6 +33,13 @@ from collections.abc import Callable
 
 from keras import ops
 
+from keras_dml._numpy_ops import (
+    DISTANCE_ALIASES,
+    DISTANCE_NAMES,
+    NORM_EPSILON,
+    canonical_distance_name,
+)
+
 # Below this a squared distance is treated as exactly zero: sqrt has an
 # infinite derivative at 0, so those entries get a zero gradient instead.
 _ZERO_DISTANCE_EPS = 1e-16
@@ -70,7 +77,7 @@ def _power_of_two_scale(x, axis=None, keepdims=False):
     return ops.stop_gradient(ops.exp2(ops.floor(ops.log2(largest))))
 
 
-def l2_normalize(x, axis: int = -1, epsilon: float = 1e-12):
+def l2_normalize(x, axis: int = -1, epsilon: float = NORM_EPSILON):
     """Scales rows to unit L2 norm; an all-zero row stays zero (no NaN).
 
     Rows whose largest entry is at least 1 are first divided by a power of
@@ -137,6 +144,15 @@ def squared_euclidean_distance(x, y=None):
     return distance * ops.square(scale)
 
 
+def safe_sqrt(squared):
+    """`sqrt(squared)` with a zero (not infinite) gradient where `squared` is ~0.
+
+    Values at or below `1e-16` count as exactly 0.
+    """
+    is_zero = ops.cast(squared <= _ZERO_DISTANCE_EPS, squared.dtype)
+    return ops.sqrt(squared + is_zero * _ZERO_DISTANCE_EPS) * (1.0 - is_zero)
+
+
 def euclidean_distance(x, y=None):
     """L2 distances, with a zero (not NaN) gradient where the distance is 0.
 
@@ -145,8 +161,12 @@ def euclidean_distance(x, y=None):
     distance below `1e-8` times the inputs' scale counts as 0.
     """
     squared, scale = _scaled_squared_euclidean(x, y)
-    is_zero = ops.cast(squared <= _ZERO_DISTANCE_EPS, squared.dtype)
-    return ops.sqrt(squared + is_zero * _ZERO_DISTANCE_EPS) * (1.0 - is_zero) * scale
+    return safe_sqrt(squared) * scale
+
+
+def cosine_distance(x, y=None):
+    """`1 - cos`, the distance form of `cosine_similarity` (in [0, 2])."""
+    return 1.0 - cosine_similarity(x, y)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,19 +177,30 @@ class Distance:
         name: canonical name, e.g. `"euclidean"`.
         fn: `fn(x, y=None) -> (N, M)` matrix.
         is_similarity: True when larger values mean closer (cosine, dot).
+        distance_fn: the measure as a distance (smaller is closer) when that
+            is not simply `-fn` (cosine: `1 - cos`); None for `-fn` (or `fn`
+            for a distance).
+        zero_self: the self-distance is exactly 0 (`fn(x)` zeroes the
+            diagonal); pairs of a sample with itself are zeroed the same way
+            when the references are another tensor holding the queries.
+        unit_inputs: computed on L2-normalised rows (cosine, angular), so
+            code that precomputes may normalise once.
     """
 
     name: str
     fn: Callable
     is_similarity: bool
+    distance_fn: Callable | None = None
+    zero_self: bool = False
+    unit_inputs: bool = False
 
     def __call__(self, x, y=None):
         return self.fn(x, y)
 
     def distance(self, x, y=None):
         """The measure as a distance (smaller is closer): `1 - cos`, `-dot`."""
-        if self.name == "cosine":
-            return 1.0 - self.fn(x, y)
+        if self.distance_fn is not None:
+            return self.distance_fn(x, y)
         if self.is_similarity:
             return -self.fn(x, y)
         return self.fn(x, y)
@@ -179,22 +210,21 @@ class Distance:
         return self.fn(x, y) if self.is_similarity else -self.fn(x, y)
 
 
+# The one registry of distance names: every module that takes `distance=` (losses,
+# miners, evaluation, the index, verification, export, SiameseModel) resolves it here.
 _DISTANCES = {
-    "cosine": Distance("cosine", cosine_similarity, True),
+    "cosine": Distance(
+        "cosine", cosine_similarity, True, distance_fn=cosine_distance, unit_inputs=True
+    ),
     "dot": Distance("dot", dot_product, True),
-    "euclidean": Distance("euclidean", euclidean_distance, False),
-    "squared_euclidean": Distance("squared_euclidean", squared_euclidean_distance, False),
-    "angular": Distance("angular", angular_distance, False),
+    "euclidean": Distance("euclidean", euclidean_distance, False, zero_self=True),
+    "squared_euclidean": Distance(
+        "squared_euclidean", squared_euclidean_distance, False, zero_self=True
+    ),
+    "angular": Distance("angular", angular_distance, False, zero_self=True, unit_inputs=True),
 }
-_ALIASES = {
-    "cos": "cosine",
-    "dot_product": "dot",
-    "inner_product": "dot",
-    "l2": "euclidean",
-    "squared-l2": "squared_euclidean",
-    "squared_l2": "squared_euclidean",
-    "sqeuclidean": "squared_euclidean",
-}
+# Canonical names of the built-in measures, in table order.
+NAMES = DISTANCE_NAMES
 
 
 def get(identifier: str | Distance) -> Distance:
@@ -209,12 +239,30 @@ def get(identifier: str | Distance) -> Distance:
         raise ValueError(
             f"`distance` must be a name such as 'cosine' or 'euclidean', got {identifier!r}."
         )
-    key = identifier.lower()
-    key = _ALIASES.get(key, key)
-    if key not in _DISTANCES:
-        known = sorted(set(_DISTANCES) | set(_ALIASES))
+    key = canonical_distance_name(identifier)
+    if key is None:
+        known = sorted(set(DISTANCE_NAMES) | set(DISTANCE_ALIASES))
         raise ValueError(f"Unknown `distance` {identifier!r}; expected one of {known}.")
     return _DISTANCES[key]
+
+
+def is_builtin(measure: Distance) -> bool:
+    """True when `measure` is the registry's own object (not a custom `Distance`)."""
+    return _DISTANCES.get(measure.name) is measure
+
+
+def builtin_name(identifier, allowed=NAMES) -> str | None:
+    """The canonical name of a built-in measure among `allowed`, else None.
+
+    `identifier` is a name or alias (any case) or a `Distance`; a custom
+    `Distance` or a measure outside `allowed` gives None, so that the caller
+    raises its own error.
+
+    Raises:
+        ValueError: for an unknown name (from `get`).
+    """
+    measure = get(identifier)
+    return measure.name if is_builtin(measure) and measure.name in allowed else None
 
 
 def pairwise(x, y=None, distance: str | Distance = "cosine"):

@@ -204,7 +204,7 @@ def _image_for_display(image: np.ndarray):
         image = image[..., 0]
     if image.ndim == 2:
         return image, "gray_r"
-    from keras_dml.callbacks import to_uint8_images
+    from keras_dml.projector import to_uint8_images
 
     return to_uint8_images(image[None])[0], None
 

@@ -109,3 +109,28 @@ def test_float_labels_with_whole_values_are_accepted(loss):
     np.testing.assert_allclose(
         float(loss(labels.astype("float32"), x)), float(loss(labels, x)), rtol=1e-6
     )
+
+
+_KERAS_KEYS = {"name", "reduction", "dtype", "cross_replica"}
+
+
+@pytest.mark.parametrize("loss", ALL_LOSSES, ids=IDS)
+def test_options_are_read_only_attributes(loss):
+    # One store of the settings: every option reads as an attribute with its config
+    # value, and assigning one raises instead of silently doing nothing.
+    clone = type(loss).from_config(loss.get_config())
+    options = {k: v for k, v in clone.get_config().items() if k not in _KERAS_KEYS}
+    assert options  # every loss has options
+    for option, value in options.items():
+        assert getattr(clone, option) == value
+        with pytest.raises(AttributeError, match=f"`{option}` of {type(loss).__name__}"):
+            setattr(clone, option, value)
+    assert clone.get_config() == loss.get_config()
+
+
+def test_contrastive_neg_margin_cannot_be_changed_silently():
+    loss = keras_dml.ContrastiveLoss(distance="L2")
+    assert loss.distance == "euclidean"  # stored canonical, as TripletLoss does
+    with pytest.raises(AttributeError, match="read-only"):
+        loss.neg_margin = 2.0
+    assert loss.neg_margin == 1.0 and loss.get_config()["neg_margin"] == 1.0

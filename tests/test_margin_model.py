@@ -305,4 +305,8 @@ def test_focal_fit_under_mixed_float16_has_no_nan():
 
 
 def test_docstring_example():
+    from keras_dml.losses import margin_crossentropy
+
     assert doctest.testmod(margin_model).failed == 0
+    # MarginCrossentropy and inverse_frequency_weights moved there (re-exported here).
+    assert doctest.testmod(margin_crossentropy).failed == 0

@@ -214,6 +214,18 @@ def test_pair_errors():
 
 
 def test_docstring_examples_run():
+    from keras_dml.losses import pair
     from keras_dml.models import siamese
 
     assert doctest.testmod(siamese).failed == 0
+    assert doctest.testmod(pair).failed == 0  # ContrastivePairLoss moved there
+
+
+def test_pair_building_lives_in_data_and_old_imports_still_work():
+    import keras_dml.data
+    import keras_dml.models
+    from keras_dml.data import pairs
+
+    assert make_pairs is pairs.make_pairs is keras_dml.models.make_pairs
+    assert make_pair_indices is pairs.make_pair_indices is keras_dml.data.make_pair_indices
+    assert doctest.testmod(pairs).failed == 0

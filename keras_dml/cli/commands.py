@@ -2,6 +2,9 @@
 
 A run directory holds everything one `train` wrote; `config.json` records
 how to rebuild its data, so `evaluate` and `export` reload the same split.
+The file names are `rundir.RunDir`'s. Training is a library journey,
+`train_run(config)` (prepare the data, build, fit, score, write the run),
+which the `train` command calls and reports on.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import numpy as np
 
 import keras_dml
 from keras_dml.cli import registry, rundir
-from keras_dml.cli.main import CommandError
+from keras_dml.cli.errors import CommandError
+from keras_dml.cli.rundir import RunDir
 from keras_dml.data.tfds import DatasetUnavailableError
 
 keras_dml._load_all()  # registers the losses, heads and layers that saved models name
@@ -34,7 +38,6 @@ METRIC_ROWS = ("precision_at_1", "recall_at_1", "recall_at_2", "recall_at_4", "r
 # Above this many input values per image, raw pixels are not scored (memory).
 RAW_PIXEL_MAX_DIM = 4096
 PROJECTOR_MAX_POINTS = 5000
-CONFIG_FILE = rundir.CONFIG_FILE
 
 
 # -- data ---------------------------------------------------------------------------
@@ -301,7 +304,7 @@ def embed_fn(run_dir: str, using: str = "keras", config: dict | None = None):
     """
     if config is None:
         config = rundir.read_config(run_dir)
-    path = os.path.join(run_dir, registry.MODEL_FILES[using])
+    path = RunDir(run_dir).artefact(using)
     if using.startswith("tflite-") or using == "tflite":
         precision = {"tflite": "float32", "tflite-float16": "float16", "tflite-int8": "int8"}
         fix = f"run: keras-dml export {run_dir} --tflite {precision[using]}"
@@ -464,34 +467,37 @@ def transfer_note(metrics: dict) -> str | None:
     return None
 
 
+# What `format_artefacts` lists, by role of `rundir.RUN_FILES`.
 ARTEFACTS = (
-    ("model.keras", "training model (.keras)"),
-    ("embedding.keras", "embedding model (.keras)"),
+    ("model", "training model (.keras)"),
+    ("embedding", "embedding model (.keras)"),
     ("saved_model", "embedding SavedModel (serving_default)"),
     ("retrieval_model", "retrieval SavedModel (embed + top-k)"),
-    ("embedding.tflite", "TFLite float32"),
-    ("embedding_float16.tflite", "TFLite float16"),
-    ("embedding_int8.tflite", "TFLite int8"),
+    ("tflite", "TFLite float32"),
+    ("tflite_float16", "TFLite float16"),
+    ("tflite_int8", "TFLite int8"),
     ("index", "ScaNN index of the unseen classes"),
-    ("metrics.json", "metrics (P@1, R@K, R-Precision, MAP@R, NMI)"),
-    ("history.json", "training history"),
-    ("embeddings_2d.png", "plot: 2-D projection of unseen embeddings"),
-    ("retrieval.png", "plot: retrieval examples"),
-    ("distances.png", "plot: positive vs negative distances"),
-    ("training_curves.png", "plot: training curves"),
+    ("metrics", "metrics (P@1, R@K, R-Precision, MAP@R, NMI)"),
+    ("history", "training history"),
+    ("embeddings_2d", "plot: 2-D projection of unseen embeddings"),
+    ("retrieval_plot", "plot: retrieval examples"),
+    ("distances_plot", "plot: positive vs negative distances"),
+    ("training_curves", "plot: training curves"),
     ("projector", "TensorBoard projector (tensorboard --logdir)"),
 )
 
 
 def format_artefacts(run_dir: str) -> str:
     """Where each artefact of the run is, one per line, existing ones only."""
+    run = RunDir(run_dir)
     lines = [f"artefacts in {run_dir}:"]
-    names = [name for name, _ in ARTEFACTS]
+    names = [rundir.RUN_FILES[role] for role, _ in ARTEFACTS]
     extra = sorted(f for f in os.listdir(run_dir)
                    if f.startswith(("search_", "metrics_")) and f not in names)
-    for name, what in (*ARTEFACTS, *((f, "search strip" if f.startswith("search_")
-                                      else "metrics of another artefact") for f in extra)):
-        path = os.path.join(run_dir, name)
+    listed = [(run.file(role), what) for role, what in ARTEFACTS]
+    listed += [(os.path.join(run_dir, f), "search strip" if f.startswith("search_")
+                else "metrics of another artefact") for f in extra]
+    for path, what in listed:
         if os.path.exists(path):
             lines.append(f"  {what:<46} {path}")
     return "\n".join(lines)
@@ -500,14 +506,15 @@ def format_artefacts(run_dir: str) -> str:
 def write_plots(run_dir, embeddings, labels, thumbnails, history, projection) -> None:
     """Writes the run's PNG plots and the TensorBoard projector files."""
     from keras_dml import plots
-    from keras_dml.callbacks import export_embedding_projector
     from keras_dml.evaluation import nearest_neighbors
+    from keras_dml.projector import export_embedding_projector
 
+    run = RunDir(run_dir)
     plots.plot_embeddings_2d(embeddings, labels, method=projection,
                              title="unseen test classes (trained embeddings)",
-                             path=os.path.join(run_dir, "embeddings_2d.png"))
+                             path=run.embeddings_2d)
     plots.plot_distance_histograms(embeddings, labels, title="unseen test classes",
-                                   path=os.path.join(run_dir, "distances.png"))
+                                   path=run.distances_plot)
     k = min(5, len(labels) - 1)
     if k >= 1:
         queries = np.linspace(0, len(labels) - 1, num=min(4, len(labels)), dtype=int)
@@ -515,16 +522,16 @@ def write_plots(run_dir, embeddings, labels, thumbnails, history, projection) ->
         plots.plot_retrieval(thumbnails[queries], thumbnails[neighbors[queries]],
                              labels[queries], labels[neighbors[queries]],
                              scores=distances[queries], title="unseen classes: query, top-k "
-                             "(cosine distance)", path=os.path.join(run_dir, "retrieval.png"))
+                             "(cosine distance)", path=run.retrieval_plot)
     if history:
         plots.plot_training_curves(
             history, title="training (val_: held-out images of the training classes)",
-            path=os.path.join(run_dir, "training_curves.png"))
+            path=run.training_curves)
     keep = np.arange(len(labels))
     if len(keep) > PROJECTOR_MAX_POINTS:
         keep = np.sort(np.random.default_rng(0).choice(keep, PROJECTOR_MAX_POINTS, replace=False))
     rundir.replace_file(
-        os.path.join(run_dir, "projector"),
+        run.projector,
         lambda staging: export_embedding_projector(
             staging, embeddings[keep], labels=labels[keep], images=thumbnails[keep]),
     )
@@ -543,39 +550,49 @@ def _require_tensorflow(command: str) -> None:
                            f"KERAS_BACKEND=tensorflow (it is {keras.backend.backend()!r})")
 
 
-# -- commands --------------------------------------------------------------------------
+# -- the training journey, as library functions ------------------------------------------
 
 
-def train(args) -> int:
-    """`keras-dml train`: fit, then write model, exports, index, metrics and plots."""
-    from keras_dml.callbacks import RetrievalMetricsCallback
-    from keras_dml.export import export_embedding_model, export_retrieval_model, export_tflite
-    from keras_dml.index import ScaNNIndex
+@dataclasses.dataclass
+class TrainResult:
+    """What `train_run` did: the run's metrics, where a previous run was kept, time taken."""
 
-    _require_tensorflow("train")
-    start = time.time()
-    config = {key: value for key, value in vars(args).items() if key not in ("handler",)}
+    metrics: dict
+    kept: str | None
+    seconds: float
+
+
+def prepare_run(config: dict) -> RunData:
+    """Fills `config` (run id, backbone, batch sizes) and loads its data, seeded.
+
+    `config` holds the `train` options (`dataset`, `loss`, `seed`, ...); this
+    adds what the run decides: `run_id`, the backbone's defaults, the input
+    shape and the P x M batch sizing.
+    """
     config["version"] = 1
     config["run_id"] = rundir.new_run_id()
-    _resolve_backbone(config, args.dataset)
-    keras.utils.set_random_seed(args.seed)
+    _resolve_backbone(config, config["dataset"])
+    keras.utils.set_random_seed(config["seed"])
     data = load_run_data(config)
     config["input_shape"] = list(data.input_shape)
     config["num_train_classes"] = data.num_train_classes
 
-    small = args.dataset in SMALL_DATASETS
-    batch_size = args.batch_size or (80 if small else 64)
+    small = config["dataset"] in SMALL_DATASETS
+    batch_size = config.get("batch_size") or (80 if small else 64)
     # Classes present in the training images (--max-images can leave out some).
     present = data.num_train_classes if data.train_labels is None else len(
         np.unique(data.train_labels))
-    classes = args.classes_per_batch or min(present, 16)
+    classes = config.get("classes_per_batch") or min(present, 16)
     classes = min(classes, present)
     samples = max(2, batch_size // classes)
-    steps = args.steps_per_epoch or max(1, math.ceil(data.train_size / (classes * samples)))
+    steps = config.get("steps_per_epoch") or max(
+        1, math.ceil(data.train_size / (classes * samples)))
     config.update(classes_per_batch=classes, samples_per_class=samples, steps_per_epoch=steps)
+    return data
 
-    model, embedder, features = build_training_model(config, data.input_shape,
-                                                     data.num_train_classes)
+
+def score_baselines(data: RunData, embedder: keras.Model) -> dict:
+    """Retrieval of raw pixels and of the untrained embedding, on both splits."""
     embed = lambda batch: np.asarray(embedder.predict_on_batch(batch))  # noqa: E731
     baselines = {
         "raw_pixels": {"seen": _score(_raw_pixels(data.seen_x), data.seen_y),
@@ -583,82 +600,134 @@ def train(args) -> int:
         "untrained": {"seen": _score(embed_all(embed, data.seen_x), data.seen_y),
                       "unseen": _score(embed_all(embed, data.unseen_x), data.unseen_y)},
     }
-    baselines = {name: value for name, value in baselines.items() if value["unseen"]}
+    return {name: value for name, value in baselines.items() if value["unseen"]}
+
+
+def fit_run(model, embedder, data: RunData, config: dict, verbose: int = 0) -> dict:
+    """Fits `model` on the run's P x M batches; returns the history as lists of floats."""
+    from keras_dml.callbacks import RetrievalMetricsCallback
 
     callbacks = []
     if len(data.seen_y) > 1:
         callbacks.append(RetrievalMetricsCallback(data.seen_validation_data(), k=K_VALUES,
                                                   embedding_model=embedder))
-    variant = (" + S2SD (MSDF)" if args.s2sd_features else " + S2SD") if args.s2sd else ""
-    print(f"keras-dml: training {config['loss']}{variant} on "
-          f"{args.dataset} ({data.train_size} images of {data.num_train_classes} classes; "
-          f"{classes} classes x {samples} images per batch, {steps} steps per epoch)", flush=True)
-    history = model.fit(data.make_train_batches(classes, samples, args.seed), epochs=args.epochs,
-                        steps_per_epoch=steps, callbacks=callbacks, verbose=args.verbose,
-                        shuffle=False)
-    fit_seconds = time.time() - start
+    history = model.fit(
+        data.make_train_batches(config["classes_per_batch"], config["samples_per_class"],
+                                config["seed"]),
+        epochs=config["epochs"], steps_per_epoch=config["steps_per_epoch"],
+        callbacks=callbacks, verbose=verbose, shuffle=False)
+    return {k: [float(v) for v in values] for k, values in history.history.items()}
 
-    # Everything is written into a hidden sibling, then swapped in whole (rundir.write_run):
-    # an interruption leaves the previous run in --out, or the new one, never a mix.
+
+def score_run(embedder, features, data: RunData, config: dict, baselines: dict):
+    """The run's metrics (embedding and backbone features, both splits) and unseen embeddings."""
+    # The embedding and the backbone's features φ from one backbone pass.
+    both = embedding_and_features_model(embedder, features)
+    embed_both = lambda batch: tuple(  # noqa: E731
+        np.asarray(o) for o in both.predict_on_batch(batch))
+    seen, seen_features = (embed_all(embed_both, data.seen_x) if len(data.seen_y)
+                           else (None, None))
+    unseen, unseen_features = embed_all(embed_both, data.unseen_x)
+    metrics = {
+        "dataset": config["dataset"],
+        "loss": config["loss"],
+        "s2sd": bool(config.get("s2sd")),
+        "protocol": _protocol(config, data),
+        "sizes": {"train": data.train_size, "seen": int(len(data.seen_y)),
+                  "unseen": int(len(data.unseen_y))},
+        "seen": _score(seen, data.seen_y),
+        "unseen": _score(unseen, data.unseen_y),
+        "baselines": baselines,
+        # The trained backbone's features φ, before the embedding layer: they
+        # can transfer to unseen classes better than the embedding does.
+        "features": {
+            "seen": _score(seen_features, data.seen_y) if len(data.seen_y) else None,
+            "unseen": _score(unseen_features, data.unseen_y),
+        },
+        "artefact": "keras",
+        "run_id": config["run_id"],
+    }
+    return metrics, unseen
+
+
+def write_run_files(run: RunDir, config: dict, data: RunData, model, embedder,
+                    history: dict, metrics: dict, unseen) -> None:
+    """Writes every file of a run into `run` (models, exports, index, metrics, plots, config)."""
+    from keras_dml.export import export_embedding_model, export_retrieval_model, export_tflite
+    from keras_dml.index import ScaNNIndex
+
     run_id = config["run_id"]
+    for path, saved in ((run.model, model), (run.embedding, embedder)):
+        saved.save(path)
+        rundir.stamp(path, run_id)
+    _write_json(run.metrics, metrics)
+    _write_json(run.history, history)
+    export_embedding_model(embedder, run.saved_model)
+    rundir.stamp(run.saved_model, run_id)
+    export_tflite(embedder, run.tflite)
+    rundir.stamp(run.tflite, run_id)
+    index = ScaNNIndex()
+    index.add(unseen, ids=np.arange(len(unseen)),
+              metadata=[{"label": int(label)} for label in data.unseen_y])
+    index.save(run.index, info={"run_id": run_id})
+    export_retrieval_model(embedder, index, run.retrieval_model, k=min(10, len(index)))
+    rundir.stamp(run.retrieval_model, run_id)
+    np.save(run.test_labels, data.unseen_y)
+    np.save(run.test_thumbnails, data.unseen_thumbnails)
+    write_plots(run.path, unseen, data.unseen_y, data.unseen_thumbnails, history,
+                config["projection"])
+    _write_json(run.config, config)
+
+
+def train_run(config: dict, out: str, verbose: int = 0, log=None) -> TrainResult:
+    """Trains and writes a whole run at `out`: the `keras-dml train` journey, without printing.
+
+    Args:
+        config: the `train` options (`dataset`, `loss`, `epochs`, `seed`,
+            `projection`, ...; see `keras-dml train --help`), completed in
+            place with what the run decides and saved as `config.json`.
+        out: the run directory; written whole or not at all
+            (`rundir.write_run`).
+        verbose: Keras `fit` verbosity.
+        log: optional callable given one progress line before fitting.
+    """
+    start = time.time()
+    data = prepare_run(config)
+    model, embedder, features = build_training_model(config, data.input_shape,
+                                                     data.num_train_classes)
+    baselines = score_baselines(data, embedder)
+    if log is not None:
+        s2sd = config.get("s2sd")
+        variant = (" + S2SD (MSDF)" if config.get("s2sd_features") else " + S2SD") if s2sd else ""
+        log(f"keras-dml: training {config['loss']}{variant} on {config['dataset']} "
+            f"({data.train_size} images of {data.num_train_classes} classes; "
+            f"{config['classes_per_batch']} classes x {config['samples_per_class']} images per "
+            f"batch, {config['steps_per_epoch']} steps per epoch)")
+    history = fit_run(model, embedder, data, config, verbose)
+    config["fit_seconds"] = round(time.time() - start, 1)
     written = {}
 
-    def write_run(out):
-        for name, saved in (("model.keras", model), ("embedding.keras", embedder)):
-            saved.save(os.path.join(out, name))
-            rundir.stamp(os.path.join(out, name), run_id)
-        # The embedding and the backbone's features φ from one backbone pass.
-        both = embedding_and_features_model(embedder, features)
-        embed_both = lambda batch: tuple(  # noqa: E731
-            np.asarray(o) for o in both.predict_on_batch(batch))
-        seen, seen_features = (embed_all(embed_both, data.seen_x) if len(data.seen_y)
-                               else (None, None))
-        unseen, unseen_features = embed_all(embed_both, data.unseen_x)
-        metrics = {
-            "dataset": args.dataset,
-            "loss": config["loss"],
-            "s2sd": bool(args.s2sd),
-            "protocol": _protocol(config, data),
-            "sizes": {"train": data.train_size, "seen": int(len(data.seen_y)),
-                      "unseen": int(len(data.unseen_y))},
-            "seen": _score(seen, data.seen_y),
-            "unseen": _score(unseen, data.unseen_y),
-            "baselines": baselines,
-            # The trained backbone's features φ, before the embedding layer: they
-            # can transfer to unseen classes better than the embedding does.
-            "features": {
-                "seen": _score(seen_features, data.seen_y) if len(data.seen_y) else None,
-                "unseen": _score(unseen_features, data.unseen_y),
-            },
-            "artefact": "keras",
-            "run_id": run_id,
-        }
-        _write_json(os.path.join(out, "metrics.json"), metrics)
-        history_logs = {k: [float(v) for v in values] for k, values in history.history.items()}
-        _write_json(os.path.join(out, "history.json"), history_logs)
-
-        export_embedding_model(embedder, os.path.join(out, "saved_model"))
-        rundir.stamp(os.path.join(out, "saved_model"), run_id)
-        export_tflite(embedder, os.path.join(out, "embedding.tflite"))
-        rundir.stamp(os.path.join(out, "embedding.tflite"), run_id)
-        index = ScaNNIndex()
-        index.add(unseen, ids=np.arange(len(unseen)),
-                  metadata=[{"label": int(label)} for label in data.unseen_y])
-        index.save(os.path.join(out, "index"), info={"run_id": run_id})
-        export_retrieval_model(embedder, index, os.path.join(out, "retrieval_model"),
-                               k=min(10, len(index)))
-        rundir.stamp(os.path.join(out, "retrieval_model"), run_id)
-        np.save(os.path.join(out, "test_labels.npy"), data.unseen_y)
-        np.save(os.path.join(out, "test_thumbnails.npy"), data.unseen_thumbnails)
-        write_plots(out, unseen, data.unseen_y, data.unseen_thumbnails, history_logs,
-                    args.projection)
-        config["fit_seconds"] = round(fit_seconds, 1)
-        _write_json(os.path.join(out, CONFIG_FILE), config)
+    # Everything is written into a hidden sibling, then swapped in whole (rundir.write_run):
+    # an interruption leaves the previous run in `out`, or the new one, never a mix.
+    def write(staging):
+        metrics, unseen = score_run(embedder, features, data, config, baselines)
+        write_run_files(RunDir(staging), config, data, model, embedder, history, metrics, unseen)
         written["metrics"] = metrics
 
-    kept = rundir.write_run(args.out, write_run)
-    metrics = written["metrics"]
-    out = args.out
+    kept = rundir.write_run(out, write)
+    return TrainResult(metrics=written["metrics"], kept=kept, seconds=time.time() - start)
+
+
+# -- commands --------------------------------------------------------------------------
+
+
+def train(args) -> int:
+    """`keras-dml train`: fit, then write model, exports, index, metrics and plots."""
+    _require_tensorflow("train")
+    config = {key: value for key, value in vars(args).items() if key not in ("handler",)}
+    result = train_run(config, args.out, verbose=args.verbose,
+                       log=lambda line: print(line, flush=True))
+    metrics = result.metrics
     print()
     print(format_metrics_table(metrics))
     print(f"({metrics['protocol']})")
@@ -666,23 +735,24 @@ def train(args) -> int:
     if note:
         print(note)
     print()
-    print(format_artefacts(out))
-    if kept:
-        print(f"\nthe previous run in {out} held files no run writes; it is kept, whole, in {kept}")
-    print(f"\ndone in {time.time() - start:.0f} s")
+    print(format_artefacts(args.out))
+    if result.kept:
+        print(f"\nthe previous run in {args.out} held files no run writes; it is kept, whole, in "
+              f"{result.kept}")
+    print(f"\ndone in {result.seconds:.0f} s")
     return 0
 
 
 def evaluate(args) -> int:
     """`keras-dml evaluate DIR`: re-embed the run's test data with one artefact and report."""
     run_dir = args.run_dir
-    config = rundir.read_config(run_dir)
+    run = RunDir(run_dir)
+    config = run.read_config()
     embed = embed_fn(run_dir, args.using, config)
     data = load_run_data(config)
     seen = embed_all(embed, data.seen_x) if len(data.seen_y) else None
     unseen = embed_all(embed, data.unseen_x)
-    metrics_path = os.path.join(run_dir, "metrics.json")
-    previous = rundir.read_metrics(metrics_path, config)  # {} if absent or from another run
+    previous = rundir.read_metrics(run.metrics, config)  # {} if absent or from another run
     metrics = {
         **{k: previous[k] for k in ("dataset", "loss", "s2sd") if k in previous},
         "protocol": _protocol(config, data),
@@ -694,14 +764,12 @@ def evaluate(args) -> int:
         "artefact": args.using,
         **({"run_id": config["run_id"]} if "run_id" in config else {}),
     }
-    name = "metrics.json" if args.using == "keras" else f"metrics_{args.using}.json"
-    _write_json(os.path.join(run_dir, name), metrics)
-    history_path = os.path.join(run_dir, "history.json")
-    history = rundir.read_metrics(history_path, {}) or None
+    _write_json(run.metrics_for(args.using), metrics)
+    history = rundir.read_metrics(run.history, {}) or None
     write_plots(run_dir, unseen, data.unseen_y, data.unseen_thumbnails, history, args.projection)
     print(format_artefacts(run_dir))
     print(f"\nretrieval metrics of {config['dataset']} with the {args.using} artefact "
-          f"({registry.MODEL_FILES[args.using]}):")
+          f"({rundir.MODEL_FILES[args.using]}):")
     print(format_metrics_table(metrics))
     print(f"({metrics['protocol']})")
     note = transfer_note(metrics)
@@ -716,22 +784,23 @@ def search(args) -> int:
     from keras_dml.index import Index
 
     run_dir = args.run_dir
-    config = rundir.read_config(run_dir)
-    index_dir = os.path.join(run_dir, "index")
+    run = RunDir(run_dir)
+    config = run.read_config()
+    index_dir = run.index
     index = rundir.load_artefact(index_dir, Index.load)
     rundir.check_index_stamp(index_dir, config)
 
     def load_npy(path):
         return np.load(path, allow_pickle=False)
 
-    labels = rundir.load_artefact(os.path.join(run_dir, "test_labels.npy"), load_npy)
-    thumbnails = rundir.load_artefact(os.path.join(run_dir, "test_thumbnails.npy"), load_npy)
+    labels = rundir.load_artefact(run.test_labels, load_npy)
+    thumbnails = rundir.load_artefact(run.test_thumbnails, load_npy)
     indexed = np.array([(item or {}).get("label", -1) for item in index.metadata or []])
     ids = index.ids
     if (len(labels) != len(index) or len(thumbnails) != len(index)
             or ids.dtype.kind != "i" or (len(ids) and (ids.min() < 0 or ids.max() >= len(labels)))
             or (len(indexed) and not np.array_equal(indexed, labels[ids]))):
-        raise CommandError(f"{os.path.join(run_dir, 'test_labels.npy')} and test_thumbnails.npy "
+        raise CommandError(f"{run.test_labels} and {rundir.RUN_FILES['test_thumbnails']} "
                            f"({len(labels)} and {len(thumbnails)} rows) do not match the index "
                            f"{index_dir} ({len(index)} items): they come from different runs; "
                            "run keras-dml train again")
@@ -753,7 +822,7 @@ def search(args) -> int:
         print(f"{rank:>4}  {item:>6}  {labels[item]:>6}  {score:>10.4f}  {match}")
     correct = int(np.sum(labels[ids] == query_label))
     print(f"precision@{k}: {correct / k:.2f}")
-    png = args.png or os.path.join(run_dir, f"search_{n}.png")
+    png = args.png or run.search_png(n)
     plots.plot_retrieval(thumbnails[n][None], thumbnails[ids][None], [query_label],
                          labels[ids][None], scores[None],
                          title=f"test image {n}: {correct}/{k} neighbours of its class",
@@ -768,16 +837,17 @@ def export(args) -> int:
 
     _require_tensorflow("export")
     run_dir = args.run_dir
-    config = rundir.read_config(run_dir)
+    run = RunDir(run_dir)
+    config = run.read_config()
     run_id = config.get("run_id")
-    model_path = os.path.join(run_dir, registry.MODEL_FILES["keras"])
+    model_path = run.artefact("keras")
     if not os.path.exists(model_path):
         raise CommandError(f"{model_path} does not exist; run keras-dml train again")
     rundir.check_stamp(model_path, config, "run keras-dml train again")
     embedder = rundir.load_artefact(model_path, _load_keras_model)
     data = load_run_data(config)
     name = {"float32": "tflite", "float16": "tflite-float16", "int8": "tflite-int8"}[args.tflite]
-    path = os.path.join(run_dir, registry.MODEL_FILES[name])
+    path = run.artefact(name)
     quantization = None if args.tflite == "float32" else args.tflite
 
     # Each file is written beside its final path and swapped in, then stamped with the run id.
@@ -790,7 +860,7 @@ def export(args) -> int:
         export_tflite(embedder, target, quantization=quantization,
                       representative_data=data.representative if args.tflite == "int8" else None)
 
-    rundir.replace_file(os.path.join(run_dir, "saved_model"), write_saved_model)
+    rundir.replace_file(run.saved_model, write_saved_model)
     rundir.replace_file(path, write_tflite)
     if run_id:
         rundir.stamp(path, run_id)
@@ -800,7 +870,7 @@ def export(args) -> int:
     cosine = np.sum(reference * exported, axis=1) / np.maximum(
         np.linalg.norm(reference, axis=1) * np.linalg.norm(exported, axis=1), 1e-12)
     size = os.path.getsize(path) / 1024
-    saved_model = os.path.join(run_dir, "saved_model")
+    saved_model = run.saved_model
     print(f"wrote {path} ({args.tflite}, {size:.0f} KiB) and {saved_model}")
     print(f"TFLite vs Keras embeddings on {len(sample)} test images: cosine similarity "
           f"mean {cosine.mean():.4f}, min {cosine.min():.4f}")

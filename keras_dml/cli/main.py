@@ -17,14 +17,11 @@ import argparse
 import os
 import sys
 
-from keras_dml.cli import registry
+from keras_dml.cli import registry, rundir
+from keras_dml.cli.errors import CommandError
 
 USAGE_ERROR = 2
 RUN_ERROR = 1
-
-
-class CommandError(Exception):
-    """An error a user can fix from its one-line message (no traceback is shown)."""
 
 
 class _UsageError(Exception):
@@ -161,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and print where every artefact is.",
     )
     evaluate.add_argument("run_dir", metavar="DIR", help="a directory written by keras-dml train")
-    evaluate.add_argument("--using", default="keras", choices=tuple(registry.MODEL_FILES),
+    evaluate.add_argument("--using", default="keras", choices=tuple(rundir.MODEL_FILES),
                           help="the artefact that embeds: keras (default), saved_model, tflite, "
                           "tflite-float16, tflite-int8")
     evaluate.add_argument("--projection", default="pca", choices=("pca", "umap", "auto"))
@@ -198,7 +195,7 @@ def _check_run_dir(path: str) -> str:
     if not os.path.isdir(path):
         raise CommandError(f"directory {path!r} does not exist; train first: "
                            f"keras-dml train --out {path}")
-    if not os.path.isfile(os.path.join(path, "config.json")):
+    if not os.path.isfile(rundir.RunDir(path).config):
         raise CommandError(f"{path!r} is not a keras-dml run (no config.json); train first: "
                            f"keras-dml train --out {path}")
     return path
@@ -215,7 +212,7 @@ def _check_out_dir(path: str) -> None:
         raise ValueError(f"--out {path!r} exists and is not a directory")
     if os.path.isdir(path):
         entries = os.listdir(path)
-        if entries and not os.path.isfile(os.path.join(path, "config.json")):
+        if entries and not os.path.isfile(rundir.RunDir(path).config):
             raise ValueError(
                 f"--out {path!r} is not empty and is not a keras-dml run (no config.json); "
                 "choose a new or empty directory, nothing of yours is overwritten"
@@ -269,8 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     from keras_dml.cli import commands
 
     prog = f"keras-dml {args.command}"
+    handlers = {"train": commands.train, "evaluate": commands.evaluate,
+                "search": commands.search, "export": commands.export}
     try:
-        return getattr(commands, args.handler)(args)
+        return handlers[args.handler](args)
     except (CommandError, commands.ExpectedError) as error:
         message = " ".join(str(error).split())
         print(f"{prog}: error: {message}", file=sys.stderr)

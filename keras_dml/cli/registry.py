@@ -10,6 +10,8 @@ import dataclasses
 import importlib
 from typing import Any
 
+from keras_dml.cli import rundir
+
 # Name -> TFDS name (None: bundled, offline: glyphs rendered from matplotlib's fonts,
 # scikit-learn's digits). Short aliases are the names the papers use.
 DATASETS: dict[str, str | None] = {
@@ -102,14 +104,9 @@ KERAS_APPLICATIONS = {
 }
 BACKBONES = ("auto", "small_conv", *KERAS_APPLICATIONS)
 
-# Artefacts of a run directory, by the name `evaluate --using` takes.
-MODEL_FILES = {
-    "keras": "embedding.keras",
-    "saved_model": "saved_model",
-    "tflite": "embedding.tflite",
-    "tflite-float16": "embedding_float16.tflite",
-    "tflite-int8": "embedding_int8.tflite",
-}
+# Artefacts of a run directory, by the name `evaluate --using` takes: the names
+# are `keras_dml.cli.rundir`'s (one table of run-file names), re-exported here.
+MODEL_FILES = rundir.MODEL_FILES
 
 
 def _key(name: str) -> str:

@@ -42,22 +42,90 @@ from keras_dml._atomic import (
     swap_into_place,
     write_text,
 )
-from keras_dml.cli.main import CommandError
+from keras_dml.cli.errors import CommandError
 
-CONFIG_FILE = "config.json"
+# Every file a run writes, by role: the one table of run-file names.
+RUN_FILES = {
+    "config": "config.json",
+    "model": "model.keras",
+    "embedding": "embedding.keras",
+    "saved_model": "saved_model",
+    "retrieval_model": "retrieval_model",
+    "tflite": "embedding.tflite",
+    "tflite_float16": "embedding_float16.tflite",
+    "tflite_int8": "embedding_int8.tflite",
+    "index": "index",
+    "metrics": "metrics.json",
+    "history": "history.json",
+    "test_labels": "test_labels.npy",
+    "test_thumbnails": "test_thumbnails.npy",
+    "embeddings_2d": "embeddings_2d.png",
+    "retrieval_plot": "retrieval.png",
+    "distances_plot": "distances.png",
+    "training_curves": "training_curves.png",
+    "projector": "projector",
+}
+# The artefacts that embed, by the name `evaluate --using` takes.
+MODEL_FILES = {
+    "keras": RUN_FILES["embedding"],
+    "saved_model": RUN_FILES["saved_model"],
+    "tflite": RUN_FILES["tflite"],
+    "tflite-float16": RUN_FILES["tflite_float16"],
+    "tflite-int8": RUN_FILES["tflite_int8"],
+}
+CONFIG_FILE = RUN_FILES["config"]
 KERAS_ENTRY = "keras_dml_run_id"
 SAVED_MODEL_STAMP = os.path.join("assets.extra", "run_id")
 SIDECAR_SUFFIX = ".run_id"
-# Every name a run (train, evaluate, search, export) writes in its directory.
+# Every name a run (train, evaluate, search, export) writes in its directory: the
+# table above, metrics of other artefacts, search strips and TFLite run-id sidecars.
 RUN_FILE_PATTERNS = (
-    CONFIG_FILE, "model.keras", "embedding.keras", "saved_model", "retrieval_model",
-    "embedding.tflite", "embedding_float16.tflite", "embedding_int8.tflite", "*.tflite.run_id",
-    "index", "metrics.json", "metrics_*.json", "history.json", "test_labels.npy",
-    "test_thumbnails.npy", "embeddings_2d.png", "retrieval.png", "distances.png",
-    "training_curves.png", "projector", "search_*.png",
+    *RUN_FILES.values(), "metrics_*.json", "search_*.png", "*.tflite" + SIDECAR_SUFFIX,
 )
 # What `config.json` must hold to rebuild the run's data.
 REQUIRED_CONFIG = ("dataset", "holdout", "seed")
+
+
+class RunDir:
+    """A run directory: the path of every file a run writes, named from `RUN_FILES`.
+
+    `RunDir(path).metrics` is `path/metrics.json`, `.artefact("tflite-int8")`
+    the int8 TFLite file, and so on; no other module spells a run-file name.
+    """
+
+    def __init__(self, path: str):
+        self.path = os.fspath(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({self.path!r})"
+
+    def file(self, role: str) -> str:
+        """The path of the file of `role` (a key of `RUN_FILES`)."""
+        return os.path.join(self.path, RUN_FILES[role])
+
+    def artefact(self, using: str) -> str:
+        """The path of the artefact `evaluate --using` calls `using` (a key of `MODEL_FILES`)."""
+        return os.path.join(self.path, MODEL_FILES[using])
+
+    def metrics_for(self, using: str = "keras") -> str:
+        """`metrics.json` for the Keras model, `metrics_<using>.json` for another artefact."""
+        name = RUN_FILES["metrics"] if using == "keras" else f"metrics_{using}.json"
+        return os.path.join(self.path, name)
+
+    def search_png(self, query_index: int) -> str:
+        return os.path.join(self.path, f"search_{query_index}.png")
+
+    def read_config(self) -> dict:
+        return read_config(self.path)
+
+
+def _role_path(role: str) -> property:
+    return property(lambda self: self.file(role), doc=f"`{RUN_FILES[role]}` of the run.")
+
+
+for _role in RUN_FILES:
+    setattr(RunDir, _role, _role_path(_role))
+del _role
 
 
 def new_run_id() -> str:
@@ -139,7 +207,7 @@ def _compare(path: str, found: str | None, config: dict, fix: str) -> None:
 
 def read_config(run_dir: str) -> dict:
     """`config.json` of a run; a truncated or incomplete one raises `CommandError`."""
-    path = os.path.join(run_dir, CONFIG_FILE)
+    path = RunDir(run_dir).config
     try:
         with open(path, encoding="utf-8") as f:
             config = json.load(f)

@@ -1,6 +1,8 @@
 """Input pipelines for metric learning.
 
 - `SimCLRAugmentation`: two-view image augmentation in `keras.ops` (any backend).
+- `make_pairs`, `make_pair_indices`: labelled same-class / different-class
+  pairs for `SiameseModel` and verification (NumPy).
 - `m_per_class_dataset`: class-balanced (P × M) batches with `tf.data`.
 - `load_digits_zero_shot`, `load_glyphs_zero_shot`: the bundled zero-shot
   benchmarks (scikit-learn's digits; characters rendered from matplotlib's
@@ -11,6 +13,7 @@ under the JAX or torch backend does not pull TensorFlow in.
 """
 
 from keras_dml.data.augment import SimCLRAugmentation
+from keras_dml.data.pairs import make_pair_indices, make_pairs
 
 _LAZY = {
     "m_per_class_dataset": "keras_dml.data.sampler",
@@ -25,6 +28,8 @@ __all__ = [
     "load_digits_zero_shot",
     "load_glyphs_zero_shot",
     "m_per_class_dataset",
+    "make_pair_indices",
+    "make_pairs",
 ]
 
 

@@ -14,12 +14,14 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from keras_dml._checks import is_integer
+
 # Mixed into each class's seed so that class streams shuffle independently.
 _SEED_STRIDE = 1_000_003
 
 
 def _check_positive_int(value, arg: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    if not is_integer(value) or value < 1:
         raise ValueError(f"`{arg}` must be a positive integer, got {value!r}.")
     return int(value)
 
@@ -160,7 +162,7 @@ def m_per_class_dataset(
         num_batches = _check_positive_int(num_batches, "num_batches")
     shuffle_buffer_size = _check_positive_int(shuffle_buffer_size, "shuffle_buffer_size")
     if seed is not None and (
-        isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0
+        not is_integer(seed) or seed < 0
     ):
         raise ValueError(f"`seed` must be None or an integer >= 0, got {seed!r}.")
 

@@ -39,6 +39,8 @@ import numpy as np
 from keras import ops
 from scipy import sparse
 
+from keras_dml._checks import check_positive_int, is_number
+from keras_dml._numpy_ops import l2_normalize_rows as _l2_normalize
 from keras_dml.evaluation.retrieval import nearest_neighbors
 from keras_dml.index.exact import top_k_rows
 
@@ -48,7 +50,6 @@ _BLOCK_ELEMENTS = 1 << 24
 # Re-ranking holds a handful of float64 (rows x items) arrays per block; 4M
 # elements keeps its peak near 200 MiB whatever the gallery size.
 _RERANK_BLOCK_ELEMENTS = 1 << 22
-_NORM_EPSILON = 1e-12
 
 
 def _as_matrix(x, arg: str) -> np.ndarray:
@@ -61,19 +62,6 @@ def _as_matrix(x, arg: str) -> np.ndarray:
     if not np.all(np.isfinite(x)):
         raise ValueError(f"`{arg}` contains NaN or Inf.")
     return x
-
-
-def _l2_normalize(x: np.ndarray) -> np.ndarray:
-    norms = np.sqrt(np.maximum(np.einsum("ij,ij->i", x, x), _NORM_EPSILON))
-    return (x / norms[:, None]).astype("float32", copy=False)
-
-
-def _check_positive_int(value, arg: str, upper: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"`{arg}` must be a positive integer, got {value!r}.")
-    if upper is not None and value > upper:
-        raise ValueError(f"`{arg}` must be at most {upper} here, got {value}.")
-    return int(value)
 
 
 def index_rows(index, ids) -> np.ndarray:
@@ -156,7 +144,7 @@ def _weighted_expansion(
 
 
 def _check_alpha(alpha) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating)) or alpha < 0:
+    if not is_number(alpha) or alpha < 0:
         raise ValueError(f"`alpha` must be a number >= 0, got {alpha!r}.")
     return float(alpha)
 
@@ -212,7 +200,7 @@ def alpha_query_expansion(
         raise ValueError(
             f"`database` has dimension {database.shape[1]} but `queries` {queries.shape[1]}."
         )
-    k = _check_positive_int(k, "k", len(database))
+    k = check_positive_int(k, "k", len(database))
     if neighbors is None:
         neighbors, _ = nearest_neighbors(queries, database, k=k, distance="cosine")
     neighbors = _neighbor_rows(neighbors, len(queries), len(database), k)
@@ -292,7 +280,7 @@ def database_augmentation(database, k: int = 5, alpha: float = 0.0, neighbors=No
     """
     alpha = _check_alpha(alpha)
     database = _l2_normalize(_as_matrix(database, "database"))
-    k = _check_positive_int(k, "k", len(database) - 1 if neighbors is None else len(database))
+    k = check_positive_int(k, "k", len(database) - 1 if neighbors is None else len(database))
     if neighbors is None:
         neighbors, _ = nearest_neighbors(database, None, k=k, distance="cosine")
     neighbors = _neighbor_rows(neighbors, len(database), len(database), k)
@@ -501,14 +489,14 @@ def k_reciprocal_rerank(
     n = len(points)
     if n < 2:
         raise ValueError("Re-ranking needs at least two items.")
-    k1 = _check_positive_int(k1, "k1", n - 1)
-    k2 = _check_positive_int(k2, "k2", n)
+    k1 = check_positive_int(k1, "k1", n - 1)
+    k2 = check_positive_int(k2, "k2", n)
     available = len(database) - int(leave_one_out)
-    k = available if k is None else _check_positive_int(k, "k", available)
+    k = available if k is None else check_positive_int(k, "k", available)
     if not 0.0 <= lambda_value <= 1.0:
         raise ValueError(f"`lambda_value` must lie in [0, 1], got {lambda_value!r}.")
     if batch_size is not None:
-        batch_size = _check_positive_int(batch_size, "batch_size")
+        batch_size = check_positive_int(batch_size, "batch_size")
 
     lists, row_max = _neighbor_lists(points, max(k1, k2 - 1), batch_size)
     # All-identical items have a zero largest distance; keep every distance 0.

@@ -45,6 +45,8 @@ import numpy as np
 from keras import ops
 
 from keras_dml import distances as distances_lib
+from keras_dml._checks import check_positive_int, is_integer
+from keras_dml._numpy_ops import l2_normalize_rows as _l2_normalize
 
 # Working memory of one chunk of queries (float32 scores against every
 # reference, plus the chunk's top-k); the default chunk size keeps under it.
@@ -88,13 +90,10 @@ def _as_labels(y, n: int, arg: str, embeddings_arg: str) -> np.ndarray:
 def _as_ks(k) -> tuple[int, ...]:
     ks = (k,) if isinstance(k, (int, np.integer)) else tuple(k)
     if not ks or any(
-        isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in ks
+        not is_integer(v) or v < 1 for v in ks
     ):
         raise ValueError(f"`k` must be a positive integer or a sequence of them, got {k!r}.")
     return tuple(dict.fromkeys(int(v) for v in ks))
-
-
-_BUILTIN = ("cosine", "angular", "dot", "euclidean", "squared_euclidean")
 
 
 class _Scorer:
@@ -108,8 +107,8 @@ class _Scorer:
     def __init__(self, references: np.ndarray, distance):
         self.distance = distances_lib.get(distance)
         name = self.distance.name
-        self.builtin = self.distance is distances_lib.get(name) if name in _BUILTIN else False
-        if self.builtin and name in ("cosine", "angular"):
+        self.builtin = distances_lib.is_builtin(self.distance)
+        if self.builtin and self.distance.unit_inputs:
             references = _l2_normalize(references)
         self.references = ops.convert_to_tensor(references)
         self.bias = None
@@ -119,7 +118,7 @@ class _Scorer:
             self.bias = ops.convert_to_tensor(-np.sum(np.square(references), axis=1)[None, :])
 
     def prepare(self, queries: np.ndarray) -> np.ndarray:
-        if self.builtin and self.distance.name in ("cosine", "angular"):
+        if self.builtin and self.distance.unit_inputs:
             return _l2_normalize(queries)
         return queries
 
@@ -144,18 +143,9 @@ class _Scorer:
         return squared if name == "squared_euclidean" else np.sqrt(squared)
 
 
-def _l2_normalize(x: np.ndarray) -> np.ndarray:
-    norm = np.sqrt(np.maximum(np.sum(np.square(x), axis=1, keepdims=True), 1e-12))
-    return x / norm
-
-
 def _check_batch_size(batch_size) -> None:
-    if batch_size is not None and (
-        isinstance(batch_size, bool)
-        or not isinstance(batch_size, (int, np.integer))
-        or batch_size < 1
-    ):
-        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+    if batch_size is not None:
+        check_positive_int(batch_size, "batch_size")
 
 
 def _chunk_rows(batch_size: int | None, n_references: int, k: int) -> int:
@@ -330,7 +320,7 @@ def nearest_neighbors(
             f"{queries.shape[1]}; they must match."
         )
     available = len(references) - int(exclude_self)
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= available:
+    if not is_integer(k) or not 1 <= k <= available:
         raise ValueError(f"`k` must be an integer in [1, {available}], got {k!r}.")
     _check_batch_size(batch_size)
     scorer = _Scorer(references, distance)
@@ -511,8 +501,7 @@ def retrieval_metrics(
     if nmi:
         from sklearn.metrics import normalized_mutual_info_score
 
-        name = distances_lib.get(distance).name
-        points = _l2_normalize(queries) if name in ("cosine", "angular") else queries
+        points = _l2_normalize(queries) if distances_lib.get(distance).unit_inputs else queries
         n_classes = len(np.unique(query_codes))
         clusters = _kmeans_assignments(points, n_classes, seed)
         metrics["nmi"] = float(normalized_mutual_info_score(query_codes, clusters))

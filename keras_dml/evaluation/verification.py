@@ -51,12 +51,11 @@ import numpy as np
 from keras import ops
 
 from keras_dml import distances as distances_lib
+from keras_dml._numpy_ops import l2_normalize_rows
 
 DEFAULT_FARS = (1e-2, 1e-3, 1e-4)
 # Measures a verification score can be expressed in (see the module table).
-PAIR_DISTANCES = ("cosine", "dot", "euclidean", "squared_euclidean", "angular")
-# The floor of `keras_dml.distances.l2_normalize`: an all-zero row stays zero.
-_NORM_EPSILON = 1e-12
+PAIR_DISTANCES = distances_lib.NAMES
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -66,12 +65,12 @@ def _to_numpy(x) -> np.ndarray:
 
 
 def _pair_distance_name(distance) -> str:
-    measure = distances_lib.get(distance)
-    if measure.name not in PAIR_DISTANCES or measure is not distances_lib.get(measure.name):
+    name = distances_lib.builtin_name(distance, PAIR_DISTANCES)
+    if name is None:
         raise ValueError(
             f"`distance` must be one of {PAIR_DISTANCES} (or an alias), got {distance!r}."
         )
-    return measure.name
+    return name
 
 
 def higher_is_same(distance) -> bool:
@@ -133,8 +132,7 @@ def pair_scores(embeddings_a, embeddings_b, distance: str = "cosine") -> np.ndar
         return (squared if name == "squared_euclidean" else np.sqrt(squared)).astype("float32")
     if name == "dot":
         return np.einsum("ij,ij->i", a, b).astype("float32")
-    a = a / np.sqrt(np.maximum(np.einsum("ij,ij->i", a, a), _NORM_EPSILON))[:, None]
-    b = b / np.sqrt(np.maximum(np.einsum("ij,ij->i", b, b), _NORM_EPSILON))[:, None]
+    a, b = l2_normalize_rows(a), l2_normalize_rows(b)
     cosine = np.clip(np.einsum("ij,ij->i", a, b), -1.0, 1.0)
     return (cosine if name == "cosine" else np.maximum(1.0 - cosine, 0.0)).astype("float32")
 

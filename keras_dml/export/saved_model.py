@@ -39,6 +39,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_dml._checks import is_integer
+from keras_dml._numpy_ops import NORM_EPSILON
 from keras_dml.index.base import Index
 
 SERVING_SIGNATURE = "serving_default"
@@ -46,9 +48,6 @@ EMBED_SIGNATURE = "embed"
 EXACT_SIGNATURE = "retrieve_exact"
 SCANN_SIGNATURE = "retrieve_scann"
 INPUT_NAME = "inputs"
-
-# The same floor as `keras_dml.distances.l2_normalize`: zero rows stay zero.
-_NORM_EPSILON = 1e-12
 
 
 def _input_spec(model, input_signature: tf.TensorSpec | None) -> tf.TensorSpec:
@@ -123,7 +122,8 @@ def _checked_finite(inputs, embeddings):
 
 
 def _normalized(x):
-    return tf.math.l2_normalize(x, axis=-1, epsilon=_NORM_EPSILON)
+    # The floor of `keras_dml.distances.l2_normalize`: zero rows stay zero.
+    return tf.math.l2_normalize(x, axis=-1, epsilon=NORM_EPSILON)
 
 
 def _save(module: tf.Module, path: str, signatures: dict) -> None:
@@ -247,7 +247,7 @@ def export_retrieval_model(
         raise ValueError(f"`index` must be a keras_dml.index index, got {type(index).__name__}.")
     if len(index) == 0:
         raise ValueError("`index` is empty: add embeddings before exporting.")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= len(index):
+    if not is_integer(k) or not 1 <= k <= len(index):
         raise ValueError(f"`k` must be an integer in [1, {len(index)}], got {k!r}.")
     k = int(k)
     if use_scann and not isinstance(index, ScaNNIndex):

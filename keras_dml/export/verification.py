@@ -37,6 +37,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from keras_dml import distances as distances_lib
+from keras_dml._checks import is_number
 from keras_dml.evaluation.verification import (
     ThresholdCalibration,
     _pair_distance_name,
@@ -58,15 +60,20 @@ CALIBRATION_FILE = os.path.join("assets.extra", "verification.json")
 
 
 def _pair_score(embeddings_a, embeddings_b, distance: str):
-    """`(batch,)` scores with the formulas of `verification.pair_scores`, in TensorFlow."""
-    if distance in ("euclidean", "squared_euclidean"):
-        squared = tf.reduce_sum(tf.square(embeddings_a - embeddings_b), axis=1)
-        return squared if distance == "squared_euclidean" else tf.sqrt(squared)
-    if distance == "dot":
+    """`(batch,)` scores with the formulas of `verification.pair_scores`, in TensorFlow.
+
+    TensorFlow, not `keras.ops`: this runs inside the exported SavedModel.
+    `distance` is resolved by `keras_dml.distances` (names and aliases).
+    """
+    measure = distances_lib.get(distance)
+    if measure.unit_inputs:
+        cosine = tf.reduce_sum(_normalized(embeddings_a) * _normalized(embeddings_b), axis=1)
+        cosine = tf.clip_by_value(cosine, -1.0, 1.0)
+        return cosine if measure.is_similarity else tf.maximum(1.0 - cosine, 0.0)
+    if measure.is_similarity:
         return tf.reduce_sum(embeddings_a * embeddings_b, axis=1)
-    cosine = tf.reduce_sum(_normalized(embeddings_a) * _normalized(embeddings_b), axis=1)
-    cosine = tf.clip_by_value(cosine, -1.0, 1.0)
-    return cosine if distance == "cosine" else tf.maximum(1.0 - cosine, 0.0)
+    squared = tf.reduce_sum(tf.square(embeddings_a - embeddings_b), axis=1)
+    return squared if measure.name == "squared_euclidean" else tf.sqrt(squared)
 
 
 def _resolve(model, threshold, far, distance):
@@ -96,7 +103,7 @@ def _resolve(model, threshold, far, distance):
         distance = model.distance
         model = model.embedding_model()
     distance = _pair_distance_name("cosine" if distance is None else distance)
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.number)):
+    if not is_number(threshold):
         raise ValueError(
             f"`threshold` must be a number or a ThresholdCalibration, got {type(threshold)}."
         )
@@ -189,7 +196,7 @@ def export_verification_model(
     @tf.function(input_signature=[spec], autograph=False)
     def embed_signature(inputs):
         embeddings = embed(inputs)
-        if distance in ("cosine", "angular"):
+        if distances_lib.get(distance).unit_inputs:
             embeddings = _normalized(embeddings)
         return {"embeddings": embeddings}
 

@@ -7,7 +7,8 @@ import math
 import keras
 from keras import ops
 
-from keras_dml.heads.base import CosineHead, check_num_classes, check_positive
+from keras_dml._checks import check_positive
+from keras_dml.heads.base import CosineHead, check_num_classes
 from keras_dml.ops import masked_logsumexp
 
 # arccos has an infinite slope at ±1; the median angle only needs a value.

@@ -7,7 +7,8 @@ import math
 import keras
 from keras import ops
 
-from keras_dml.heads.base import CosineHead, check_margin, check_positive
+from keras_dml._checks import check_positive
+from keras_dml.heads.base import CosineHead, check_margin
 
 # Floor of sin²θ before the square root: d sqrt(x)/dx is infinite at 0, which is
 # where cos θ = ±1; the floor keeps that gradient finite (and zero past the floor).

@@ -20,8 +20,15 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_dml._checks import (  # noqa: F401  (check_positive: re-exported)
+    check_labels_dtype,
+    check_positive,
+    concrete_value,
+    is_integer,
+    is_number,
+    labels_vector,
+)
 from keras_dml.distances import l2_normalize
-from keras_dml.losses.base import check_labels_dtype, concrete_value
 
 
 def _float32_policy_under_mixed_precision(dtype):
@@ -38,20 +45,11 @@ def _float32_policy_under_mixed_precision(dtype):
 
 def check_num_classes(num_classes, minimum: int = 2) -> int:
     """Raises `ValueError` unless `num_classes` is an integer >= `minimum`."""
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
+    if not is_integer(num_classes):
         raise ValueError(f"`num_classes` must be an integer, got {num_classes!r}.")
     if num_classes < minimum:
         raise ValueError(f"`num_classes` must be at least {minimum}, got {num_classes}.")
     return int(num_classes)
-
-
-def check_positive(value, arg: str) -> float:
-    """Raises `ValueError` unless `value` is a finite number > 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-        raise ValueError(f"`{arg}` must be a number, got {value!r}.")
-    if not np.isfinite(value) or value <= 0:
-        raise ValueError(f"`{arg}` must be > 0, got {value}.")
-    return float(value)
 
 
 def check_margin(margin, num_classes: int, maximum: float | None = None) -> float | list[float]:
@@ -60,7 +58,7 @@ def check_margin(margin, num_classes: int, maximum: float | None = None) -> floa
     Returns:
         A float, or a list of `num_classes` floats.
     """
-    if isinstance(margin, (int, float, np.number)) and not isinstance(margin, bool):
+    if is_number(margin):
         values = np.asarray([margin], dtype="float64")
         result: float | list[float] = float(margin)
     elif isinstance(margin, (Sequence, np.ndarray)) and not isinstance(margin, str):
@@ -123,8 +121,7 @@ class CosineHead(keras.layers.Layer):
         super().__init__(**kwargs)
         self.num_classes = check_num_classes(num_classes)
         if (
-            isinstance(centers_per_class, bool)
-            or not isinstance(centers_per_class, (int, np.integer))
+            not is_integer(centers_per_class)
             or centers_per_class < 1
         ):
             raise ValueError(
@@ -211,19 +208,7 @@ class CosineHead(keras.layers.Layer):
 
     def _check_labels(self, labels, embeddings):
         check_labels_dtype(labels, "labels")
-        labels = ops.convert_to_tensor(labels)
-        shape = tuple(labels.shape)
-        if len(shape) == 2 and shape[1] == 1:
-            labels = ops.reshape(labels, (-1,))
-        elif len(shape) != 1:
-            raise ValueError(
-                f"`labels` must have shape (batch,) or (batch, 1), got {shape}."
-            )
-        n_labels, n_embeddings = labels.shape[0], embeddings.shape[0]
-        if n_labels is not None and n_embeddings is not None and n_labels != n_embeddings:
-            raise ValueError(
-                f"`labels` has {n_labels} entries but `embeddings` has {n_embeddings} rows."
-            )
+        labels = labels_vector(labels, "labels", embeddings.shape[0], "embeddings")
         value = concrete_value(labels)
         out_of_range = value is not None and value.size and (
             value.min() < 0 or value.max() >= self.num_classes

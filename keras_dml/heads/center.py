@@ -5,7 +5,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from keras_dml.heads.base import CosineHead, check_positive
+from keras_dml._checks import check_positive, is_number
+from keras_dml.heads.base import CosineHead
 
 
 def center_loss(labels, embeddings, centers):
@@ -117,7 +118,7 @@ class CenterLoss(CosineHead):
     ):
         kwargs.pop("centers_per_class", None)
         super().__init__(num_classes, kernel_initializer=kernel_initializer, **kwargs)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+        if not is_number(alpha) or not 0 <= alpha <= 1:
             raise ValueError(f"`alpha` must be a number in [0, 1], got {alpha!r}.")
         self.alpha = float(alpha)
         self.weight = check_positive(weight, "weight")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import keras
 
-from keras_dml.heads.base import CosineHead, check_margin, check_positive
+from keras_dml._checks import check_positive
+from keras_dml.heads.base import CosineHead, check_margin
 
 
 @keras.saving.register_keras_serializable(package="keras_dml")

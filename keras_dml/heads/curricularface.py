@@ -7,8 +7,9 @@ import math
 import keras
 from keras import ops
 
+from keras_dml._checks import check_positive, is_number
 from keras_dml.heads.arcface import _SIN_SQUARED_FLOOR, additive_angular_margin
-from keras_dml.heads.base import CosineHead, check_positive
+from keras_dml.heads.base import CosineHead
 
 
 @keras.saving.register_keras_serializable(package="keras_dml")
@@ -66,12 +67,11 @@ class CurricularFace(CosineHead):
         super().__init__(num_classes, kernel_initializer=kernel_initializer, **kwargs)
         self.scale = check_positive(scale, "scale")
         if (
-            isinstance(margin, bool)
-            or not isinstance(margin, (int, float))
+            not is_number(margin)
             or not 0 <= margin < math.pi
         ):
             raise ValueError(f"`margin` must be a number in [0, π), got {margin!r}.")
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not (
+        if not is_number(momentum) or not (
             0 <= momentum <= 1
         ):
             raise ValueError(f"`momentum` must be a number in [0, 1], got {momentum!r}.")

@@ -15,7 +15,8 @@ from keras import ops
 
 from keras_dml import distributed
 from keras_dml import ops as dml_ops
-from keras_dml.heads.base import CosineHead, check_positive
+from keras_dml._checks import check_positive, is_number
+from keras_dml.heads.base import CosineHead
 
 
 def _sparse_labels(y_true, num_classes: int):
@@ -246,7 +247,7 @@ class ProxyAnchor(CosineHead):
         kwargs.pop("centers_per_class", None)
         super().__init__(num_classes, kernel_initializer=kernel_initializer, **kwargs)
         self.scale = check_positive(scale, "scale")
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin < 0:
+        if not is_number(margin) or margin < 0:
             raise ValueError(f"`margin` must be a number >= 0, got {margin!r}.")
         self.margin = float(margin)
 

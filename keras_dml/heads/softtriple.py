@@ -7,8 +7,9 @@ import numpy as np
 from keras import ops
 from scipy.sparse.csgraph import connected_components
 
+from keras_dml._checks import check_positive, is_number
 from keras_dml.distances import l2_normalize
-from keras_dml.heads.base import CosineHead, check_positive
+from keras_dml.heads.base import CosineHead
 
 # ε under the square root of the centre-merging regulariser (official code):
 # sqrt has an infinite slope at 0, reached when two centres coincide.
@@ -108,9 +109,9 @@ class SoftTriple(CosineHead):
         )
         self.la = check_positive(la, "la")
         self.gamma = check_positive(gamma, "gamma")
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin < 0:
+        if not is_number(margin) or margin < 0:
             raise ValueError(f"`margin` must be a number >= 0, got {margin!r}.")
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or tau < 0:
+        if not is_number(tau) or tau < 0:
             raise ValueError(f"`tau` must be a number >= 0, got {tau!r}.")
         self.margin = float(margin)
         self.tau = float(tau)

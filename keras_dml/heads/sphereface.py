@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 
 import keras
-import numpy as np
 from keras import ops
 
-from keras_dml.heads.base import CosineHead, check_positive
+from keras_dml._checks import check_positive, is_integer, is_number
+from keras_dml.heads.base import CosineHead
 
 # Floor of ‖x‖² before the square root: its slope is infinite at 0 (a zero embedding).
 _NORM_SQUARED_FLOOR = 1e-12
@@ -111,7 +111,7 @@ class SphereFace(CosineHead):
     ):
         kwargs.pop("centers_per_class", None)
         super().__init__(num_classes, kernel_initializer=kernel_initializer, **kwargs)
-        if isinstance(margin, bool) or not isinstance(margin, (int, np.integer)) or margin < 1:
+        if not is_integer(margin) or margin < 1:
             raise ValueError(f"`margin` must be an integer >= 1, got {margin!r}.")
         self.margin = int(margin)
         self.scale = None if scale is None else check_positive(scale, "scale")
@@ -121,7 +121,7 @@ class SphereFace(CosineHead):
             ("lambda_power", lambda_power),
             ("lambda_min", lambda_min),
         ):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            if not is_number(value) or value < 0:
                 raise ValueError(f"`{arg}` must be a number >= 0, got {value!r}.")
         self.lambda_base = float(lambda_base)
         self.lambda_gamma = float(lambda_gamma)

@@ -35,39 +35,22 @@ from typing import Any, ClassVar
 import numpy as np
 
 from keras_dml._atomic import fsync_tree, make_staging, remove_stale_staging, swap_into_place
+from keras_dml._numpy_ops import (
+    canonical_distance_name,
+    l2_normalize_rows,
+    l2_normalize_vector,
+)
 
 FORMAT_NAME = "keras-dml-index"
 FORMAT_VERSION = 1
 DISTANCES = ("dot", "squared_l2")
+# The index's names of the `keras_dml.distances` measures it searches with.
+_INDEX_NAMES = {"dot": "dot", "squared_euclidean": "squared_l2"}
 
 _HEADER = "index.json"
 _EMBEDDINGS = "embeddings.npy"
 _IDS = "ids.npy"
 _METADATA = "metadata.json"
-
-# Below this norm a vector is left as it is instead of being divided by ~0.
-_NORM_EPSILON = 1e-12
-
-
-def l2_normalize_rows(x: np.ndarray) -> np.ndarray:
-    """Scales each row to unit L2 norm in NumPy; an all-zero row stays zero.
-
-    Mirrors `keras_dml.distances.l2_normalize` (same epsilon) without going
-    through a backend tensor, so index search stays NumPy-only.
-
-    Args:
-        x: float32 array of shape `(n, dim)`.
-
-    Returns:
-        A new float32 array of the same shape.
-    """
-    square_sum = np.einsum("ij,ij->i", x, x)[:, None]
-    if not np.isfinite(square_sum).all():
-        # Rows beyond ~1e19 overflow the squared norm: rescale them first.
-        x = x / np.maximum(np.abs(x).max(axis=1, keepdims=True), np.float32(1e-30))
-        square_sum = np.einsum("ij,ij->i", x, x)[:, None]
-    return (x / np.sqrt(np.maximum(square_sum, _NORM_EPSILON))).astype(np.float32, copy=False)
-
 
 def all_finite(x: np.ndarray) -> bool:
     """Returns whether a float32 array holds no NaN or Inf, cheaply.
@@ -96,7 +79,9 @@ class Index(abc.ABC):
 
     Args:
         distance: `"dot"` (inner product; a similarity, larger is closer) or
-            `"squared_l2"` (squared euclidean distance, smaller is closer).
+            `"squared_l2"` (squared euclidean distance, smaller is closer);
+            names are resolved by `keras_dml.distances`, so its aliases
+            (`"squared_euclidean"`, `"inner_product"`, ...) work too.
         normalize: whether to L2-normalise stored embeddings and queries.
             Defaults to `True` for `"dot"`, so that scores are cosine
             similarities, and `False` for `"squared_l2"`.
@@ -114,13 +99,14 @@ class Index(abc.ABC):
         Index._registry[cls.__name__] = cls
 
     def __init__(self, distance: str = "dot", normalize: bool | None = None):
-        if distance not in DISTANCES:
+        name = _INDEX_NAMES.get(canonical_distance_name(distance))
+        if name is None:
             raise ValueError(
                 f"`distance` must be one of {DISTANCES}, got {distance!r}. Use 'dot' "
                 "with normalize=True for cosine similarity."
             )
-        self.distance = distance
-        self.normalize = (distance == "dot") if normalize is None else bool(normalize)
+        self.distance = name
+        self.normalize = (name == "dot") if normalize is None else bool(normalize)
         self._embeddings: np.ndarray | None = None
         self._ids: np.ndarray | None = None
         self._metadata: list[Any] | None = None
@@ -369,8 +355,7 @@ class Index(abc.ABC):
             return np.ascontiguousarray(query)
         if not math.isfinite(square_sum):
             return l2_normalize_rows(query[None])[0]
-        # A Python float scalar keeps the query's float32 (NumPy 2 promotion).
-        return query * (1.0 / math.sqrt(max(square_sum, _NORM_EPSILON)))
+        return l2_normalize_vector(query, square_sum)
 
     def _search_one(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """`(rows, scores)` of shape `(k,)` for one checked query; subclasses may speed it up."""
@@ -407,8 +392,8 @@ class Index(abc.ABC):
         if not finite:
             return l2_normalize_rows(queries)
         if queries.shape[0] == 1:
-            return queries / np.float32(math.sqrt(max(square_sum, _NORM_EPSILON)))
-        return queries / np.sqrt(np.maximum(square_sums, _NORM_EPSILON))[:, None]
+            square_sums = np.array([square_sum], np.float32)
+        return l2_normalize_rows(queries, square_sums)
 
     @abc.abstractmethod
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from keras_dml._checks import is_number
+
 
 class _GeneralizedMeanPooling(keras.layers.Layer):
     """Shared body of the 1D and 2D layers: `(mean x^p)^(1/p)` over the spatial axes."""
@@ -21,7 +23,7 @@ class _GeneralizedMeanPooling(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or p <= 0:
+        if not is_number(p) or p <= 0:
             raise ValueError(f"`p` must be a number > 0, got {p!r}.")
         if not isinstance(epsilon, (int, float)) or epsilon <= 0:
             raise ValueError(f"`epsilon` must be > 0, got {epsilon!r}.")

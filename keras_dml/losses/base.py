@@ -27,65 +27,21 @@ from keras import ops
 from keras_dml import distances as distances_lib
 from keras_dml import distributed
 
-
-def concrete_value(x) -> np.ndarray | None:
-    """Returns `x` as a NumPy array when its value is known now, else None.
-
-    Values are known in eager execution; inside `tf.function`, `jax.jit` or a
-    symbolic Keras graph they are not, and the value checks are skipped.
-    """
-    if isinstance(x, (np.ndarray, np.generic, list, tuple, int, float)):
-        return np.asarray(x)
-    if isinstance(x, keras.KerasTensor):
-        return None
-    try:
-        return np.asarray(ops.convert_to_numpy(x))
-    except (TypeError, ValueError, AttributeError, NotImplementedError, RuntimeError):
-        return None
-
-
-def _dtype_name(x) -> str:
-    dtype = getattr(x, "dtype", None)
-    if dtype is None:
-        dtype = np.asarray(x).dtype
-    try:
-        return keras.backend.standardize_dtype(dtype)
-    except ValueError:
-        return str(dtype)
-
-
-def check_positive(value, arg: str) -> None:
-    """Raises `ValueError` naming `arg` when a Python number `value` is not > 0."""
-    if isinstance(value, (int, float)) and not value > 0:
-        raise ValueError(f"`{arg}` must be > 0, got {value}.")
-
-
-def check_labels_dtype(labels, arg: str = "y_true") -> None:
-    """Raises `ValueError` unless `labels` hold integer class ids.
-
-    Float tensors are accepted when every value is a whole number (Keras casts
-    `y_true` to the loss dtype before `call`); the value check runs only when
-    values are concrete.
-    """
-    dtype = _dtype_name(labels)
-    if "int" in dtype:
-        return
-    if "float" not in dtype:
-        raise ValueError(
-            f"`{arg}` must hold integer class labels, got dtype {dtype}."
-        )
-    value = concrete_value(labels)
-    is_whole = np.isfinite(value) & (value == np.round(value)) if value is not None else None
-    if value is not None and value.size and not np.all(is_whole):
-        raise ValueError(
-            f"`{arg}` must hold integer class labels, got non-integer values such as "
-            f"{value[np.flatnonzero(value != np.round(value))[:1]].tolist()}."
-        )
-
+# Re-exported: these checks lived here before `keras_dml._checks`.
+from keras_dml._checks import (  # noqa: F401
+    check_labels_dtype,
+    check_positive,
+    concrete_value,
+    labels_vector,
+)
+from keras_dml._checks import dtype_name as _dtype_name
 
 # Set while a loss class runs its function on inputs it has validated: the function's
 # own `validate_inputs` then keeps its shape checks and skips the value checks.
 _VALUES_CHECKED = contextvars.ContextVar("keras_dml_values_checked", default=False)
+# Set while `MetricLoss.__call__` runs on labels whose dtype and (concrete) values it
+# checked before Keras cast them: `validate_inputs` does not check them again.
+_LABELS_CHECKED = contextvars.ContextVar("keras_dml_labels_checked", default=False)
 
 
 def validate_inputs(labels, embeddings, labels_arg: str = "y_true", embeddings_arg: str = "y_pred"):
@@ -102,30 +58,18 @@ def validate_inputs(labels, embeddings, labels_arg: str = "y_true", embeddings_a
             step runs, and under JAX's `jit` a `JaxRuntimeError` holding the
             `ValueError` (see `_run_time_checks`).
     """
-    check_labels_dtype(labels, labels_arg)
+    if not _LABELS_CHECKED.get():
+        check_labels_dtype(labels, labels_arg)
     embeddings = ops.convert_to_tensor(embeddings)
     if ops.dtype(embeddings) in ("float16", "bfloat16") or "float" not in ops.dtype(embeddings):
         embeddings = ops.cast(embeddings, "float32")
-    labels = ops.convert_to_tensor(labels)
     if len(embeddings.shape) != 2:
         raise ValueError(
             f"`{embeddings_arg}` must be embeddings of shape (batch, dim), got shape "
             f"{tuple(embeddings.shape)}."
         )
-    label_shape = tuple(labels.shape)
-    if len(label_shape) == 2 and label_shape[1] == 1:
-        labels = ops.reshape(labels, (-1,))
-    elif len(label_shape) != 1:
-        raise ValueError(
-            f"`{labels_arg}` must be integer labels of shape (batch,) or (batch, 1), got shape "
-            f"{label_shape}."
-        )
-    n_labels, n_embeddings = labels.shape[0], embeddings.shape[0]
-    if n_labels is not None and n_embeddings is not None and n_labels != n_embeddings:
-        raise ValueError(
-            f"`{labels_arg}` has {n_labels} labels but `{embeddings_arg}` has {n_embeddings} "
-            "embeddings; they must match."
-        )
+    n_embeddings = embeddings.shape[0]
+    labels = labels_vector(labels, labels_arg, n_embeddings, embeddings_arg)
     if n_embeddings == 0:
         raise ValueError(_EMPTY_BATCH.format(arg=embeddings_arg))
     if _VALUES_CHECKED.get():
@@ -271,12 +215,6 @@ def label_masks(labels, ref_labels=None, query_offset=None):
     return same, negative
 
 
-# Measures whose self-distance is exactly 0 in `distances` (their `y=None` form
-# zeroes the diagonal); with separate references the self-pairs are zeroed the
-# same way, so rounding cannot leave a tiny distance (and sqrt's steep slope) there.
-_ZERO_SELF_DISTANCE = ("euclidean", "squared_euclidean", "angular")
-
-
 @dataclasses.dataclass(frozen=True)
 class References:
     """The samples a metric loss compares its queries with, and how it averages over queries.
@@ -347,17 +285,13 @@ class References:
         convert = measure.distance if kind == "distance" else measure.similarity
         if self._is_query_batch:
             return convert(embeddings)
-        if self.query_offset is not None and measure.name in _ZERO_SELF_DISTANCE:
-            offset, raw = self.query_offset, measure.fn
-
-            def with_zero_self(x, y=None):
-                values = raw(x, y)
-                is_self = self_pair_mask(ops.shape(values)[0], ops.shape(values)[1], offset)
-                return values * (1.0 - ops.cast(is_self, values.dtype))
-
-            measure = distances_lib.Distance(measure.name, with_zero_self, measure.is_similarity)
-            convert = measure.distance if kind == "distance" else measure.similarity
-        return convert(embeddings, self.embeddings)
+        values = convert(embeddings, self.embeddings)
+        if self.query_offset is not None and measure.zero_self:
+            # As `y=None` zeroes the diagonal: rounding cannot leave a tiny
+            # self-distance (and sqrt's steep slope) at the queries' own rows.
+            is_self = self_pair_mask(ops.shape(values)[0], ops.shape(values)[1], self.query_offset)
+            values = values * (1.0 - ops.cast(is_self, values.dtype))
+        return values
 
     def gather_rows(self, values):
         """Per-query values `(B, ...)` of every reference: across replicas, all replicas' rows.
@@ -444,7 +378,10 @@ class MetricLoss(keras.losses.Loss):
     cross_replica=..., **options)`; `call` validates `y_true`/`y_pred` and
     returns `fn(labels, embeddings, **options)`, a scalar. `get_config`
     returns the options, so every subclass round-trips through `from_config`
-    and `.keras` files without writing its own.
+    and `.keras` files without writing its own. The options are the single
+    store of the settings: each reads as an attribute (`loss.margin`) and
+    assigning one raises `AttributeError` (build a new loss instead); a
+    `distance` name is stored canonical (`"L2"` -> `"euclidean"`).
 
     Under `tf.distribute` (TensorFlow backend):
 
@@ -473,15 +410,47 @@ class MetricLoss(keras.losses.Loss):
         **options: Any,
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
+        if isinstance(options.get("distance"), str):
+            # Stored by its canonical name; an unknown name fails here, not at the first batch.
+            options["distance"] = distances_lib.get(options["distance"]).name
         self.fn = fn
         self._options = options
         # None: the loss has no cross-replica form (not listed in its config).
         self.cross_replica = None if cross_replica is None else bool(cross_replica)
 
+    # The options are the one store of a loss's settings (what `fn` reads and
+    # `get_config` writes); they read as attributes and cannot be assigned.
+
+    def __getattr__(self, name):
+        options = self.__dict__.get("_options")
+        if options is not None and name in options:
+            return options[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name, value):
+        options = self.__dict__.get("_options")
+        if options is not None and name in options:
+            raise AttributeError(
+                f"`{name}` of {type(self).__name__} is read-only: a loss keeps the options it "
+                f"was built with. Build a new one, e.g. `{type(self).__name__}.from_config("
+                f"{{**loss.get_config(), {name!r}: ...}})`."
+            )
+        super().__setattr__(name, value)
+
+    @property
+    def options(self) -> dict:
+        """A copy of the loss's options (its constructor arguments other than the Keras ones)."""
+        return dict(self._options)
+
     def __call__(self, y_true, y_pred, sample_weight=None):
-        # Keras casts y_true to the loss dtype before `call`; check the labels first.
+        # Keras casts y_true to the loss dtype before `call`; check the labels first,
+        # once (`validate_inputs` in `call` then skips them).
         check_labels_dtype(y_true, "y_true")
-        loss = super().__call__(y_true, y_pred, sample_weight=sample_weight)
+        token = _LABELS_CHECKED.set(True)
+        try:
+            loss = super().__call__(y_true, y_pred, sample_weight=sample_weight)
+        finally:
+            _LABELS_CHECKED.reset(token)
         if sample_weight is None:
             # With a sample weight the value was broadcast to per-sample values
             # and Keras's own reduction already divided it.

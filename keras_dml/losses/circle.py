@@ -123,7 +123,6 @@ class CircleLoss(MetricLoss):
     ):
         if not gamma > 0:
             raise ValueError(f"`gamma` must be positive, got {gamma!r}.")
-        distances.get(distance)  # An unknown name fails here, not at the first batch.
         super().__init__(
             circle_loss,
             name=name,
@@ -134,6 +133,3 @@ class CircleLoss(MetricLoss):
             gamma=gamma,
             distance=distance,
         )
-        self.margin = margin
-        self.gamma = gamma
-        self.distance = distance

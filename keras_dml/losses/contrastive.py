@@ -10,6 +10,20 @@ from keras_dml import ops as dml_ops
 from keras_dml.losses.base import MetricLoss, References, resolve_references
 
 
+def contrastive_hinges(distances, pos_margin: float, neg_margin: float, squared: bool):
+    """`(max(d - pos_margin, 0), max(neg_margin - d, 0))`, squared with `squared=True`.
+
+    The costs of a distance `d` as a positive and as a negative pair, the
+    terms of `contrastive_loss` (every pair of a batch) and of
+    `contrastive_pair_loss` (given pairs).
+    """
+    positive = ops.relu(distances - pos_margin)
+    negative = ops.relu(neg_margin - distances)
+    if squared:
+        positive, negative = ops.square(positive), ops.square(negative)
+    return positive, negative
+
+
 def contrastive_loss(
     labels,
     embeddings,
@@ -52,11 +66,9 @@ def contrastive_loss(
     references = resolve_references(labels, embeddings, references)
     distance_matrix = references.pairwise(embeddings, distance)
     positive_mask, negative_mask = references.masks(labels)
-    positive_terms = ops.relu(distance_matrix - pos_margin)
-    negative_terms = ops.relu(neg_margin - distance_matrix)
-    if squared:
-        positive_terms = ops.square(positive_terms)
-        negative_terms = ops.square(negative_terms)
+    positive_terms, negative_terms = contrastive_hinges(
+        distance_matrix, pos_margin, neg_margin, squared
+    )
     positive_mean = references.mean(
         dml_ops.masked_sum(positive_terms, positive_mask), dml_ops.masked_count(positive_mask)
     )
@@ -119,7 +131,6 @@ class ContrastiveLoss(MetricLoss):
         reduction: str = "sum_over_batch_size",
         dtype: str | None = None,
     ):
-        distances.get(distance)  # An unknown name fails here, not at the first batch.
         super().__init__(
             contrastive_loss,
             name=name,
@@ -131,7 +142,3 @@ class ContrastiveLoss(MetricLoss):
             squared=squared,
             distance=distance,
         )
-        self.pos_margin = pos_margin
-        self.neg_margin = neg_margin
-        self.squared = squared
-        self.distance = distance

@@ -107,7 +107,6 @@ class LiftedStructLoss(MetricLoss):
         reduction: str = "sum_over_batch_size",
         dtype: str | None = None,
     ):
-        distances.get(distance)  # An unknown name fails here, not at the first batch.
         super().__init__(
             lifted_struct_loss,
             name=name,
@@ -117,5 +116,3 @@ class LiftedStructLoss(MetricLoss):
             margin=margin,
             distance=distance,
         )
-        self.margin = margin
-        self.distance = distance

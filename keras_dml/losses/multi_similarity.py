@@ -136,7 +136,6 @@ class MultiSimilarityLoss(MetricLoss):
         for arg, value in (("alpha", alpha), ("beta", beta)):
             if not value > 0:
                 raise ValueError(f"`{arg}` must be positive, got {value!r}.")
-        distances.get(distance)  # An unknown name fails here, not at the first batch.
         super().__init__(
             multi_similarity_loss,
             name=name,
@@ -149,8 +148,3 @@ class MultiSimilarityLoss(MetricLoss):
             epsilon=epsilon,
             distance=distance,
         )
-        self.alpha = alpha
-        self.beta = beta
-        self.base = base
-        self.epsilon = epsilon
-        self.distance = distance

@@ -215,7 +215,6 @@ class NPairsLoss(MetricLoss):
         reduction: str = "sum_over_batch_size",
         dtype: str | None = None,
     ):
-        distances.get(distance)  # An unknown name fails here, not at the first batch.
         if l2_reg < 0:
             raise ValueError(f"`l2_reg` must be >= 0, got {l2_reg}.")
         super().__init__(
@@ -227,5 +226,3 @@ class NPairsLoss(MetricLoss):
             l2_reg=l2_reg,
             distance=distance,
         )
-        self.l2_reg = l2_reg
-        self.distance = distance

@@ -16,10 +16,10 @@ from keras import ops
 
 from keras_dml import distances
 from keras_dml import ops as dml_ops
+from keras_dml._checks import check_positive
 from keras_dml.losses.base import (
     MetricLoss,
     References,
-    check_positive,
     concrete_value,
     label_masks,
     validate_inputs,
@@ -213,7 +213,6 @@ class NTXentLoss(MetricLoss):
             cross_replica=cross_replica,
             temperature=temperature,
         )
-        self.temperature = temperature
 
     def call(self, y_true, y_pred):
         y_true = ops.convert_to_tensor(y_true)

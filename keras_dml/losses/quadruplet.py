@@ -5,9 +5,9 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from keras_dml import distances as distances_lib
 from keras_dml import mining
 from keras_dml import ops as dml_ops
+from keras_dml._checks import is_number
 from keras_dml.losses.base import MetricLoss, References, resolve_references
 from keras_dml.losses.triplet import triplet_loss
 
@@ -196,7 +196,7 @@ class QuadrupletLoss(MetricLoss):
     ):
         mining.check_modes(negative_mining, positive_mining)
         for arg, value in (("margin", margin), ("pair_margin", pair_margin)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            if not is_number(value) or value < 0:
                 raise ValueError(f"`{arg}` must be a number >= 0, got {value!r}.")
         super().__init__(
             quadruplet_loss,
@@ -208,5 +208,5 @@ class QuadrupletLoss(MetricLoss):
             pair_margin=float(pair_margin),
             negative_mining=negative_mining,
             positive_mining=positive_mining,
-            distance=distances_lib.get(distance).name,
+            distance=distance,
         )

@@ -6,10 +6,10 @@ import keras
 from keras import ops
 
 from keras_dml import ops as dml_ops
+from keras_dml._checks import check_positive
 from keras_dml.losses.base import (
     MetricLoss,
     References,
-    check_positive,
     resolve_references,
     validate_inputs,
 )
@@ -130,5 +130,3 @@ class SupConLoss(MetricLoss):
             temperature=temperature,
             base_temperature=base_temperature,
         )
-        self.temperature = temperature
-        self.base_temperature = base_temperature

@@ -17,7 +17,6 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from keras_dml import distances as distances_lib
 from keras_dml import mining
 from keras_dml import ops as dml_ops
 from keras_dml.losses.base import MetricLoss, References, resolve_references
@@ -239,7 +238,6 @@ class TripletLoss(MetricLoss):
         dtype: str | None = None,
     ):
         mining.check_modes(negative_mining, positive_mining)
-        distance = distances_lib.get(distance).name
         super().__init__(
             triplet_loss,
             name=name,

@@ -20,9 +20,11 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from keras_dml._checks import check_labels_dtype, labels_vector
 from keras_dml.data.augment import SimCLRAugmentation
 from keras_dml.losses.ntxent import nt_xent_loss
 from keras_dml.losses.supcon import supcon_loss
+from keras_dml.models.base import BackboneModel
 
 DECODER_BLOCKS = ("downsample", "resnet", "none")
 
@@ -182,7 +184,7 @@ class LoCoDecoder(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="keras_dml")
-class LoCo(keras.Model):
+class LoCo(BackboneModel):
     """Train a list of encoder stages self-supervised, each unit of stages with its own loss.
 
     Every training batch `x` is augmented twice (`augment`), and the two
@@ -222,14 +224,15 @@ class LoCo(keras.Model):
     `fit` logs `loss` (the sum of the unit losses) and `unit_<k>_loss` for
     each unit; `evaluate` gives the same on augmented views, with layers in
     inference mode. Sample weights are not supported. `model(x)` and
-    `predict` return the last stage's output, and `encoder()` the stages
-    alone as a plain Keras model, to embed, export or fit a linear probe.
+    `predict` return the last stage's output, and `embedding_model()` (alias
+    `encoder()`) the stages alone as a plain Keras model, to embed, export or
+    fit a linear probe.
 
     Backends: `fit` and `evaluate` need the TensorFlow backend (the train
     step uses one `tf.GradientTape` per unit with control dependencies that
     order the units; JAX's stateless train step would need a different
-    implementation). Building, `predict`, `encoder()` and saving work on
-    every backend. Under XLA (`jit_compile=True`, the default on GPU) the
+    implementation). Building, `predict`, `embedding_model()` and saving work
+    on every backend. Under XLA (`jit_compile=True`, the default on GPU) the
     compiler schedules the ops itself.
 
     Args:
@@ -276,7 +279,7 @@ class LoCo(keras.Model):
     >>> history = model.fit(x, batch_size=32, epochs=1, verbose=0)
     >>> sorted(history.history)
     ['loss', 'unit_0_loss', 'unit_1_loss']
-    >>> model.encoder().predict(x, verbose=0).shape
+    >>> model.embedding_model().predict(x, verbose=0).shape
     (64, 32)
 
     Reference:
@@ -365,7 +368,7 @@ class LoCo(keras.Model):
         for decoder, unit in zip(self.decoders, self._unit_stages, strict=True):
             if not decoder.built:
                 decoder.build(stage_shapes[unit[-1]])
-        self._encoder_input_shape = tuple(input_shape)
+        self._record_input_shape(input_shape)
         self.built = True
 
     def call(self, inputs, training=None):
@@ -374,7 +377,10 @@ class LoCo(keras.Model):
             x = stage(x, training=training)
         return x
 
-    def encoder(self, pooling: str | None = None) -> keras.Model:
+    _embedding_model_suffix = "encoder"
+    _build_hint = "fit it or call it on a batch"
+
+    def embedding_model(self, pooling: str | None = None) -> keras.Model:
         """The trained stages (shared, not copied) as a functional Keras model, without decoders.
 
         Args:
@@ -386,9 +392,15 @@ class LoCo(keras.Model):
         """
         if pooling not in (None, "avg", "max"):
             raise ValueError(f"`pooling` must be None, 'avg' or 'max', got {pooling!r}.")
-        if getattr(self, "_encoder_input_shape", None) is None:
-            raise ValueError("Build the model (fit it or call it on a batch) before `encoder()`.")
-        inputs = keras.Input(shape=self._encoder_input_shape[1:])
+        return self._functional_embedding_model(
+            lambda inputs: self._embedding_outputs(inputs, pooling)
+        )
+
+    def encoder(self, pooling: str | None = None) -> keras.Model:
+        """Alias of `embedding_model(pooling)`, the name every model class shares."""
+        return self.embedding_model(pooling)
+
+    def _embedding_outputs(self, inputs, pooling=None):
         x = inputs
         for stage in self.stages:
             x = stage(x)
@@ -401,7 +413,7 @@ class LoCo(keras.Model):
                 ("max", 4): keras.layers.GlobalMaxPooling2D,
             }[(pooling, rank)]
             x = pool()(x)
-        return keras.Model(inputs, x, name=f"{self.name}_encoder")
+        return x
 
     # -- local losses -----------------------------------------------------------
 
@@ -418,14 +430,10 @@ class LoCo(keras.Model):
     def _labels(y):
         if y is None:
             return None
-        y = ops.convert_to_tensor(y)
-        if len(y.shape) == 2 and y.shape[1] not in (1, None):
-            raise ValueError(
-                f"`y` must be integer class labels of shape (batch,), got shape {tuple(y.shape)}."
-            )
-        if "int" not in keras.backend.standardize_dtype(y.dtype):
-            raise ValueError(f"`y` must hold integer class labels, got dtype {y.dtype}.")
-        labels = ops.cast(ops.reshape(y, (-1,)), "int32")
+        # LoCo's own steps take `y` from the user, never cast by Keras: float labels
+        # are refused (see `keras_dml._checks`).
+        check_labels_dtype(y, "y", whole_floats=False)
+        labels = ops.cast(labels_vector(y, "y"), "int32")
         return ops.concatenate([labels, labels], axis=0)
 
     def _contrastive_loss(self, projections, labels):

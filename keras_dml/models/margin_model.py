@@ -1,8 +1,9 @@
 """MarginModel: train a backbone through a margin head with plain `compile()` and `fit()`.
 
-Also here: `MarginCrossentropy`, the focal / label-smoothed / class-weighted
-cross-entropy behind `MarginModel.compile`'s options, and
-`inverse_frequency_weights` to derive class weights from class counts.
+`MarginCrossentropy` (the focal / label-smoothed / class-weighted
+cross-entropy behind `MarginModel.compile`'s options) and
+`inverse_frequency_weights` live in `keras_dml.losses.margin_crossentropy`
+and are importable from here as before.
 """
 
 from __future__ import annotations
@@ -11,156 +12,21 @@ import re
 from collections.abc import Sequence
 
 import keras
-import numpy as np
 from keras import ops
 
 from keras_dml import distributed
 from keras_dml.heads.base import CosineHead
-from keras_dml.losses.base import check_labels_dtype
-
-
-def inverse_frequency_weights(class_counts: Sequence[int] | np.ndarray, power: float = 1.0):
-    """Computes class weights `n_c^(-power)` for long-tailed data; pass them as `class_weights`.
-
-    The weights are scaled to average 1 over the classes. `power=1` is
-    inverse frequency, `power=0.5` its square root (milder), `power=0` no
-    weighting.
-
-    Args:
-        class_counts: samples per class `n_c` (all >= 1), e.g.
-            `np.bincount(train_labels)`.
-        power: the exponent.
-
-    Returns:
-        A list of `len(class_counts)` floats.
-
-    Example:
-
-    >>> [round(w, 3) for w in inverse_frequency_weights([100, 10, 1], power=0.5)]
-    [0.212, 0.67, 2.118]
-    """
-    counts = np.asarray(class_counts, dtype="float64").reshape(-1)
-    if counts.size < 1 or not np.all(np.isfinite(counts)) or np.any(counts < 1):
-        raise ValueError("`class_counts` must be a non-empty list of counts >= 1.")
-    if not np.isfinite(power) or power < 0:
-        raise ValueError(f"`power` must be >= 0, got {power}.")
-    weights = counts ** (-power)
-    return (weights / weights.mean()).tolist()
-
-
-def _check_class_weights(class_weights, num_classes: int | None) -> list[float]:
-    weights = np.asarray(class_weights, dtype="float64").reshape(-1)
-    if weights.size == 0 or not np.all(np.isfinite(weights)) or np.any(weights < 0):
-        raise ValueError("`class_weights` must be a list of finite numbers >= 0, one per class.")
-    if not weights.sum() > 0:
-        raise ValueError("`class_weights` must not all be 0.")
-    if num_classes is not None and weights.size != num_classes:
-        raise ValueError(
-            f"`class_weights` has {weights.size} values but the head has {num_classes} classes."
-        )
-    return weights.tolist()
+from keras_dml.losses.base import check_labels_dtype, labels_vector
+from keras_dml.losses.margin_crossentropy import (  # noqa: F401  (re-exported)
+    MarginCrossentropy,
+    _check_class_weights,
+    inverse_frequency_weights,
+)
+from keras_dml.models.base import BackboneModel, call_head, known_output_shape
 
 
 @keras.saving.register_keras_serializable(package="keras_dml")
-class MarginCrossentropy(keras.losses.Loss):
-    """Cross-entropy on a head's logits with focal weighting, label smoothing and class weights.
-
-    Per sample i with logits `z`, `log p = log_softmax(z)` and smoothed
-    targets `q = (1 - ε) onehot(y_i) + ε / C`:
-
-        l_i = -Σ_j q_j (1 - p_j)^γ log p_j
-
-    (Keras's `CategoricalFocalCrossentropy` with `alpha=1` on sparse labels;
-    γ = 0 and ε = 0 give the plain sparse cross-entropy). With
-    `class_weights`, sample i weighs `w_{y_i}` and the batch loss is the
-    weighted mean `Σ_i w_{y_i} l_i / Σ_i w_{y_i}` (so a batch of rare classes
-    is not simply louder); `fit(sample_weight=...)` multiplies on top. With
-    a margin head the smoothing and the focal term apply to the
-    margin-adjusted logits, as in the ArcFace + focal/label-smoothing
-    solutions of the Landmarks and Shopee competitions.
-    `MarginModel.compile(focal_gamma=..., label_smoothing=...,
-    class_weights=...)` builds this loss.
-
-    Args:
-        gamma: the focal exponent γ >= 0 (2 in the focal-loss paper; 0 off).
-        label_smoothing: ε in [0, 1).
-        class_weights: None, or one weight >= 0 per class (e.g. from
-            `inverse_frequency_weights(np.bincount(y))`).
-        name: loss name.
-        reduction: Keras reduction over the per-sample values.
-        dtype: compute dtype (float32 by default).
-
-    Example:
-
-    >>> import numpy as np
-    >>> logits = np.array([[2.0, 0.0], [0.0, 1.0]], "float32")
-    >>> round(float(MarginCrossentropy()(np.array([0, 1]), logits)), 4)
-    0.2201
-    >>> round(float(MarginCrossentropy(gamma=2.0)(np.array([0, 1]), logits)), 4)
-    0.0122
-
-    Reference: Lin et al., "Focal Loss for Dense Object Detection", ICCV
-    2017; Szegedy et al., "Rethinking the Inception Architecture", CVPR 2016
-    (label smoothing).
-    """
-
-    def __init__(
-        self,
-        gamma: float = 0.0,
-        label_smoothing: float = 0.0,
-        class_weights: Sequence[float] | None = None,
-        name: str = "margin_crossentropy",
-        reduction: str = "sum_over_batch_size",
-        dtype: str | None = None,
-    ):
-        super().__init__(name=name, reduction=reduction, dtype=dtype)
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma >= 0:
-            raise ValueError(f"`gamma` must be a number >= 0, got {gamma!r}.")
-        if (
-            isinstance(label_smoothing, bool)
-            or not isinstance(label_smoothing, (int, float))
-            or not 0 <= label_smoothing < 1
-        ):
-            raise ValueError(f"`label_smoothing` must be in [0, 1), got {label_smoothing!r}.")
-        self.gamma = float(gamma)
-        self.label_smoothing = float(label_smoothing)
-        self.class_weights = (
-            None if class_weights is None else _check_class_weights(class_weights, None)
-        )
-
-    def call(self, y_true, y_pred):
-        labels = ops.cast(ops.reshape(y_true, (-1,)), "int32")
-        num_classes = ops.shape(y_pred)[-1]
-        log_probs = ops.log_softmax(y_pred, axis=-1)
-        targets = ops.one_hot(labels, num_classes, dtype=log_probs.dtype)
-        if self.label_smoothing:
-            targets = targets * (1.0 - self.label_smoothing) + self.label_smoothing / num_classes
-        terms = -targets * log_probs
-        if self.gamma:
-            # 1 - p as -expm1(log p): exact near p = 1; the floor keeps (.)^γ's slope finite.
-            remaining = ops.maximum(-ops.expm1(log_probs), 1e-12)
-            terms = terms * ops.power(remaining, self.gamma)
-        losses = ops.sum(terms, axis=-1)
-        if self.class_weights is not None:
-            table = ops.convert_to_tensor(np.asarray(self.class_weights, "float32"))
-            weights = ops.cast(ops.take(table, labels), losses.dtype)
-            # Scaled so that the batch mean is Σ w l / Σ w.
-            losses = losses * weights / ops.maximum(ops.mean(weights), 1e-12)
-        return losses
-
-    def get_config(self) -> dict:
-        return {
-            "gamma": self.gamma,
-            "label_smoothing": self.label_smoothing,
-            "class_weights": self.class_weights,
-            "name": self.name,
-            "reduction": self.reduction,
-            "dtype": self.dtype,
-        }
-
-
-@keras.saving.register_keras_serializable(package="keras_dml")
-class MarginModel(keras.Model):
+class MarginModel(BackboneModel):
     """Wrap a backbone and a margin head to train embeddings with `compile()` and `fit(x, y)`.
 
     `model(x)` and `model.predict(x)` return the backbone's embeddings; the
@@ -218,14 +84,13 @@ class MarginModel(keras.Model):
             raise ValueError(f"`head` must be a keras_dml head layer, got {type(head)}.")
         self.backbone = backbone
         self.head = head
-        self._input_shape_for_export = None
-        output_shape = _known_output_shape(backbone)
+        output_shape = known_output_shape(backbone)
         if output_shape is not None:
             self._build_head(output_shape)
             self.built = True
 
     def build(self, input_shape):
-        self._input_shape_for_export = tuple(input_shape)
+        self._record_input_shape(input_shape)
         if not self.backbone.built:
             self.backbone.build(input_shape)
         self._build_head(self.backbone.compute_output_shape(input_shape))
@@ -313,14 +178,6 @@ class MarginModel(keras.Model):
             optimizer = self._split_optimizer(optimizer, centers_optimizer)
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
 
-    def compile_from_config(self, config):
-        # The stored config holds the final optimizer (a MultiOptimizer when
-        # `centers_optimizer` was given) and loss, so plain `compile` rebuilds it.
-        config = keras.saving.deserialize_keras_object(config)
-        self.compile(**config)
-        if self.built:
-            self.optimizer.build(self.trainable_variables)
-
     def _split_optimizer(self, optimizer, centers_optimizer):
         optimizer = keras.optimizers.get(optimizer)
         if isinstance(centers_optimizer, (int, float)) and not isinstance(centers_optimizer, bool):
@@ -354,7 +211,7 @@ class MarginModel(keras.Model):
         # Whole-valued float labels are accepted: Keras itself passes float
         # labels when it builds a model under tf.distribute.
         check_labels_dtype(y, "y")
-        labels = ops.cast(ops.reshape(y, (-1,)), "int32")
+        labels = ops.cast(labels_vector(y, "y"), "int32")
         logits, head_losses = self._call_head(y_pred, labels, training)
         loss = super().compute_loss(
             x=x, y=labels, y_pred=logits, sample_weight=sample_weight, training=training
@@ -368,25 +225,8 @@ class MarginModel(keras.Model):
         return loss
 
     def _call_head(self, embeddings, labels, training):
-        """Runs the head with its current variables; returns `(logits, losses it added)`.
-
-        `stateless_call` collects the head's `add_loss` on every backend (on
-        JAX, `compute_loss` runs in a scope that would drop them) and returns
-        its updated non-trainable variables (AdaCos's scale), written back here.
-        """
-        head = self.head
-        logits, non_trainable, losses = head.stateless_call(
-            head.trainable_variables,
-            head.non_trainable_variables,
-            embeddings,
-            labels,
-            return_losses=True,
-            training=training,
-        )
-        if training:
-            for variable, value in zip(head.non_trainable_variables, non_trainable, strict=True):
-                variable.assign(value)
-        return logits, losses
+        """Runs the head with its current variables; returns `(logits, losses it added)`."""
+        return call_head(self.head, embeddings, labels, training)
 
     def _update_compiled_metrics(self, embeddings, labels, sample_weight):
         # Compiled metrics want class logits, not embeddings. They are updated
@@ -409,21 +249,9 @@ class MarginModel(keras.Model):
 
     # -- inference --------------------------------------------------------------
 
-    def embedding_model(self) -> keras.Model:
-        """The backbone alone, as a Keras model: save, export or index this one."""
-        if isinstance(self.backbone, keras.Model):
-            return self.backbone
-        shape = self._input_shape_for_export
-        if shape is None:
-            raise ValueError(
-                "Build the model (call it on data) before asking for its embedding model."
-            )
-        inputs = keras.Input(shape=tuple(shape)[1:])
-        return keras.Model(inputs, self.backbone(inputs), name=f"{self.name}_embedding")
-
-    def embed(self, x, batch_size: int | None = None, verbose: int = 0):
-        """Embeddings of `x` from the backbone, as a NumPy array (the head is not used)."""
-        return self.embedding_model().predict(x, batch_size=batch_size, verbose=verbose)
+    def _backbone_is_embedding_model(self) -> bool:
+        # The head is used only in training: a backbone model is the inference model.
+        return isinstance(self.backbone, keras.Model)
 
     # -- serialisation ------------------------------------------------------------
 
@@ -448,17 +276,3 @@ class MarginModel(keras.Model):
         )
         return cls(backbone=backbone, head=head, **config)
 
-
-def _known_output_shape(backbone):
-    """The backbone's output shape when it is already known (functional, built Sequential)."""
-    if not isinstance(backbone, keras.Model):
-        return None
-    try:
-        shape = backbone.output_shape
-    except (AttributeError, ValueError, RuntimeError):
-        return None
-    if not isinstance(shape, tuple) or not all(d is None or isinstance(d, int) for d in shape):
-        raise ValueError(
-            f"`backbone` must have a single output of shape (batch, dim), got {shape}."
-        )
-    return shape

@@ -21,8 +21,10 @@ import numpy as np
 from keras import ops
 
 from keras_dml import distributed
+from keras_dml._checks import check_positive
 from keras_dml.distances import cosine_similarity
 from keras_dml.losses.base import check_labels_dtype
+from keras_dml.models.base import BackboneModel, call_head, known_output_shape
 
 
 def similarity_distillation(
@@ -70,7 +72,7 @@ def similarity_distillation(
     Reference: Roth, Milbich, Ommer, Cohen & Ghassemi, "Simultaneous
     Similarity-based Self-Distillation for Deep Metric Learning", ICML 2021, eq. 3.
     """
-    temperature = _check_positive(temperature, "temperature")
+    temperature = check_positive(temperature, "temperature")
     student = ops.convert_to_tensor(student_embeddings)
     teacher = ops.stop_gradient(ops.convert_to_tensor(teacher_embeddings))
     if len(student.shape) != 2 or len(teacher.shape) != 2:
@@ -111,7 +113,7 @@ def similarity_distillation(
 
 
 @keras.saving.register_keras_serializable(package="keras_dml")
-class S2SD(keras.Model):
+class S2SD(BackboneModel):
     """Wrap a backbone to train a compact embedding with S2SD; compile with any metric loss and fit.
 
     Architecture: the backbone maps inputs to features φ of shape `(B, F)`.
@@ -275,7 +277,7 @@ class S2SD(keras.Model):
                 f"`target_dims` must not repeat a width (heads are named by it), got "
                 f"{self.target_dims}."
             )
-        self.temperature = _check_positive(temperature, "temperature")
+        self.temperature = check_positive(temperature, "temperature")
         self.distillation_weight = _check_non_negative(distillation_weight, "distillation_weight")
         self.feature_distillation = bool(feature_distillation)
         self.feature_distillation_weight = _check_non_negative(
@@ -350,7 +352,7 @@ class S2SD(keras.Model):
                 aggregation="only_first_replica",
             )
 
-        output_shape = _known_output_shape(backbone)
+        output_shape = known_output_shape(backbone, "(batch, F)")
         if output_shape is not None:
             self._build_heads(output_shape)
             self.built = True
@@ -358,6 +360,7 @@ class S2SD(keras.Model):
     # -- building ---------------------------------------------------------------
 
     def build(self, input_shape):
+        self._record_input_shape(input_shape)
         if not self.backbone.built:
             self.backbone.build(input_shape)
         self._build_heads(self.backbone.compute_output_shape(input_shape))
@@ -472,7 +475,7 @@ class S2SD(keras.Model):
         extra = []
         predictions = embeddings
         if head is not None:
-            predictions, extra = _call_margin_head(head, embeddings, labels, training)
+            predictions, extra = call_head(head, embeddings, labels, training)
         value = _per_replica_loss(loss_fn, labels, predictions)
         for term in extra:
             value = value + ops.cast(ops.sum(term), value.dtype)
@@ -544,17 +547,9 @@ class S2SD(keras.Model):
 
     # -- inference --------------------------------------------------------------
 
-    def embedding_model(self) -> keras.Model:
-        """Backbone + f as a functional Keras model: save, export or index this one."""
-        input_spec = _input_spec(self)
-        if input_spec is None:
-            raise ValueError(
-                "Build the model (call it on data) before asking for its embedding model."
-            )
-        shape, dtype = input_spec
-        inputs = keras.Input(shape=shape, dtype=dtype)
-        embeddings = self.embedding_normalization(self.embedding_head(self.backbone(inputs)))
-        return keras.Model(inputs, embeddings, name=f"{self.name}_embedding")
+    def _embedding_outputs(self, inputs):
+        # Backbone + f: the target heads are training-only.
+        return self.embedding_normalization(self.embedding_head(self.backbone(inputs)))
 
     def embed(self, x, batch_size: int | None = None, verbose: int = 0) -> np.ndarray:
         """Embeddings of `x` from backbone + f, as a NumPy array."""
@@ -611,14 +606,6 @@ def _check_dim(value, arg: str) -> int:
     return int(value)
 
 
-def _check_positive(value, arg: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-        raise ValueError(f"`{arg}` must be a number, got {value!r}.")
-    if not np.isfinite(value) or value <= 0:
-        raise ValueError(f"`{arg}` must be > 0, got {value}.")
-    return float(value)
-
-
 def _check_non_negative(value, arg: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
         raise ValueError(f"`{arg}` must be a number, got {value!r}.")
@@ -669,52 +656,3 @@ def _per_replica_loss(loss_fn, labels, predictions):
     if len(values.shape):
         values = reduce(values)
     return ops.cast(values, "float32")
-
-
-def _call_margin_head(head, embeddings, labels, training):
-    """Runs a margin head with its current variables; returns `(logits, losses it added)`.
-
-    `stateless_call` collects the head's `add_loss` on every backend (under
-    JAX `compute_loss` runs in a scope that would drop them) and returns its
-    updated non-trainable variables (AdaCos's scale), written back here.
-    """
-    logits, non_trainable, losses = head.stateless_call(
-        head.trainable_variables,
-        head.non_trainable_variables,
-        embeddings,
-        labels,
-        return_losses=True,
-        training=training,
-    )
-    if training:
-        for variable, value in zip(head.non_trainable_variables, non_trainable, strict=True):
-            variable.assign(value)
-    return logits, losses
-
-
-def _known_output_shape(backbone):
-    """The backbone's output shape when it is already known (functional, built Sequential)."""
-    if not isinstance(backbone, keras.Model):
-        return None
-    try:
-        shape = backbone.output_shape
-    except (AttributeError, ValueError, RuntimeError):
-        return None
-    if not isinstance(shape, tuple) or not all(d is None or isinstance(d, int) for d in shape):
-        raise ValueError(f"`backbone` must have a single output of shape (batch, F), got {shape}.")
-    return shape
-
-
-def _input_spec(model: S2SD):
-    """`(shape without batch, dtype)` of the model's inputs, or None when unknown."""
-    backbone = model.backbone
-    inputs = getattr(backbone, "inputs", None) if isinstance(backbone, keras.Model) else None
-    if inputs:
-        if len(inputs) != 1:
-            raise ValueError("`embedding_model()` supports backbones with a single input.")
-        return tuple(inputs[0].shape)[1:], inputs[0].dtype
-    shapes = getattr(model, "_build_shapes_dict", None) or {}
-    shape = next(iter(shapes.values()), None)
-    if shape is None:
-        return None
-    return tuple(shape)[1:], None

@@ -4,12 +4,14 @@ This is the Siamese network of Bromley et al. (1993) and Chopra, Hadsell and
 LeCun (2005): a pair `(x_a, x_b)` goes through the same backbone (shared
 weights), and the model outputs the distance between the two embeddings; the
 contrastive loss pulls same-class pairs together and pushes other pairs
-beyond a margin. `make_pairs` turns a labelled array into such pairs.
+beyond a margin. `keras_dml.data.pairs.make_pairs` turns a labelled array
+into such pairs.
 
 Example:
 
 >>> import keras, numpy as np
->>> from keras_dml.models.siamese import SiameseModel, make_pairs
+>>> from keras_dml.data.pairs import make_pairs
+>>> from keras_dml.models.siamese import SiameseModel
 >>> x, y = np.random.rand(64, 8).astype("float32"), np.arange(64) % 4
 >>> backbone = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
 >>> model = SiameseModel(backbone)
@@ -23,22 +25,27 @@ Example:
 from __future__ import annotations
 
 import keras
-import numpy as np
 from keras import ops
 
 from keras_dml import distances as distances_lib
 
+# Pair building lives in keras_dml.data.pairs; importable from here as before.
+from keras_dml.data.pairs import make_pair_indices, make_pairs  # noqa: F401
+
+# Moved to keras_dml.losses.pair; importable from here as before.
+from keras_dml.losses.pair import ContrastivePairLoss, contrastive_pair_loss  # noqa: F401
+from keras_dml.models.base import BackboneModel, has_symbolic_io
+
 # The distances a Siamese model can output: each is >= 0 and 0 for identical
 # embeddings, which is what the contrastive margins are measured in.
-SIAMESE_DISTANCES = ("euclidean", "squared_euclidean", "angular")
-# Below this a squared distance counts as 0: sqrt's derivative is infinite
-# there (the same floor as `keras_dml.distances.euclidean_distance`).
-_ZERO_DISTANCE_EPS = 1e-16
+SIAMESE_DISTANCES = tuple(
+    name for name in distances_lib.NAMES if not distances_lib.get(name).is_similarity
+)
 
 
 def _siamese_distance_name(distance) -> str:
-    name = distances_lib.get(distance).name
-    if name not in SIAMESE_DISTANCES:
+    name = distances_lib.builtin_name(distance, SIAMESE_DISTANCES)
+    if name is None:
         raise ValueError(
             f"`distance` must be one of {SIAMESE_DISTANCES} (a distance, 0 for identical "
             f"embeddings), got {distance!r}; for cosine use 'angular' (1 - cos)."
@@ -82,123 +89,11 @@ def paired_distance(embeddings_a, embeddings_b, distance: str = "euclidean"):
     squared = ops.sum(ops.square(a - b), axis=-1)
     if name == "squared_euclidean":
         return squared
-    is_zero = ops.cast(squared <= _ZERO_DISTANCE_EPS, squared.dtype)
-    return ops.sqrt(squared + is_zero * _ZERO_DISTANCE_EPS) * (1.0 - is_zero)
-
-
-def contrastive_pair_loss(
-    same,
-    distances,
-    pos_margin: float = 0.0,
-    neg_margin: float = 1.0,
-    squared: bool = True,
-):
-    """Per-pair contrastive loss of a Siamese output: `z d^2 + (1 - z) max(0, m - d)^2`.
-
-    A same pair (`z = 1`) costs `max(d - pos_margin, 0)`, a different pair
-    `max(neg_margin - d, 0)`, both squared with `squared=True`. With the
-    defaults this is Hadsell, Chopra and LeCun's (2006) form, the one of seed
-    001's walk-through (whose text swaps the roles of `z` and `1 - z`; here
-    `z = 1` marks a same pair, as in the paper). Unlike
-    `keras_dml.losses.ContrastiveLoss`, which forms every pair of a batch of
-    labelled embeddings, this scores given pairs.
-
-    Args:
-        same: `(B,)` 1 for same pairs, 0 for different pairs.
-        distances: `(B,)` distances, e.g. a `SiameseModel`'s output.
-        pos_margin: distance below which a same pair costs nothing.
-        neg_margin: distance beyond which a different pair costs nothing.
-        squared: square both hinge terms.
-
-    Returns:
-        `(B,)` per-pair losses.
-    """
-    distances = ops.reshape(distances, (-1,))
-    same = ops.cast(ops.reshape(same, (-1,)), distances.dtype)
-    positive = ops.relu(distances - pos_margin)
-    negative = ops.relu(neg_margin - distances)
-    if squared:
-        positive, negative = ops.square(positive), ops.square(negative)
-    return same * positive + (1.0 - same) * negative
+    return distances_lib.safe_sqrt(squared)
 
 
 @keras.saving.register_keras_serializable(package="keras_dml")
-class ContrastivePairLoss(keras.losses.Loss):
-    """Trains a Siamese distance output so that same pairs are close and others a margin apart.
-
-    `y_true` holds 1 for same pairs and 0 for different pairs, `y_pred` the
-    pairs' distances; a pair costs `z * max(d - pos_margin, 0)^2 + (1 - z) *
-    max(neg_margin - d, 0)^2` (unsquared hinges with `squared=False`), and
-    the reduction (the mean by default) runs over pairs, so `sample_weight`
-    weighs pairs.
-
-    Args:
-        pos_margin: distance below which a same pair costs nothing.
-            Defaults to `0.0`.
-        neg_margin: distance beyond which a different pair costs nothing;
-            for L2-normalised embeddings the euclidean distance is at most 2.
-            Defaults to `1.0`.
-        squared: square both hinge terms (Hadsell et al. 2006). Defaults to
-            `True`.
-        name: name of the loss instance.
-        reduction: a Keras reduction; defaults to the mean over pairs.
-        dtype: dtype of the loss computation.
-
-    Example:
-
-    >>> import numpy as np
-    >>> loss = ContrastivePairLoss(neg_margin=1.0)
-    >>> float(loss(np.array([1.0, 0.0]), np.array([0.5, 0.25], "float32")))
-    0.40625
-
-    Reference:
-        Hadsell, Chopra & LeCun, "Dimensionality Reduction by Learning an
-        Invariant Mapping", CVPR 2006.
-    """
-
-    def __init__(
-        self,
-        pos_margin: float = 0.0,
-        neg_margin: float = 1.0,
-        squared: bool = True,
-        name: str = "contrastive_pair_loss",
-        reduction: str = "sum_over_batch_size",
-        dtype: str | None = None,
-    ):
-        super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self.pos_margin = pos_margin
-        self.neg_margin = neg_margin
-        self.squared = squared
-
-    def call(self, y_true, y_pred):
-        return contrastive_pair_loss(
-            y_true, y_pred, self.pos_margin, self.neg_margin, self.squared
-        )
-
-    def get_config(self) -> dict:
-        config = super().get_config()
-        config.update(
-            pos_margin=self.pos_margin, neg_margin=self.neg_margin, squared=self.squared
-        )
-        return config
-
-
-def _has_symbolic_io(backbone) -> bool:
-    """Whether `backbone` is a built model with symbolic inputs and outputs.
-
-    True for functional models and for a Sequential that starts with `keras.Input`.
-    """
-    if not isinstance(backbone, keras.Model):
-        return False
-    try:
-        inputs, outputs = backbone.inputs, backbone.outputs
-    except (AttributeError, ValueError, RuntimeError):
-        return False
-    return bool(inputs) and bool(outputs)
-
-
-@keras.saving.register_keras_serializable(package="keras_dml")
-class SiameseModel(keras.Model):
+class SiameseModel(BackboneModel):
     """Wrap one backbone into a two-input model that outputs the distance of each pair.
 
     `model((x_a, x_b))` embeds both inputs with the same backbone (one set of
@@ -232,14 +127,15 @@ class SiameseModel(keras.Model):
         Discriminatively, with Application to Face Verification", CVPR 2005.
     """
 
+    _build_hint = "call it on a pair"
+
     def __init__(self, backbone: keras.layers.Layer, distance: str = "euclidean", **kwargs):
         super().__init__(**kwargs)
         if not isinstance(backbone, keras.layers.Layer):
             raise ValueError(f"`backbone` must be a Keras model or layer, got {type(backbone)}.")
         self.backbone = backbone
         self.distance = _siamese_distance_name(distance)
-        self._input_shape_for_export = None
-        if _has_symbolic_io(backbone):
+        if has_symbolic_io(backbone):
             # A functional backbone is built already, so is the model: it can
             # load weights before ever being called.
             self.built = True
@@ -251,7 +147,7 @@ class SiameseModel(keras.Model):
                 f"A SiameseModel takes a pair (x_a, x_b) of inputs, got one input of shape "
                 f"{tuple(input_shape)}."
             )
-        self._input_shape_for_export = tuple(shape_a)
+        self._record_input_shape(shape_a)
         if not self.backbone.built:
             self.backbone.build(tuple(shape_a))
         self.built = True
@@ -269,8 +165,10 @@ class SiameseModel(keras.Model):
 
     def call(self, inputs, training=None):
         x_a, x_b = self._split(inputs)
-        if self._input_shape_for_export is None and getattr(x_a, "shape", None) is not None:
-            self._input_shape_for_export = tuple(x_a.shape)
+        if getattr(self, "_inference_input_shape", None) is None and getattr(
+            x_a, "shape", None
+        ) is not None:
+            self._record_input_shape(x_a.shape)
         embeddings_a = self.backbone(x_a, training=training)
         embeddings_b = self.backbone(x_b, training=training)
         return paired_distance(embeddings_a, embeddings_b, self.distance)
@@ -292,29 +190,9 @@ class SiameseModel(keras.Model):
             loss = ContrastivePairLoss()
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
 
-    def compile_from_config(self, config):
-        # Keras skips a custom `compile` when loading unless this is defined;
-        # the stored config holds the final loss, so plain `compile` rebuilds it.
-        config = keras.saving.deserialize_keras_object(config)
-        self.compile(**config)
-        if self.built:
-            self.optimizer.build(self.trainable_variables)
-
-    def embedding_model(self) -> keras.Model:
-        """The backbone alone, as a one-input Keras model: index, verify or export this one."""
-        if _has_symbolic_io(self.backbone):
-            return self.backbone
-        shape = self._input_shape_for_export
-        if shape is None:
-            raise ValueError(
-                "Build the model (call it on a pair) before asking for its embedding model."
-            )
-        inputs = keras.Input(shape=tuple(shape)[1:])
-        return keras.Model(inputs, self.backbone(inputs), name=f"{self.name}_embedding")
-
-    def embed(self, x, batch_size: int | None = None, verbose: int = 0) -> np.ndarray:
-        """Embeddings of `x` from the backbone, as a NumPy array."""
-        return self.embedding_model().predict(x, batch_size=batch_size, verbose=verbose)
+    def _backbone_is_embedding_model(self) -> bool:
+        # The pair and its distance are training-only: the backbone embeds one input.
+        return has_symbolic_io(self.backbone)
 
     def get_config(self) -> dict:
         config = super().get_config()
@@ -330,129 +208,3 @@ class SiameseModel(keras.Model):
             config.pop("backbone"), custom_objects=custom_objects
         )
         return cls(backbone=backbone, **config)
-
-
-def make_pair_indices(
-    labels,
-    num_pairs: int | None = None,
-    positive_fraction: float = 0.5,
-    seed: int | None = 0,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Draws random labelled pairs of sample indices: same-class pairs and different-class pairs.
-
-    Exactly `round(num_pairs * positive_fraction)` pairs are same-class: the
-    first member uniformly among samples whose class has another sample,
-    the second uniformly among the other samples of its class (never itself).
-    The rest are different-class pairs: the first member uniformly among all
-    samples, the second uniformly among samples of other classes. Pairs are
-    shuffled and each pair's order is random. Sampling is with replacement,
-    so a pair can repeat.
-
-    Args:
-        labels: `(N,)` class labels (any values that compare equal in a class).
-        num_pairs: number of pairs; defaults to `N`.
-        positive_fraction: share of same-class pairs, in [0, 1].
-        seed: seed of the NumPy generator; the same seed gives the same pairs.
-
-    Returns:
-        `(index_a, index_b, same)`: int64 indices into `labels` and int32
-        flags (1 for same-class pairs), each `(num_pairs,)`.
-
-    Raises:
-        ValueError: if same-class pairs are asked for but no class has two
-            samples, or different-class pairs but there is one class only.
-
-    Example:
-
-    >>> labels = np.array([0, 0, 1, 1, 2])
-    >>> index_a, index_b, same = make_pair_indices(labels, num_pairs=4, seed=1)
-    >>> same.tolist(), (labels[index_a] == labels[index_b]).astype(int).tolist()
-    ([1, 0, 1, 0], [1, 0, 1, 0])
-    """
-    labels = np.asarray(labels)
-    if labels.ndim == 2 and labels.shape[1] == 1:
-        labels = labels.reshape(-1)
-    if labels.ndim != 1 or labels.shape[0] == 0:
-        raise ValueError(f"`labels` must be a non-empty 1-D array, got shape {labels.shape}.")
-    n = labels.shape[0]
-    num_pairs = n if num_pairs is None else num_pairs
-    if isinstance(num_pairs, bool) or not isinstance(num_pairs, (int, np.integer)) or num_pairs < 1:
-        raise ValueError(f"`num_pairs` must be a positive integer, got {num_pairs!r}.")
-    if not 0.0 <= positive_fraction <= 1.0:
-        raise ValueError(f"`positive_fraction` must lie in [0, 1], got {positive_fraction!r}.")
-    n_positive = int(round(num_pairs * positive_fraction))
-    n_negative = int(num_pairs) - n_positive
-    rng = np.random.default_rng(seed)
-
-    # Work on positions in class-sorted order: a class is one contiguous block.
-    order = np.argsort(labels, kind="stable")
-    _, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
-    class_of = np.repeat(np.arange(len(counts)), counts)
-
-    eligible = np.flatnonzero(counts[class_of] >= 2)
-    if n_positive and not len(eligible):
-        raise ValueError("Same-class pairs need a class with at least two samples; none has.")
-    if n_negative and len(counts) < 2:
-        raise ValueError("Different-class pairs need at least two classes; `labels` has one.")
-
-    first = rng.choice(eligible, n_positive) if n_positive else np.zeros(0, np.int64)
-    cls = class_of[first]
-    # A non-zero offset within the class block never lands on the sample itself.
-    offset = rng.integers(1, np.maximum(counts[cls], 2))
-    second = starts[cls] + (first - starts[cls] + offset) % counts[cls]
-
-    anchor = rng.integers(0, n, n_negative)
-    cls = class_of[anchor]
-    # Position among the samples of other classes, mapped around the anchor's block.
-    other = rng.integers(0, n - counts[cls])
-    partner = np.where(other < starts[cls], other, other + counts[cls])
-
-    index_a = order[np.concatenate([first, anchor])].astype(np.int64)
-    index_b = order[np.concatenate([second, partner])].astype(np.int64)
-    same = np.concatenate([np.ones(n_positive, np.int32), np.zeros(n_negative, np.int32)])
-    swap = rng.random(num_pairs) < 0.5
-    index_a, index_b = np.where(swap, index_b, index_a), np.where(swap, index_a, index_b)
-    shuffle = rng.permutation(num_pairs)
-    return index_a[shuffle], index_b[shuffle], same[shuffle]
-
-
-def make_pairs(
-    x,
-    y,
-    num_pairs: int | None = None,
-    positive_fraction: float = 0.5,
-    seed: int | None = 0,
-):
-    """Builds Siamese training pairs from labelled arrays: `((x_a, x_b), same)`.
-
-    See `make_pair_indices` for how pairs are drawn; the result feeds
-    `SiameseModel.fit` directly: `model.fit(*make_pairs(x, y))`.
-
-    Args:
-        x: `(N, ...)` array of inputs.
-        y: `(N,)` class labels.
-        num_pairs: number of pairs; defaults to `N`.
-        positive_fraction: share of same-class pairs, in [0, 1].
-        seed: seed of the NumPy generator.
-
-    Returns:
-        `((x_a, x_b), same)`: `x_a` and `x_b` are `(num_pairs, ...)` arrays
-        gathered from `x`, `same` `(num_pairs,)` int32 flags.
-
-    Raises:
-        ValueError: if `x` and `y` have different lengths, or as
-            `make_pair_indices`.
-
-    Example:
-
-    >>> x, y = np.arange(12.0).reshape(6, 2), np.array([0, 0, 1, 1, 2, 2])
-    >>> (x_a, x_b), same = make_pairs(x, y, num_pairs=10, seed=0)
-    >>> x_a.shape, int(same.sum())
-    ((10, 2), 5)
-    """
-    x = np.asarray(x)
-    y = np.asarray(y)
-    if x.shape[0] != y.reshape(-1).shape[0]:
-        raise ValueError(f"`x` has {x.shape[0]} samples but `y` has {y.size} labels.")
-    index_a, index_b, same = make_pair_indices(y, num_pairs, positive_fraction, seed)
-    return (x[index_a], x[index_b]), same
