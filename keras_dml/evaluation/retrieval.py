@@ -102,33 +102,52 @@ class _Scorer:
 
     For the built-in distances the score drops terms that are constant per
     query (`|q|^2` for euclidean, the square root), so ranking needs one
-    matmul per chunk; `distances()` maps scores back to the named measure.
+    float32 matmul per chunk, done by NumPy's BLAS on the CPU (or by the
+    backend when it has an accelerator); `distances()` maps scores back to
+    the named measure. Other `Distance` objects score with backend ops.
     """
 
     def __init__(self, references: np.ndarray, distance):
         self.distance = distances_lib.get(distance)
         name = self.distance.name
         self.builtin = self.distance is distances_lib.get(name) if name in _BUILTIN else False
+        self.on_backend = not self.builtin or _backend_has_accelerator()
         if self.builtin and name in ("cosine", "angular"):
             references = _l2_normalize(references)
-        self.references = ops.convert_to_tensor(references)
         self.bias = None
         if self.builtin and name in ("euclidean", "squared_euclidean"):
-            # -|q - r|^2 = 2 q.r - |r|^2 - |q|^2, and |q|^2 does not change a query's ranking.
-            self.references = ops.convert_to_tensor(2.0 * references)
-            self.bias = ops.convert_to_tensor(-np.sum(np.square(references), axis=1)[None, :])
+            # -|q - r|^2 = 2 q.r - |r|^2 - |q|^2, and |q|^2 does not change a query's ranking;
+            # `prepare` doubles the queries.
+            self.bias = -np.einsum("ij,ij->i", references, references)[None, :]
+        # (N, D) as given: NumPy's matmul hands `references.T` to BLAS as a
+        # transposed operand, without a copy.
+        self.references = references
+        if self.on_backend:
+            self.references = ops.convert_to_tensor(references)
+            if self.bias is not None:
+                self.bias = ops.convert_to_tensor(self.bias)
 
     def prepare(self, queries: np.ndarray) -> np.ndarray:
         if self.builtin and self.distance.name in ("cosine", "angular"):
             return _l2_normalize(queries)
+        if self.bias is not None:
+            return 2.0 * queries
         return queries
 
-    def scores(self, queries: np.ndarray):
-        queries = ops.convert_to_tensor(queries)
+    def scores(self, queries: np.ndarray) -> np.ndarray:
+        """`(len(queries), N)` float32 NumPy scores of `prepare`d queries."""
+        if not self.on_backend:
+            scores = np.matmul(queries, self.references.T)
+            if self.bias is not None:
+                scores += self.bias
+            return scores
+        tensor = ops.convert_to_tensor(queries)
         if not self.builtin:
-            return ops.cast(self.distance.similarity(queries, self.references), "float32")
-        scores = ops.matmul(queries, ops.transpose(self.references))
-        return scores if self.bias is None else scores + self.bias
+            scores = ops.cast(self.distance.similarity(tensor, self.references), "float32")
+        else:
+            scores = ops.matmul(tensor, ops.transpose(self.references))
+            scores = scores if self.bias is None else scores + self.bias
+        return np.asarray(ops.convert_to_numpy(scores), dtype="float32")
 
     def distances(self, queries: np.ndarray, scores: np.ndarray) -> np.ndarray:
         name = self.distance.name
@@ -144,9 +163,31 @@ class _Scorer:
         return squared if name == "squared_euclidean" else np.sqrt(squared)
 
 
+def _backend_has_accelerator() -> bool:
+    """Whether the active Keras backend computes on a GPU/TPU (then it does the matmuls)."""
+    backend = keras.backend.backend()
+    try:
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            devices = tf.config.list_logical_devices
+            return bool(devices("GPU") or devices("TPU"))
+        if backend == "jax":
+            import jax
+
+            return jax.default_backend() != "cpu"
+        if backend == "torch":
+            import torch
+
+            return bool(torch.cuda.is_available())
+    except Exception:  # noqa: BLE001 - a backend that cannot tell is treated as CPU-only
+        return False
+    return False
+
+
 def _l2_normalize(x: np.ndarray) -> np.ndarray:
-    norm = np.sqrt(np.maximum(np.sum(np.square(x), axis=1, keepdims=True), 1e-12))
-    return x / norm
+    norm = np.sqrt(np.maximum(np.einsum("ij,ij->i", x, x)[:, None], 1e-12))
+    return (x / norm).astype("float32", copy=False)
 
 
 def _check_batch_size(batch_size) -> None:
@@ -158,20 +199,31 @@ def _check_batch_size(batch_size) -> None:
         raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
 
 
+# Columns per group in `_top_k` (at most; fewer when k is large against N).
+_GROUP = 32
+
+
+def _group_size(n: int, k: int) -> int:
+    return max(1, min(_GROUP, n // (4 * k)))
+
+
 def _chunk_rows(batch_size: int | None, n_references: int, k: int) -> int:
     """Queries per chunk: `batch_size`, or as many as fit in `_CHUNK_BYTES`.
 
-    A chunk holds float32 scores against every reference and, per query, the
-    top-k indices, scores and relevance flags (about 24 bytes per neighbour).
+    Per query, a chunk holds float32 scores against every reference, the
+    group maxima of `_top_k` and its candidates (about 24 bytes per column of
+    each of the ~k groups it reads).
     """
     if batch_size is not None:
         return int(batch_size)
-    return max(1, _CHUNK_BYTES // (4 * n_references + 24 * k))
+    group = _group_size(n_references, k)
+    per_row = 4 * n_references + 8 * n_references // group + 24 * group * k
+    return max(1, _CHUNK_BYTES // per_row)
 
 
 def _round_k(k: int, available: int) -> int:
-    # Eight steps per power of two: a compiling backend (JAX) sees few distinct
-    # shapes, and no chunk asks for more than 1/8 more neighbours than it needs.
+    # Eight steps per power of two: few distinct shapes, and no chunk asks for
+    # more than 1/8 more neighbours than it needs.
     step = max(1, 1 << max(int(k - 1).bit_length() - 3, 0))
     return min(-(-int(k) // step) * step, available)
 
@@ -213,36 +265,43 @@ def _full_precision_matmul():
         yield
 
 
-def _top_k_lower_index_first(scores, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """`top_k` of each row as NumPy `(values, indices)`, ties going to the lower index.
+def _top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `k` largest of each row as `(values, indices)`, by value then lower index.
 
-    TensorFlow's and JAX's `top_k` already order ties that way; `torch.topk`
-    promises no order among equal values, nor which of several values tied at
-    the k-th place it keeps. There, one extra value is fetched: rows tied
-    across the cut are redone with a stable sort (rare outside duplicated
-    embeddings), and every row is reordered by (value descending, index).
+    Exact, ties included, without sorting or partitioning whole rows: the
+    columns are split into G groups (column c in group c mod G, `_GROUP`
+    columns each) and t = the k-th largest group maximum. The k groups with
+    the largest maxima hold k distinct entries >= t, so the row's k largest
+    are all >= t and all lie in groups whose maximum is >= t: only those
+    groups are read, and their entries >= t (every entry tied at the cut
+    among them) are sorted by (value descending, index).
     """
-    if keras.backend.backend() != "torch":
-        values, indices = ops.top_k(scores, k)
-        return np.asarray(ops.convert_to_numpy(values)), np.asarray(ops.convert_to_numpy(indices))
-    n = int(ops.shape(scores)[1])
-    values, indices = ops.top_k(scores, min(k + 1, n))
-    values = np.asarray(ops.convert_to_numpy(values))
-    indices = np.asarray(ops.convert_to_numpy(indices)).astype(np.int64)
-    if values.shape[1] > k:
-        cut = np.flatnonzero(values[:, k - 1] == values[:, k])
-        values, indices = values[:, :k].copy(), indices[:, :k].copy()
-        if cut.size:
-            full = np.asarray(ops.convert_to_numpy(scores))[cut]
-            order = np.argsort(-full, axis=1, kind="stable")[:, :k]
-            indices[cut] = order
-            values[cut] = np.take_along_axis(full, order, axis=1)
-    by_index = np.argsort(indices, axis=1, kind="stable")
-    indices = np.take_along_axis(indices, by_index, axis=1)
-    values = np.take_along_axis(values, by_index, axis=1)
-    by_value = np.argsort(-values, axis=1, kind="stable")
-    values = np.take_along_axis(values, by_value, axis=1)
-    return values, np.take_along_axis(indices, by_value, axis=1)
+    rows, n = scores.shape
+    k = min(int(k), n)
+    group = _group_size(n, k)
+    groups = -(-n // group)
+    if group == 1:
+        maxima = scores
+    else:
+        # Columns [0, groups * (group - 1)) fill `group - 1` full rounds; the
+        # rest (1 to `groups` columns) is the last member of the first groups.
+        head = groups * (group - 1)
+        maxima = scores[:, :head].reshape(rows, group - 1, groups).max(axis=1)
+        np.maximum(maxima[:, : n - head], scores[:, head:], out=maxima[:, : n - head])
+    cut = -np.partition(-maxima, k - 1, axis=1)[:, k - 1]
+    row, first = np.nonzero(maxima >= cut[:, None])
+    columns = first[:, None] + groups * np.arange(group)
+    valid = columns < n
+    np.minimum(columns, n - 1, out=columns)
+    values = scores[row[:, None], columns]
+    keep = valid & (values >= cut[row][:, None])
+    row = np.broadcast_to(row[:, None], columns.shape)[keep]
+    columns, values = columns[keep], values[keep]
+    order = np.lexsort((columns, -values, row))
+    starts = np.zeros(rows, "int64")
+    np.cumsum(np.bincount(row, minlength=rows)[:-1], out=starts[1:])
+    take = order[starts[:, None] + np.arange(k)]
+    return values[take], columns[take].astype("int64", copy=False)
 
 
 def _top_k_chunks(
@@ -280,7 +339,7 @@ def _top_k_chunks(
         # Asking for one more and dropping the query itself (or, when it is not
         # among them, the last) gives the k nearest others without masking the
         # diagonal of the chunk.
-        values, indices = _top_k_lower_index_first(scorer.scores(chunk), k + int(exclude_self))
+        values, indices = _top_k(scorer.scores(chunk), k + int(exclude_self))
         values = values if with_scores else None
         if exclude_self:
             keep = indices != ids[:, None]
