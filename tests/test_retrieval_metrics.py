@@ -475,3 +475,16 @@ def test_matches_pytorch_metric_learning(with_references):
     assert actual["precision_at_1"] == pytest.approx(expected["precision_at_1"], abs=1e-6)
     assert actual["map_at_r"] == pytest.approx(expected["mean_average_precision_at_r"],
                                                abs=1e-6)
+
+
+def test_exact_nmi_is_the_full_kmeans_and_close_to_the_default():
+    embeddings, labels = random_set(36, n=400, classes=8)
+    points = retrieval._l2_normalize(embeddings)
+    exact = retrieval_metrics(embeddings, labels, nmi="exact", seed=2)["nmi"]
+    clusters = retrieval._kmeans_assignments(points, 8, seed=2, exact=True)
+    assert exact == pytest.approx(naive_nmi(labels.tolist(), clusters.tolist()))
+    # Below 32 points per cluster the default seeds on every point, as the exact one.
+    default = retrieval_metrics(embeddings, labels, seed=2)["nmi"]
+    assert default == pytest.approx(exact, abs=0.05)
+    with pytest.raises(ValueError, match="`nmi` must be"):
+        retrieval_metrics(embeddings, labels, nmi="fast")
