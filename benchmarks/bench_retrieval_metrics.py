@@ -1,8 +1,9 @@
 """Time and peak memory of `retrieval_metrics` on large synthetic sets, against PML (not a test).
 
 Every measurement runs in a fresh process, so that its peak resident memory is
-its own; the table's "peak RSS growth" is the process's peak RSS (`ru_maxrss`)
-less its RSS just before the call (data generated, libraries imported). The
+its own; the table's "peak RSS growth" is the process's peak RSS during the call
+(VmHWM, reset through /proc/self/clear_refs just before it) less its RSS just
+before it (data generated, libraries imported). The
 default is issue 21's target: 100,000 L2-normalised embeddings of dimension
 128 in 1,000 classes, leave-one-out (as a float32 N x N matrix: 40 GB),
 
@@ -26,6 +27,7 @@ among them), keras-dml only unless `--pml-references`.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -42,14 +44,30 @@ def make_data(n: int, dim: int, classes: int):
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, classes, size=n)
-    centres = rng.normal(size=(classes, dim)).astype("float32")
-    x = centres[labels] * 0.5 + rng.normal(size=(n, dim)).astype("float32")
-    return x / np.linalg.norm(x, axis=1, keepdims=True), labels
+    centres = rng.standard_normal((classes, dim), dtype=np.float32)
+    x = centres[labels]
+    x *= 0.5
+    x += rng.standard_normal((n, dim), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x, labels
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def _reset_peak() -> bool:
+    """Resets the kernel's peak-RSS mark (VmHWM), so data generation does not count."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def run_one(config: str, n: int, dim: int, classes: int, references: int,
@@ -82,11 +100,14 @@ def run_one(config: str, n: int, dim: int, classes: int, references: int,
         def call():
             return retrieval_metrics(x, y, ref_x, ref_y, nmi=config.endswith("True"))
 
-    before = _rss_mib()
+    gc.collect()
+    reset = _reset_peak()
+    before = _status_mib("VmRSS")
     start = time.perf_counter()
     metrics = call()
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = (_status_mib("VmHWM") if reset
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return {"config": config, "n": n, "references": references, "seconds": seconds,
             "peak_growth_mib": peak - before, "peak_rss_mib": peak,
             "precision_at_1": float(metrics["precision_at_1"]),
