@@ -14,7 +14,10 @@ The PML columns are the closest PML equivalents, not the same losses:
 (every semi-hard triplet, not one negative per positive as addons),
 `TripletMarginLoss(margin=1)` over `BatchHardMiner()`, and `NPairsLoss()`, which
 uses one (anchor, positive) pair per class (a `C x C` softmax), where keras-dml's
-`NPairsLoss` uses every sample as anchor and candidate (`B x B`).
+`NPairsLoss` uses every sample as anchor and candidate (`B x B`) by default;
+`NPairsLoss[one_per_class]` is keras-dml's `NPairsLoss(pairs="one_per_class",
+l2_reg=0, distance="cosine")`, the same loss as PML's default `NPairsLoss()` (whose
+`DotProductSimilarity` normalises the embeddings); its PML column times that loss again.
 
 PML runs with `torch.set_num_threads(1)` by default: on the 2-core benchmark
 machine with other processes running, torch's two OpenMP threads made PML's
@@ -33,7 +36,8 @@ import subprocess
 import sys
 import time
 
-LOSSES = ["TripletSemiHardLoss", "TripletSemiHardLoss[sort]", "TripletHardLoss", "NPairsLoss"]
+LOSSES = ["TripletSemiHardLoss", "TripletSemiHardLoss[sort]", "TripletHardLoss", "NPairsLoss",
+          "NPairsLoss[one_per_class]"]
 
 
 def data(batch: int, dim: int = 128):
@@ -61,6 +65,10 @@ def keras_loss(name: str):
     import keras_dml
     from keras_dml import mining
 
+    if name == "NPairsLoss[one_per_class]":
+        # PML's default NPairsLoss: one (anchor, positive) pair per class, no regulariser,
+        # embeddings normalised (its DotProductSimilarity normalises by default).
+        return keras_dml.NPairsLoss(l2_reg=0.0, distance="cosine", pairs="one_per_class")
     if name == "TripletSemiHardLoss[sort]":
         # The sorting path every batch took before issue 21.
         mining.SEMI_HARD_MAX_QUERIES = 0
@@ -131,7 +139,8 @@ def run_pml(batches, repeats):
         return losses.TripletMarginLoss(margin=1.0)(x, y, miners.BatchHardMiner()(x, y))
 
     npairs = losses.NPairsLoss()
-    fns = {"TripletSemiHardLoss": semihard, "TripletHardLoss": hard, "NPairsLoss": npairs}
+    fns = {"TripletSemiHardLoss": semihard, "TripletHardLoss": hard, "NPairsLoss": npairs,
+           "NPairsLoss[one_per_class]": npairs}
     rows = []
     for batch in batches:
         labels_np, x_np = data(batch)
