@@ -8,6 +8,7 @@ are repeated `--rounds` times and every round is printed.
 
     python benchmarks/bench_vs_pml.py                      # B = 256, 1024; TF and PML
     python benchmarks/bench_vs_pml.py --jax --rounds 2
+    python benchmarks/bench_vs_pml.py --jax --losses NPairsLoss "NPairsLoss[one_per_class]"
 
 The PML columns are the closest PML equivalents, not the same losses:
 `TripletMarginLoss(margin=1)` over `TripletMarginMiner(type_of_triplets="semihard")`
@@ -96,7 +97,7 @@ def run_tensorflow(batches, repeats):
 
             def timed(step=step):
                 _, grad = step()
-                grad.numpy()
+                tf.convert_to_tensor(grad).numpy()  # gathers give IndexedSlices
 
             rows.append({"framework": "keras-dml TF", "loss": name, "batch": batch,
                          "ms": _median_ms(timed, repeats)})
@@ -147,6 +148,8 @@ def run_pml(batches, repeats):
         labels = torch.tensor(labels_np.astype("int64"))
         x = torch.tensor(x_np, requires_grad=True)
         for name, fn in fns.items():
+            if name not in LOSSES:
+                continue
 
             def timed(fn=fn, x=x, labels=labels):
                 x.grad = None
@@ -168,8 +171,11 @@ def main(argv=None):
     parser.add_argument("--jax", action="store_true", help="also time keras-dml on JAX")
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="torch.set_num_threads for PML (default 1: see the module doc)")
+    parser.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES),
+                        help="time only these rows")
     parser.add_argument("--worker", choices=sorted(RUNNERS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    LOSSES[:] = args.losses
     if args.worker:
         print(json.dumps(RUNNERS[args.worker](args.batch_sizes, args.repeats)))
         return
@@ -182,7 +188,8 @@ def main(argv=None):
             env = dict(os.environ, KERAS_BACKEND="jax" if framework == "jax" else "tensorflow",
                        TF_CPP_MIN_LOG_LEVEL="3", BENCH_TORCH_THREADS=str(args.torch_threads))
             command = [sys.executable, __file__, "--worker", framework, "--repeats",
-                       str(args.repeats), "--batch-sizes", *map(str, args.batch_sizes)]
+                       str(args.repeats), "--batch-sizes", *map(str, args.batch_sizes),
+                       "--losses", *args.losses]
             out = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
             for row in json.loads(out.stdout.strip().splitlines()[-1]):
                 table[(row["loss"], row["batch"], row["framework"])] = row["ms"]
