@@ -8,13 +8,17 @@ are repeated `--rounds` times and every round is printed.
 
     python benchmarks/bench_vs_pml.py                      # B = 256, 1024; TF and PML
     python benchmarks/bench_vs_pml.py --jax --rounds 2
+    python benchmarks/bench_vs_pml.py --jax --losses NPairsLoss "NPairsLoss[one_per_class]"
 
 The PML columns are the closest PML equivalents, not the same losses:
 `TripletMarginLoss(margin=1)` over `TripletMarginMiner(type_of_triplets="semihard")`
 (every semi-hard triplet, not one negative per positive as addons),
 `TripletMarginLoss(margin=1)` over `BatchHardMiner()`, and `NPairsLoss()`, which
 uses one (anchor, positive) pair per class (a `C x C` softmax), where keras-dml's
-`NPairsLoss` uses every sample as anchor and candidate (`B x B`).
+`NPairsLoss` uses every sample as anchor and candidate (`B x B`) by default;
+`NPairsLoss[one_per_class]` is keras-dml's `NPairsLoss(pairs="one_per_class",
+l2_reg=0, distance="cosine")`, the same loss as PML's default `NPairsLoss()` (whose
+`DotProductSimilarity` normalises the embeddings); its PML column times that loss again.
 
 PML runs with `torch.set_num_threads(1)` by default: on the 2-core benchmark
 machine with other processes running, torch's two OpenMP threads made PML's
@@ -33,7 +37,8 @@ import subprocess
 import sys
 import time
 
-LOSSES = ["TripletSemiHardLoss", "TripletSemiHardLoss[sort]", "TripletHardLoss", "NPairsLoss"]
+LOSSES = ["TripletSemiHardLoss", "TripletSemiHardLoss[sort]", "TripletHardLoss", "NPairsLoss",
+          "NPairsLoss[one_per_class]"]
 
 
 def data(batch: int, dim: int = 128):
@@ -61,6 +66,10 @@ def keras_loss(name: str):
     import keras_dml
     from keras_dml import mining
 
+    if name == "NPairsLoss[one_per_class]":
+        # PML's default NPairsLoss: one (anchor, positive) pair per class, no regulariser,
+        # embeddings normalised (its DotProductSimilarity normalises by default).
+        return keras_dml.NPairsLoss(l2_reg=0.0, distance="cosine", pairs="one_per_class")
     if name == "TripletSemiHardLoss[sort]":
         # The sorting path every batch took before issue 21.
         mining.SEMI_HARD_MAX_QUERIES = 0
@@ -88,7 +97,7 @@ def run_tensorflow(batches, repeats):
 
             def timed(step=step):
                 _, grad = step()
-                grad.numpy()
+                tf.convert_to_tensor(grad).numpy()  # gathers give IndexedSlices
 
             rows.append({"framework": "keras-dml TF", "loss": name, "batch": batch,
                          "ms": _median_ms(timed, repeats)})
@@ -131,13 +140,16 @@ def run_pml(batches, repeats):
         return losses.TripletMarginLoss(margin=1.0)(x, y, miners.BatchHardMiner()(x, y))
 
     npairs = losses.NPairsLoss()
-    fns = {"TripletSemiHardLoss": semihard, "TripletHardLoss": hard, "NPairsLoss": npairs}
+    fns = {"TripletSemiHardLoss": semihard, "TripletHardLoss": hard, "NPairsLoss": npairs,
+           "NPairsLoss[one_per_class]": npairs}
     rows = []
     for batch in batches:
         labels_np, x_np = data(batch)
         labels = torch.tensor(labels_np.astype("int64"))
         x = torch.tensor(x_np, requires_grad=True)
         for name, fn in fns.items():
+            if name not in LOSSES:
+                continue
 
             def timed(fn=fn, x=x, labels=labels):
                 x.grad = None
@@ -159,8 +171,11 @@ def main(argv=None):
     parser.add_argument("--jax", action="store_true", help="also time keras-dml on JAX")
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="torch.set_num_threads for PML (default 1: see the module doc)")
+    parser.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES),
+                        help="time only these rows")
     parser.add_argument("--worker", choices=sorted(RUNNERS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    LOSSES[:] = args.losses
     if args.worker:
         print(json.dumps(RUNNERS[args.worker](args.batch_sizes, args.repeats)))
         return
@@ -173,7 +188,8 @@ def main(argv=None):
             env = dict(os.environ, KERAS_BACKEND="jax" if framework == "jax" else "tensorflow",
                        TF_CPP_MIN_LOG_LEVEL="3", BENCH_TORCH_THREADS=str(args.torch_threads))
             command = [sys.executable, __file__, "--worker", framework, "--repeats",
-                       str(args.repeats), "--batch-sizes", *map(str, args.batch_sizes)]
+                       str(args.repeats), "--batch-sizes", *map(str, args.batch_sizes),
+                       "--losses", *args.losses]
             out = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
             for row in json.loads(out.stdout.strip().splitlines()[-1]):
                 table[(row["loss"], row["batch"], row["framework"])] = row["ms"]

@@ -75,7 +75,8 @@ class RetrievalMetricsCallback(keras.callbacks.Callback):
         prefix: prepended to each metric name in `logs`.
         distance: the distance the metrics rank with (`"cosine"` by default;
             see `keras_dml.distances`).
-        nmi: also compute NMI (k-means; the slow part on large sets).
+        nmi: also compute NMI (k-means; the slow part on large sets); `"exact"`
+            for the full k-means (see `retrieval_metrics`).
         reference_data: optional `(x, y)` (or a dataset of `(x, y)` batches)
             of references, e.g. a gallery: each validation input is then a
             query searched among these references only, instead of
@@ -109,7 +110,7 @@ class RetrievalMetricsCallback(keras.callbacks.Callback):
         every_n_epochs: int = 1,
         prefix: str = "val_",
         distance="cosine",
-        nmi: bool = True,
+        nmi: bool | str = True,
         reference_data=None,
         embedding_model: keras.Model | Callable | None = None,
         batch_size: int = 256,
@@ -131,7 +132,7 @@ class RetrievalMetricsCallback(keras.callbacks.Callback):
         self.every_n_epochs = every_n_epochs
         self.prefix = prefix
         self.distance = distance
-        self.nmi = bool(nmi)
+        self.nmi = nmi if isinstance(nmi, str) and nmi == "exact" else bool(nmi)
         self.embedding_model = embedding_model
         self.batch_size = batch_size
         self.verbose = verbose

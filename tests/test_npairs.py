@@ -313,3 +313,90 @@ def test_from_similarity_as_a_compiled_loss_fits_saves_and_loads(tmp_path):
         model.evaluate([anchors, positives], labels, batch_size=8, verbose=0),
         rtol=1e-5,
     )
+
+
+# ------------------------------------------------- pairs="one_per_class" (PML's form, issue 21)
+
+
+def ref_one_per_class(labels, x, l2_reg=0.0, distance="dot"):
+    """First and second sample of each class with two; softmax over the positives."""
+    firsts = {}
+    pairs = []
+    for i, label in enumerate(labels):
+        if label in firsts and firsts[label] is not None:
+            pairs.append((firsts[label], i))
+            firsts[label] = None  # one pair per class
+        elif label not in firsts:
+            firsts[label] = i
+    losses = []
+    for a, _ in pairs:
+        logits = [ref_similarity(x[a], x[p], distance) for _, p in pairs]
+        top = max(logits)
+        log_denominator = top + math.log(sum(math.exp(v - top) for v in logits))
+        own = ref_similarity(x[a], x[dict(pairs)[a]], distance)
+        losses.append(log_denominator - own)
+    cross_entropy = sum(losses) / len(losses) if losses else 0.0
+    squared_norms = [sum(float(v) ** 2 for v in row) for row in x]
+    return cross_entropy + l2_reg * sum(squared_norms) / len(labels)
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("l2_reg", [0.0, 0.01])
+def test_one_per_class_matches_reference(distance, l2_reg):
+    rng = np.random.default_rng(20)
+    for n, classes in ((12, 3), (16, 8), (9, 9), (7, 2), (1, 1)):
+        labels, x = batch(rng, n=n, classes=classes)
+        loss = NPairsLoss(l2_reg=l2_reg, distance=distance, pairs="one_per_class")
+        want = ref_one_per_class(labels, x, l2_reg, distance)
+        np.testing.assert_allclose(float(loss(labels, x)), want, rtol=1e-5, atol=1e-6)
+
+
+def test_one_per_class_gradient_and_compiled():
+    labels, x = batch(np.random.default_rng(21), n=10, classes=4)
+    kwargs = dict(l2_reg=0.05, pairs="one_per_class")
+    value, grad = loss_gradient(lambda v: npairs_loss(labels, v, **kwargs), x)
+    np.testing.assert_allclose(value, ref_one_per_class(labels, x, 0.05), rtol=1e-5)
+    want = numeric_gradient(lambda z: ref_one_per_class(labels, z, 0.05), x)
+    np.testing.assert_allclose(grad, want, rtol=1e-3, atol=1e-4)
+    got = run_compiled(lambda y, v: NPairsLoss(**kwargs)(y, v), labels.astype("int32"), x)
+    np.testing.assert_allclose(got, ref_one_per_class(labels, x, 0.05), rtol=1e-5)
+
+
+@pytest.mark.parametrize("distance", ["dot", "cosine"])
+def test_one_per_class_matches_pytorch_metric_learning(distance):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("pytorch_metric_learning")
+    from pytorch_metric_learning import distances as pml_distances
+    from pytorch_metric_learning import losses as pml_losses
+
+    rng = np.random.default_rng(22)
+    labels = rng.integers(0, 16, size=128)
+    x = rng.normal(size=(128, 32)).astype("float32")
+    # PML normalises embeddings by default, so its default `NPairsLoss()` is the cosine case.
+    pml_distance = (pml_distances.DotProductSimilarity(normalize_embeddings=False)
+                    if distance == "dot" else pml_distances.CosineSimilarity())
+    x_torch = torch.tensor(x, requires_grad=True)
+    expected = pml_losses.NPairsLoss(distance=pml_distance)(x_torch, torch.tensor(labels))
+    expected.backward()
+    loss = NPairsLoss(l2_reg=0.0, distance=distance, pairs="one_per_class")
+    # `+ 0 * sum(v)`: TensorFlow returns the gathered rows' gradient as IndexedSlices
+    # (fine for training); the dense term makes it a plain tensor for the comparison.
+    value, grad = loss_gradient(lambda v: loss(labels, v) + 0.0 * keras.ops.sum(v), x)
+    np.testing.assert_allclose(value, expected.item(), rtol=1e-5)
+    np.testing.assert_allclose(grad, x_torch.grad.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_one_per_class_config_and_bad_options():
+    loss = NPairsLoss(pairs="one_per_class")
+    config = loss.get_config()
+    assert config["pairs"] == "one_per_class"
+    assert NPairsLoss.from_config(config).get_config() == config
+    assert "pairs" not in NPairsLoss().get_config()  # the default's config is unchanged
+    with pytest.raises(ValueError, match="pairs"):
+        NPairsLoss(pairs="first")
+    labels, x = batch(np.random.default_rng(23))
+    from keras_dml.losses.base import References
+
+    with pytest.raises(ValueError, match="references"):
+        npairs_loss(labels, x, pairs="one_per_class",
+                    references=References.of_batch(labels.astype("int32"), x))

@@ -348,3 +348,143 @@ def test_nearest_neighbors_bad_k():
         nearest_neighbors(np.eye(4, dtype="float32"), k=4)
     with pytest.raises(ValueError, match="`references` have dimension 3"):
         nearest_neighbors(np.eye(4, 2, dtype="float32"), np.eye(3, dtype="float32"), k=1)
+
+
+# --- The chunked NumPy path (issue 21) against a vectorised full-matrix reference ---
+
+
+def matrix_metrics(embeddings, labels, ref_embeddings=None, ref_labels=None, ks=(1, 2, 4, 8),
+                   name="cosine"):
+    """The same metrics from the full float64 distance matrix and one stable argsort per row."""
+    leave_one_out = ref_embeddings is None
+    if leave_one_out:
+        ref_embeddings, ref_labels = embeddings, labels
+    q, r = np.asarray(embeddings, "float64"), np.asarray(ref_embeddings, "float64")
+    if name in ("cosine", "angular"):
+        q = q / np.linalg.norm(q, axis=1, keepdims=True)
+        r = r / np.linalg.norm(r, axis=1, keepdims=True)
+    if name in ("cosine", "angular", "dot"):
+        dist = -q @ r.T
+    else:
+        dist = np.sum(np.square(q[:, None, :] - r[None, :, :]), axis=-1)
+    if leave_one_out:
+        np.fill_diagonal(dist, np.inf)
+    order = np.argsort(dist, axis=1, kind="stable")
+    if leave_one_out:
+        order = order[:, :-1]
+    relevant = np.asarray(ref_labels)[order] == np.asarray(labels)[:, None]
+    r_count = relevant.sum(axis=1)
+    scored = r_count > 0
+    relevant, r_count = relevant[scored], r_count[scored]
+    if not len(r_count):
+        return None
+    ranks = np.arange(1, relevant.shape[1] + 1)
+    within_r = ranks[None, :] <= r_count[:, None]
+    precision = np.cumsum(relevant, axis=1) / ranks
+    out = {"precision_at_1": relevant[:, 0].mean()}
+    for k in ks:
+        out[f"recall_at_{k}"] = relevant[:, :k].any(axis=1).mean()
+    out["r_precision"] = ((relevant & within_r).sum(axis=1) / r_count).mean()
+    out["map_at_r"] = ((precision * relevant * within_r).sum(axis=1) / r_count).mean()
+    return out
+
+
+def clustered_set(seed, n=600, dim=8, classes=60, integer=False):
+    """Many small classes, so that `_top_k` takes its grouped path (N >> 8k)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, size=n)
+    if integer:  # small integer vectors: float32 scores are exact, ties are real ties
+        return rng.integers(-1, 2, size=(n, dim)).astype("float32"), labels
+    centres = rng.normal(size=(classes, dim))
+    return (centres[labels] + 0.7 * rng.normal(size=(n, dim))).astype("float32"), labels
+
+
+def test_top_k_matches_a_stable_full_sort():
+    rng = np.random.default_rng(30)
+    for n in (1, 7, 64, 100, 1000, 1063, 4097):
+        for data in ("normal", "ties"):
+            scores = (rng.normal(size=(9, n)) if data == "normal"
+                      else rng.integers(-2, 3, size=(9, n))).astype("float32")
+            for k in sorted({1, 2, 5, min(n, 31), max(1, n // 8), n}):
+                if k > n:
+                    continue
+                values, indices = retrieval._top_k(scores, k)
+                expected = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+                np.testing.assert_array_equal(indices, expected)
+                np.testing.assert_array_equal(values, np.take_along_axis(scores, expected, 1))
+
+
+# Integer vectors give exact float32 scores, so ties are real ties; not once normalised.
+EXACT_CASES = [(name, False) for name in DISTANCES] + [
+    (name, True) for name in ("dot", "euclidean", "squared_euclidean")
+]
+
+
+@pytest.mark.parametrize("name, integer", EXACT_CASES)
+def test_leave_one_out_matches_full_matrix_reference(name, integer):
+    embeddings, labels = clustered_set(31, integer=integer)
+    labels[:5] = 1000 + np.arange(5)  # single-sample classes: left out
+    expected = matrix_metrics(embeddings, labels, name=name)
+    for batch_size in (None, 37):
+        actual = retrieval_metrics(embeddings, labels, distance=name, nmi=False,
+                                   batch_size=batch_size)
+        assert_metrics_close(actual, expected)
+
+
+@pytest.mark.parametrize("name, integer", EXACT_CASES)
+def test_reference_set_matches_full_matrix_reference(name, integer):
+    queries, query_labels = clustered_set(32, n=150, integer=integer)
+    references, ref_labels = clustered_set(33, n=700, integer=integer)
+    query_labels[:4] = 999  # no reference of their class: left out
+    expected = matrix_metrics(queries, query_labels, references, ref_labels, ks=(1, 3, 10),
+                              name=name)
+    actual = retrieval_metrics(queries, query_labels, references, ref_labels, k=(1, 3, 10),
+                               distance=name, nmi=False, batch_size=64)
+    assert_metrics_close(actual, expected)
+
+
+def test_backend_matmul_path_gives_the_same_metrics(monkeypatch):
+    # On a GPU/TPU the backend computes the scores; forced here on the CPU.
+    embeddings, labels = clustered_set(34)
+    expected = {name: retrieval_metrics(embeddings, labels, distance=name, nmi=False)
+                for name in DISTANCES}
+    monkeypatch.setattr(retrieval, "_backend_has_accelerator", lambda: True)
+    for name in DISTANCES:
+        actual = retrieval_metrics(embeddings, labels, distance=name, nmi=False)
+        assert_metrics_close(actual, expected[name])
+
+
+@pytest.mark.parametrize("with_references", [False, True])
+def test_matches_pytorch_metric_learning(with_references):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("pytorch_metric_learning")
+    from pytorch_metric_learning.distances import CosineSimilarity
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+    from pytorch_metric_learning.utils.inference import CustomKNN
+
+    embeddings, labels = clustered_set(35, n=1500, dim=16, classes=40)
+    calculator = AccuracyCalculator(
+        include=("precision_at_1", "mean_average_precision_at_r"), k="max_bin_count",
+        knn_func=CustomKNN(CosineSimilarity(), batch_size=256),  # faiss is not a dependency
+    )
+    args = [embeddings, labels]
+    if with_references:
+        args = [embeddings[:300], labels[:300], embeddings[300:], labels[300:]]
+    expected = calculator.get_accuracy(*[torch.from_numpy(np.asarray(a)) for a in args])
+    actual = retrieval_metrics(*args, nmi=False)
+    assert actual["precision_at_1"] == pytest.approx(expected["precision_at_1"], abs=1e-6)
+    assert actual["map_at_r"] == pytest.approx(expected["mean_average_precision_at_r"],
+                                               abs=1e-6)
+
+
+def test_exact_nmi_is_the_full_kmeans_and_close_to_the_default():
+    embeddings, labels = random_set(36, n=400, classes=8)
+    points = retrieval._l2_normalize(embeddings)
+    exact = retrieval_metrics(embeddings, labels, nmi="exact", seed=2)["nmi"]
+    clusters = retrieval._kmeans_assignments(points, 8, seed=2, exact=True)
+    assert exact == pytest.approx(naive_nmi(labels.tolist(), clusters.tolist()))
+    # Below 32 points per cluster the default seeds on every point, as the exact one.
+    default = retrieval_metrics(embeddings, labels, seed=2)["nmi"]
+    assert default == pytest.approx(exact, abs=0.05)
+    with pytest.raises(ValueError, match="`nmi` must be"):
+        retrieval_metrics(embeddings, labels, nmi="fast")

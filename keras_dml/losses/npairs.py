@@ -36,6 +36,7 @@ def npairs_loss(
     l2_reg: float = 0.001,
     distance: str | distances.Distance = "dot",
     references: References | None = None,
+    pairs: str = "all",
 ):
     """Classifies, for every anchor, which other samples of the batch share its label.
 
@@ -70,11 +71,32 @@ def npairs_loss(
             by default. Both means (over anchors with a positive, and the
             regulariser's over samples) run over all queries (across
             replicas: the global batch).
+        pairs: `"all"` (default): every sample is an anchor, as above.
+            `"one_per_class"`: Sohn's form as pytorch-metric-learning's
+            `NPairsLoss` builds it from a labelled batch: for each class with
+            at least two samples, its first sample (in batch order) is the
+            anchor and its second the positive; each anchor's softmax runs
+            over the C positives (a `C x C` cross-entropy, target the
+            diagonal), averaged over the C anchors. The other samples enter
+            only the regulariser. Only with the batch as its own references
+            (no `references`; under `tf.distribute`, `cross_replica=False`).
 
     Returns:
         A scalar float32 loss (float64 for float64 inputs).
     """
     labels, embeddings = validate_inputs(labels, embeddings, "labels", "embeddings")
+    if pairs not in ("all", "one_per_class"):
+        raise ValueError(f'`pairs` must be "all" or "one_per_class", got {pairs!r}.')
+    if pairs == "one_per_class":
+        if references is not None:
+            raise ValueError(
+                '`pairs="one_per_class"` pairs samples within the batch only; it takes no '
+                "`references` (under tf.distribute, use `cross_replica=False`)."
+            )
+        loss = _one_pair_per_class_loss(labels, embeddings, distance)
+        if l2_reg:
+            loss = loss + l2_reg * ops.mean(ops.sum(ops.square(embeddings), axis=1))
+        return loss
     references = resolve_references(labels, embeddings, references)
     similarity = references.pairwise(embeddings, distance, kind="similarity")
     positive_mask, _ = references.masks(labels)
@@ -92,6 +114,36 @@ def npairs_loss(
     if l2_reg:
         loss = loss + l2_reg * references.mean_over_queries(ops.sum(ops.square(embeddings), axis=1))
     return loss
+
+
+def _one_pair_per_class_loss(labels, embeddings, distance):
+    """Cross-entropy of the `C x C` anchor-by-positive similarities, one pair per class.
+
+    Static shapes for every backend: the anchors (first sample of a class
+    that has a second) are gathered, in batch order, into `B // 2` slots (no
+    batch has more such classes), the unused slots masked out.
+    """
+    n = ops.shape(labels)[0]
+    index = ops.arange(n)
+    same = ops.equal(ops.expand_dims(labels, 1), ops.expand_dims(labels, 0))
+    earlier = ops.less(ops.expand_dims(index, 0), ops.expand_dims(index, 1))
+    later_same = ops.logical_and(same, ops.greater(ops.expand_dims(index, 0),
+                                                   ops.expand_dims(index, 1)))
+    is_first = ops.logical_not(ops.any(ops.logical_and(same, earlier), axis=1))
+    is_anchor = ops.logical_and(is_first, ops.any(later_same, axis=1))
+    second = ops.argmax(ops.cast(later_same, "int32"), axis=1)  # first later same-label sample
+    slots = max(n // 2, 1) if isinstance(n, int) else ops.maximum(n // 2, 1)
+    # Anchors first, in batch order: the largest keys are -i for anchors.
+    key = ops.cast(ops.where(is_anchor, -index, -index - n), "float32")
+    _, chosen = ops.top_k(key, slots)
+    valid = ops.take(is_anchor, chosen)
+    anchors = ops.take(embeddings, chosen, axis=0)
+    positives = ops.take(embeddings, ops.take(second, chosen), axis=0)
+    logits = distances.get(distance).similarity(anchors, positives)
+    columns = ops.logical_and(ops.expand_dims(valid, 0), ops.ones_like(logits, dtype="bool"))
+    per_anchor = dml_ops.masked_logsumexp(logits, columns, axis=1) - ops.diagonal(logits)
+    total = dml_ops.masked_sum(per_anchor, valid)
+    return total / ops.maximum(dml_ops.masked_count(valid, dtype=total.dtype), 1.0)
 
 
 @keras.saving.register_keras_serializable(package="keras_dml")
@@ -188,6 +240,11 @@ class NPairsLoss(MetricLoss):
         reduction: kept for Keras compatibility; the loss is already a scalar.
         dtype: dtype of the loss computation; defaults to `keras.backend.floatx()`.
             The softmax is computed in float32 for half-precision inputs.
+        pairs: `"all"` (default: every sample is an anchor against all the
+            others) or `"one_per_class"` (one (anchor, positive) pair per
+            class, a `C x C` softmax, as pytorch-metric-learning's
+            `NPairsLoss`; see `npairs_loss`). Needs `cross_replica=False`
+            under `tf.distribute`.
 
     Example:
 
@@ -214,9 +271,12 @@ class NPairsLoss(MetricLoss):
         name: str = "npairs_loss",
         reduction: str = "sum_over_batch_size",
         dtype: str | None = None,
+        pairs: str = "all",
     ):
         if l2_reg < 0:
             raise ValueError(f"`l2_reg` must be >= 0, got {l2_reg}.")
+        if pairs not in ("all", "one_per_class"):
+            raise ValueError(f'`pairs` must be "all" or "one_per_class", got {pairs!r}.')
         super().__init__(
             npairs_loss,
             name=name,
@@ -225,4 +285,5 @@ class NPairsLoss(MetricLoss):
             cross_replica=cross_replica,
             l2_reg=l2_reg,
             distance=distance,
+            pairs=pairs,
         )
