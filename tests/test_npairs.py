@@ -391,7 +391,11 @@ def test_one_per_class_config_and_bad_options():
     config = loss.get_config()
     assert config["pairs"] == "one_per_class"
     assert NPairsLoss.from_config(config).get_config() == config
-    assert "pairs" not in NPairsLoss().get_config()  # the default's config is unchanged
+    default = NPairsLoss().get_config()
+    assert default["pairs"] == "all" and NPairsLoss().pairs == "all"
+    # Configs saved before the option existed load with the default.
+    del default["pairs"]
+    assert NPairsLoss.from_config(default).pairs == "all"
     with pytest.raises(ValueError, match="pairs"):
         NPairsLoss(pairs="first")
     labels, x = batch(np.random.default_rng(23))
