@@ -39,6 +39,9 @@ default of the S2SD code), optimiser, epochs, batch size and seeds:
   code's 1000 of ~8000 steps on CUB200);
 - MSD paper: MSD with `distillation_into_backbone=True`, the paper's and
   the authors' code's gradient routing (keras-dml's default before issue 14);
+- MSD targets into backbone (not run by default): MSD with
+  `targets_into_backbone=True`, the paper's routing of the target heads
+  (S2SD's default before "auto");
 - MSD detached targets (not run by default): MSD with
   `targets_into_backbone=False`, the target heads trained on φ held constant,
   so only f's metric loss trains the backbone;
@@ -243,13 +246,14 @@ def _build_s2sd(variant: str, args, gamma: float, backbone) -> keras.Model:
     )
 
 
-def targets_into_backbone(variant: str, args) -> bool:
-    """Whether the target heads' metric losses train the backbone in this run."""
+def targets_into_backbone(variant: str, args) -> bool | str:
+    """Whether the target heads' metric losses train the backbone in this run ("auto": S2SD's)."""
     if variant == "MSD detached targets":
         return False
-    if variant == "MSD paper":
+    if variant in ("MSD paper", "MSD targets into backbone"):
         return True
-    return args.targets_into_backbone
+    value = getattr(args, "targets_into_backbone", "auto")
+    return {"true": True, "false": False}.get(value, value)
 
 
 def make_loss(name: str):
@@ -410,10 +414,13 @@ def main(argv=None) -> dict:
                              "Dense(128, relu) on it; conv1d for signals (64-d)")
     parser.add_argument("--distillation-into-backbone", action="store_true",
                         help="DSD/MSD/MSDF distil into the backbone too (the paper's routing)")
-    parser.add_argument("--targets-into-backbone", action=argparse.BooleanOptionalAction,
-                        default=True, help="DSD/MSD/MSDF: the target heads' metric losses "
-                        "train the backbone (--no-targets-into-backbone: heads on φ held "
-                        "constant)")
+    parser.add_argument("--targets-into-backbone", choices=["auto", "true", "false"],
+                        default="auto", help="DSD/MSD/MSDF: whether the target heads' metric "
+                        "losses train the backbone (false: heads on φ held constant; auto, "
+                        "S2SD's default: true when φ is at least as wide as every target head)")
+    parser.add_argument("--no-targets-into-backbone", dest="targets_into_backbone",
+                        action="store_const", const="false", help="same as "
+                        "--targets-into-backbone false")
     parser.add_argument("--target-dims", type=int, nargs="+", default=[128, 256, 384, 512])
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--gamma", type=float, default=50.0, help="γ of DSD/MSD/MSDF")
@@ -436,7 +443,7 @@ def main(argv=None) -> dict:
                         default="multi_similarity")
     parser.add_argument("--variants", nargs="+", default=["baseline", "DSD", "MSD", "MSDF"],
                         choices=["baseline", "DSD", "MSD", "MSDF", "MSD paper",
-                                 "MSD detached targets", "FD"])
+                                 "MSD detached targets", "MSD targets into backbone", "FD"])
     parser.add_argument("--eval-every", type=int, default=5,
                         help="score 5-9 every N epochs (0: only at the end)")
     parser.add_argument("--paired", action=argparse.BooleanOptionalAction, default=True,

@@ -9,7 +9,8 @@ the method. Variants:
   the same optimum, and under Adam nearly the same updates (Adam divides the
   gradient by its running scale, up to its epsilon): how much a perturbation
   that should change nothing moves MAP@R here, i.e. the noise floor;
-- `MSD`: S2SD's defaults (4 target heads, gamma 50, the KL into f only);
+- `MSD`: S2SD's defaults (4 target heads, gamma 50, the KL into f only; the
+  target heads' routing from `--targets-into-backbone`, default auto);
 - `MSD_w1`: the same with f's metric loss weighted 1 instead of S2SD's 1/2.
 
 Prints each run and a summary: mean ± std MAP@R on the unseen classes, and
@@ -58,6 +59,9 @@ def main(argv=None) -> None:
     parser.add_argument("--epochs", type=int, default=None,
                         help="default: 20 (digits), 15 (signals), 3 (glyphs)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--targets-into-backbone", choices=["auto", "true", "false"],
+                        default="auto", help="MSD's routing of the target heads (S2SD's default: "
+                        "auto)")
     args = parser.parse_args(argv)
     dataset = {"conv1d": "signals", "glyphconv": "glyphs", "glyphgap": "glyphs"}.get(
         args.backbone, "digits")
@@ -67,7 +71,7 @@ def main(argv=None) -> None:
         learning_rate=1e-3, loss="multi_similarity", eval_every=0, paired=True,
         samples_per_class=4 if dataset == "glyphs" else 0,
         target_dims=[128, 256, 384, 512], temperature=1.0, feature_delay=20,
-        distillation_into_backbone=False, targets_into_backbone=True,
+        distillation_into_backbone=False, targets_into_backbone=args.targets_into_backbone,
     )
     data = {"digits": bench.load_digits_zero_shot,
             "signals": lambda: bench.load_signals_zero_shot(400),

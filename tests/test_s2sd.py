@@ -250,6 +250,32 @@ def test_detached_targets_leave_only_fs_metric_loss_to_train_the_backbone():
     assert S2SD.from_config(config).targets_into_backbone is True
 
 
+@pytest.mark.parametrize("features, into", [(24, True), (32, True), (16, False)])
+def test_auto_routing_detaches_the_targets_only_when_phi_is_narrower(features, into):
+    keras.utils.set_random_seed(0)
+    x, y = make_data(n=16)
+    model = S2SD(make_backbone(features), embedding_dim=4, target_dims=(8, 24))
+    assert model.targets_into_backbone == "auto"
+    model.compile(optimizer="sgd", loss=keras_dml.MultiSimilarityLoss())
+    model(x[:2])
+    assert model.targets_into_backbone_resolved is into
+    grads = variable_gradients(
+        model, lambda: model.compute_loss_terms(x, y, training=True)["target_24_loss"]
+    )
+    assert (gradient_norm(grads, "backbone") > 0.0) is into
+    assert gradient_norm(grads, "target_24") > 0.0
+    restored = S2SD.from_config(model.get_config())
+    assert restored.targets_into_backbone == "auto"
+    restored(x[:2])
+    assert restored.targets_into_backbone_resolved is into
+
+
+def test_targets_into_backbone_rejects_other_values():
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match="targets_into_backbone"):
+            S2SD(make_backbone(), target_dims=(8,), targets_into_backbone=bad)
+
+
 def test_loss_is_half_the_metric_losses_plus_weighted_distillations():
     keras.utils.set_random_seed(0)
     x, y = make_data(n=16)

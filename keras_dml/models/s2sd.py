@@ -144,6 +144,11 @@ class S2SD(BackboneModel):
     backbone, the backbone reduces the KL by moving φ to where f's and the
     g_i's similarity matrices agree (all samples alike) rather than where
     classes separate; f's and the targets' metric losses then stall.
+    The target heads' own metric losses train the backbone when φ is at
+    least as wide as the widest head (`targets_into_backbone="auto"`, the
+    default); on a narrower φ they cost MAP@R against the plain model in
+    paired runs, so there the heads see φ held constant and the backbone
+    trains on f's metric loss alone, as in the plain model.
 
     Variants, chosen by the arguments (the paper's names):
 
@@ -184,17 +189,19 @@ class S2SD(BackboneModel):
     defaults to `distillation_weight` (the code's 50) and
     `feature_distillation_delay=1000` training steps (the code's default;
     scale it to your schedule, as it was set for ~150 epochs of CUB200).
-    One default departs from the paper: `distillation_into_backbone=False`
-    (see "Gradient routing" above). The paper's exact configuration is
-    `S2SD(backbone, distillation_into_backbone=True)`, which is what models
-    saved before that argument existed load with.
+    Two defaults depart from the paper: `distillation_into_backbone=False`
+    and `targets_into_backbone="auto"` (see "Gradient routing" above; "auto"
+    is the paper's routing whenever φ is as wide as the heads). The paper's
+    exact configuration is `S2SD(backbone, distillation_into_backbone=True,
+    targets_into_backbone=True)`, which is what models saved before those
+    arguments existed load with.
 
     Args:
         backbone: a Keras model or layer mapping inputs to `(batch, F)`
             features φ (pooled, not yet an embedding), ideally wider than
-            every target head, as a ResNet's 2048-d pooled features are: on
-            a narrow learnt projection (F below the target widths) the
-            distillation hurt in our digits benchmark (BENCHMARKS.md).
+            every target head, as a ResNet's 2048-d pooled features are (on
+            a narrower φ the target heads do not train the backbone, see
+            `targets_into_backbone`).
         embedding_dim: width of the base embedding f used at test time.
         target_dims: widths of the target heads g_i; `()` for none. The
             paper's are 4-16x its 128-d f; keep that ratio for other widths.
@@ -217,12 +224,16 @@ class S2SD(BackboneModel):
             gets the metric losses' gradients alone and S2SD cannot pull it
             below the plain model on small from-scratch backbones.
         targets_into_backbone: let the target heads' metric losses train the
-            backbone, as in the paper (the default). With `False` the target
-            heads are computed on φ held constant (`stop_gradient`), so with
-            `distillation_into_backbone=False` only f's metric loss trains
-            the backbone. Tried as a fix for S2SD's loss on a narrow learnt φ
-            and not adopted: it did not close that gap and was no better than
-            the default elsewhere (issue 14, BENCHMARKS.md).
+            backbone (`True`, the paper's), or compute the target heads on φ
+            held constant (`False`, `stop_gradient`: with
+            `distillation_into_backbone=False` only f's metric loss then
+            trains the backbone, as in the plain model). `"auto"` (the
+            default) is `True` when φ is at least as wide as the widest
+            target head (a ResNet's 2048-d pooled features under the paper's
+            512-2048-d heads) and `False` when φ is narrower, where the target
+            heads' gradient cost MAP@R against the plain model in paired runs
+            (issue 14, BENCHMARKS.md). `targets_into_backbone_resolved` tells
+            which one a built model uses.
         **kwargs: `keras.Model` arguments (`name`, ...).
 
     Example:
@@ -257,13 +268,22 @@ class S2SD(BackboneModel):
         base_head: keras.layers.Layer | None = None,
         cross_replica: bool = True,
         distillation_into_backbone: bool = False,
-        targets_into_backbone: bool = True,
+        targets_into_backbone: bool | str = "auto",
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.cross_replica = bool(cross_replica)
         self.distillation_into_backbone = bool(distillation_into_backbone)
-        self.targets_into_backbone = bool(targets_into_backbone)
+        if not (isinstance(targets_into_backbone, bool) or targets_into_backbone == "auto"):
+            raise ValueError(
+                f"`targets_into_backbone` must be True, False or 'auto', got "
+                f"{targets_into_backbone!r}."
+            )
+        self.targets_into_backbone = targets_into_backbone
+        # Resolved from φ's width when the heads are built ("auto").
+        self._targets_into_backbone = (
+            None if targets_into_backbone == "auto" else targets_into_backbone
+        )
         if not isinstance(backbone, keras.layers.Layer):
             raise ValueError(f"`backbone` must be a Keras model or layer, got {type(backbone)}.")
         if base_head is not None and not isinstance(base_head, keras.layers.Layer):
@@ -373,6 +393,8 @@ class S2SD(BackboneModel):
                 "`backbone` must output features of shape (batch, F) with a known F (pool "
                 f"feature maps first), got shape {feature_shape}."
             )
+        if self._targets_into_backbone is None:
+            self._targets_into_backbone = feature_shape[-1] >= max(self.target_dims, default=0)
         for layer in (self.embedding_head, *self.target_heads):
             if not layer.built:
                 layer.build(feature_shape)
@@ -422,7 +444,10 @@ class S2SD(BackboneModel):
         terms = {"base_loss": self._branch_loss(labels, embeddings, self.base_head, training)}
         # With `targets_into_backbone=False` the target heads see φ held
         # constant: their metric losses train their own weights only.
-        target_inputs = features if self.targets_into_backbone else ops.stop_gradient(features)
+        into = self.targets_into_backbone_resolved
+        if into is None:  # not built yet (a direct call): resolve from φ now
+            into = features.shape[-1] >= max(self.target_dims, default=0)
+        target_inputs = features if into else ops.stop_gradient(features)
         target_embeddings = [head(target_inputs, training=training) for head in self.target_heads]
         margin_heads = self.target_margin_heads or [None] * len(self.target_heads)
         branches = zip(self.target_dims, target_embeddings, margin_heads, strict=True)
@@ -555,6 +580,11 @@ class S2SD(BackboneModel):
         """Embeddings of `x` from backbone + f, as a NumPy array."""
         return self.predict(x, batch_size=batch_size, verbose=verbose)
 
+    @property
+    def targets_into_backbone_resolved(self) -> bool | None:
+        """Whether the target heads' metric losses train the backbone (None before `build`)."""
+        return self._targets_into_backbone
+
     # -- serialisation ------------------------------------------------------------
 
     def get_config(self) -> dict:
@@ -586,6 +616,8 @@ class S2SD(BackboneModel):
         config = dict(config)
         # Models saved before the argument existed distilled into the backbone.
         config.setdefault("distillation_into_backbone", True)
+        # ... and let the target heads train the backbone.
+        config.setdefault("targets_into_backbone", True)
         backbone = keras.saving.deserialize_keras_object(
             config.pop("backbone"), custom_objects=custom_objects
         )
