@@ -17,24 +17,17 @@ import datetime
 import importlib.util
 import os
 import platform
+import sys
 import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
+from bench_serving import embedding_like  # noqa: E402
 
 from keras_dml.index import ExactIndex, MilvusIndex, ScaNNIndex, ShardedIndex  # noqa: E402
-
-
-def embedding_like(n: int, dim: int, seed: int) -> np.ndarray:
-    """Class-clustered vectors with low intrinsic dimension, like trained embeddings."""
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(50, dim)).astype("float32")
-    basis = (rng.normal(size=(16, dim)) / 4.0).astype("float32")
-    labels = rng.integers(0, 50, size=n)
-    x = centres[labels] + rng.normal(size=(n, 16)).astype("float32") @ basis
-    return x + 0.1 * rng.normal(size=(n, dim)).astype("float32")
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:

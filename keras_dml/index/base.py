@@ -72,6 +72,26 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def check_metadata(metadata: Sequence[Any] | None, n: int) -> list[Any] | None:
+    """`metadata` as a list of `n` JSON-serialisable entries (None stays None).
+
+    Raises:
+        ValueError: if the length is not `n` or an entry is not JSON serialisable.
+    """
+    if metadata is None:
+        return None
+    metadata = list(metadata)
+    if len(metadata) != n:
+        raise ValueError(
+            f"`metadata` must have one entry per embedding ({n}), got {len(metadata)}."
+        )
+    try:
+        json.dumps(metadata)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"`metadata` must be JSON serialisable: {error}") from None
+    return metadata
+
+
 class Index(abc.ABC):
     """Base class of every index (`ExactIndex`, `ScaNNIndex`, ...): add, search, save, load.
 
@@ -193,16 +213,7 @@ class Index(abc.ABC):
         embeddings = np.ascontiguousarray(self._check_matrix(embeddings, "embeddings"))
         n = embeddings.shape[0]
         ids = self._check_new_ids(ids, n)
-        if metadata is not None:
-            metadata = list(metadata)
-            if len(metadata) != n:
-                raise ValueError(
-                    f"`metadata` must have one entry per embedding ({n}), got {len(metadata)}."
-                )
-            try:
-                json.dumps(metadata)
-            except (TypeError, ValueError) as error:
-                raise ValueError(f"`metadata` must be JSON serialisable: {error}") from None
+        metadata = check_metadata(metadata, n)
         if n == 0:
             return
         if self.normalize:

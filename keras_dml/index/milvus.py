@@ -35,6 +35,7 @@ from keras_dml.index.base import (
     Index,
     _header_digest,
     all_finite,
+    check_metadata,
     l2_normalize_rows,
 )
 
@@ -270,16 +271,7 @@ class MilvusIndex(Index):
             raise ValueError("`embeddings` contains NaN or Inf values.")
         n = x.shape[0]
         ids = self._check_milvus_ids(ids, n)
-        if metadata is not None:
-            metadata = list(metadata)
-            if len(metadata) != n:
-                raise ValueError(
-                    f"`metadata` must have one entry per embedding ({n}), got {len(metadata)}."
-                )
-            try:
-                json.dumps(metadata)
-            except (TypeError, ValueError) as error:
-                raise ValueError(f"`metadata` must be JSON serialisable: {error}") from None
+        metadata = check_metadata(metadata, n)
         if n == 0:
             return
         if self.normalize:

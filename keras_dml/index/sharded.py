@@ -37,6 +37,7 @@ from keras_dml.index.base import (
     _header_digest,
     _sha256,
     all_finite,
+    check_metadata,
 )
 
 _SHARD_PREFIX = "shard-"
@@ -307,16 +308,7 @@ class ShardedIndex(Index):
             raise ValueError("`embeddings` contains NaN or Inf values.")
         n = x.shape[0]
         ids = self._check_sharded_ids(ids, n)
-        if metadata is not None:
-            metadata = list(metadata)
-            if len(metadata) != n:
-                raise ValueError(
-                    f"`metadata` must have one entry per embedding ({n}), got {len(metadata)}."
-                )
-            try:
-                json.dumps(metadata)
-            except (TypeError, ValueError) as error:
-                raise ValueError(f"`metadata` must be JSON serialisable: {error}") from None
+        metadata = check_metadata(metadata, n)
         if n == 0:
             return
         where = shard_of_ids(ids, self.num_shards)
