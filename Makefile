@@ -3,7 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# Tests whose code is backend-agnostic run again under JAX and under torch (CPU).
+# Tests whose code is backend-agnostic run again under JAX and under torch (CPU). Tests of
+# code that runs in NumPy on the host whatever the backend (retrieval metrics, re-ranking,
+# verification metrics) run once, under TensorFlow.
 BACKEND_AGNOSTIC_TESTS = $(shell cat tests/backend_agnostic.txt 2>/dev/null)
 
 export TF_CPP_MIN_LOG_LEVEL ?= 2
