@@ -72,6 +72,67 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def check_matrix(x, name: str, dim: int | None, rows: str = "num_vectors") -> np.ndarray:
+    """`x` as a finite float32 `(n, dim)` array; errors name `name` and the expected `dim`."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"`{name}` must have shape ({rows}, dim), got shape {x.shape}.")
+    if dim is not None and x.shape[1] != dim:
+        raise ValueError(
+            f"`{name}` has dimension {x.shape[1]} but the index holds vectors of "
+            f"dimension {dim}."
+        )
+    if not all_finite(x):
+        raise ValueError(f"`{name}` contains NaN or Inf values.")
+    return x
+
+
+def check_k(k, size: int) -> int:
+    """`k` as an int in `[1, size]`; raises if the index is empty or `k` is out of range."""
+    if size == 0:
+        raise ValueError("The index is empty: call `add()` before `search()`.")
+    if type(k) is not int:  # the common case skips the slower checks
+        if isinstance(k, bool) or not isinstance(k, np.integer):
+            raise ValueError(f"`k` must be a positive integer, got {k!r}.")
+        k = int(k)
+    if k < 1:
+        raise ValueError(f"`k` must be a positive integer, got {k!r}.")
+    if k > size:
+        raise ValueError(f"`k` ({k}) is larger than the number of indexed items ({size}).")
+    return k
+
+
+def coerce_ids(ids, n: int, kind: str | None) -> np.ndarray:
+    """`ids` as `n` unique int64 (kind "i") or str (kind "U") ids; `kind=None`: either.
+
+    Raises:
+        ValueError: wrong shape, a uint64 beyond int64, another dtype, a kind
+            other than the index's, or duplicates.
+    """
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or ids.shape[0] != n:
+        raise ValueError(f"`ids` must be a 1-D sequence of {n} ids, got shape {ids.shape}.")
+    if n == 0:
+        return ids.astype(str if kind == "U" else np.int64)
+    if ids.dtype.kind == "u" and ids.max() > np.iinfo(np.int64).max:
+        raise ValueError(
+            f"`ids` holds {ids.max()}, beyond the int64 range ids are stored in; "
+            "use ids below 2**63 or string ids."
+        )
+    if ids.dtype.kind in "iu":
+        ids = ids.astype(np.int64)
+    elif ids.dtype.kind in "US":
+        ids = ids.astype(str)
+    else:
+        raise ValueError(f"`ids` must be integers or strings, got dtype {ids.dtype}.")
+    if kind is not None and ids.dtype.kind != kind:
+        expected = "integer" if kind == "i" else "string"
+        raise ValueError(f"`ids` must be {expected} ids like the ones already in the index.")
+    if np.unique(ids).shape[0] != n:
+        raise ValueError("`ids` contains duplicates.")
+    return ids
+
+
 def check_metadata(metadata: Sequence[Any] | None, n: int) -> list[Any] | None:
     """`metadata` as a list of `n` JSON-serialisable entries (None stays None).
 
@@ -233,17 +294,8 @@ class Index(abc.ABC):
         self._on_change()
 
     def _check_matrix(self, x, name: str) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float32)
-        if x.ndim != 2:
-            raise ValueError(f"`{name}` must have shape (num_vectors, dim), got shape {x.shape}.")
-        if self._embeddings is not None and x.shape[1] != self._embeddings.shape[1]:
-            raise ValueError(
-                f"`{name}` has dimension {x.shape[1]} but the index holds vectors of "
-                f"dimension {self.dim}."
-            )
-        if not all_finite(x):
-            raise ValueError(f"`{name}` contains NaN or Inf values.")
-        return x
+        dim = None if self._embeddings is None else self._embeddings.shape[1]
+        return check_matrix(x, name, dim)
 
     def _check_new_ids(self, ids, n: int) -> np.ndarray:
         integer_ids = self._ids is None or self._ids.dtype.kind == "i"
@@ -252,27 +304,7 @@ class Index(abc.ABC):
                 raise ValueError("`ids` are required: this index holds string ids.")
             start = int(self._ids.max()) + 1 if len(self) else 0
             return np.arange(start, start + n, dtype=np.int64)
-        ids = np.asarray(ids)
-        if ids.ndim != 1 or ids.shape[0] != n:
-            raise ValueError(f"`ids` must be a 1-D sequence of {n} ids, got shape {ids.shape}.")
-        if n == 0:
-            return ids.astype(np.int64 if integer_ids else str)
-        if ids.dtype.kind == "u" and ids.max() > np.iinfo(np.int64).max:
-            raise ValueError(
-                f"`ids` holds {ids.max()}, beyond the int64 range ids are stored in; "
-                "use ids below 2**63 or string ids."
-            )
-        if ids.dtype.kind in "iu":
-            ids = ids.astype(np.int64)
-        elif ids.dtype.kind in "US":
-            ids = ids.astype(str)
-        else:
-            raise ValueError(f"`ids` must be integers or strings, got dtype {ids.dtype}.")
-        if self._ids is not None and (ids.dtype.kind == "i") != integer_ids:
-            kind = "integer" if integer_ids else "string"
-            raise ValueError(f"`ids` must be {kind} ids like the ones already in the index.")
-        if np.unique(ids).shape[0] != n:
-            raise ValueError("`ids` contains duplicates.")
+        ids = coerce_ids(ids, n, None if self._ids is None else ("i" if integer_ids else "U"))
         if len(self) and any(key in self._lookup() for key in ids.tolist()):
             raise ValueError("`ids` contains ids that are already in the index.")
         return ids
@@ -317,17 +349,7 @@ class Index(abc.ABC):
         >>> ids.tolist()
         [20, 30]
         """
-        size = len(self)
-        if size == 0:
-            raise ValueError("The index is empty: call `add()` before `search()`.")
-        if type(k) is not int:  # the common case skips the slower checks
-            if isinstance(k, bool) or not isinstance(k, np.integer):
-                raise ValueError(f"`k` must be a positive integer, got {k!r}.")
-            k = int(k)
-        if k < 1:
-            raise ValueError(f"`k` must be a positive integer, got {k!r}.")
-        if k > size:
-            raise ValueError(f"`k` ({k}) is larger than the number of indexed items ({size}).")
+        k = check_k(k, len(self))
         queries = np.asarray(queries, dtype=np.float32)
         if queries.ndim == 1:
             # One query: its own path, since per-call overhead is most of the

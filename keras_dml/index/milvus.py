@@ -34,7 +34,8 @@ from keras_dml.index.base import (
     FORMAT_VERSION,
     Index,
     _header_digest,
-    all_finite,
+    check_k,
+    check_matrix,
     check_metadata,
     l2_normalize_rows,
 )
@@ -257,18 +258,7 @@ class MilvusIndex(Index):
 
         Same checks and errors as `Index.add`; ids must be integers.
         """
-        x = np.asarray(embeddings, dtype=np.float32)
-        if x.ndim != 2:
-            raise ValueError(
-                f"`embeddings` must have shape (num_vectors, dim), got shape {x.shape}."
-            )
-        if self._dim is not None and x.shape[1] != self._dim:
-            raise ValueError(
-                f"`embeddings` has dimension {x.shape[1]} but the index holds vectors of "
-                f"dimension {self._dim}."
-            )
-        if not all_finite(x):
-            raise ValueError("`embeddings` contains NaN or Inf values.")
+        x = check_matrix(embeddings, "embeddings", self._dim)
         n = x.shape[0]
         ids = self._check_milvus_ids(ids, n)
         metadata = check_metadata(metadata, n)
@@ -333,32 +323,12 @@ class MilvusIndex(Index):
     def search(self, queries, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """Finds the `k` nearest items in Milvus; same arguments, results and errors as
         `Index.search` (ties in score are ordered by id)."""
-        size = self._size
-        if size == 0:
-            raise ValueError("The index is empty: call `add()` before `search()`.")
-        if type(k) is not int:
-            if isinstance(k, bool) or not isinstance(k, np.integer):
-                raise ValueError(f"`k` must be a positive integer, got {k!r}.")
-            k = int(k)
-        if k < 1:
-            raise ValueError(f"`k` must be a positive integer, got {k!r}.")
-        if k > size:
-            raise ValueError(f"`k` ({k}) is larger than the number of indexed items ({size}).")
+        k = check_k(k, self._size)
         queries = np.asarray(queries, dtype=np.float32)
         single = queries.ndim == 1
         if single:
             queries = queries[None]
-        if queries.ndim != 2:
-            raise ValueError(
-                f"`queries` must have shape (num_queries, dim), got shape {queries.shape}."
-            )
-        if queries.shape[1] != self._dim:
-            raise ValueError(
-                f"`queries` has dimension {queries.shape[1]} but the index holds vectors of "
-                f"dimension {self._dim}."
-            )
-        if not all_finite(queries):
-            raise ValueError("`queries` contains NaN or Inf values.")
+        queries = check_matrix(queries, "queries", self._dim, rows="num_queries")
         if self.normalize:
             queries = l2_normalize_rows(queries)
         ids = np.zeros((queries.shape[0], k), np.int64)

@@ -36,8 +36,10 @@ from keras_dml.index.base import (
     Index,
     _header_digest,
     _sha256,
-    all_finite,
+    check_k,
+    check_matrix,
     check_metadata,
+    coerce_ids,
 )
 
 _SHARD_PREFIX = "shard-"
@@ -293,19 +295,7 @@ class ShardedIndex(Index):
         Everything is checked before any shard changes, with the same rules
         and errors as `Index.add`.
         """
-        x = np.asarray(embeddings, dtype=np.float32)
-        if x.ndim != 2:
-            raise ValueError(
-                f"`embeddings` must have shape (num_vectors, dim), got shape {x.shape}."
-            )
-        dim = self.dim
-        if dim is not None and x.shape[1] != dim:
-            raise ValueError(
-                f"`embeddings` has dimension {x.shape[1]} but the index holds vectors of "
-                f"dimension {dim}."
-            )
-        if not all_finite(x):
-            raise ValueError("`embeddings` contains NaN or Inf values.")
+        x = check_matrix(embeddings, "embeddings", self.dim)
         n = x.shape[0]
         ids = self._check_sharded_ids(ids, n)
         metadata = check_metadata(metadata, n)
@@ -329,27 +319,7 @@ class ShardedIndex(Index):
                 raise ValueError("`ids` are required: this index holds string ids.")
             start = int(max(int(s.ids.max()) for s in self._filled())) + 1 if len(self) else 0
             return np.arange(start, start + n, dtype=np.int64)
-        ids = np.asarray(ids)
-        if ids.ndim != 1 or ids.shape[0] != n:
-            raise ValueError(f"`ids` must be a 1-D sequence of {n} ids, got shape {ids.shape}.")
-        if n == 0:
-            return ids.astype(str if kind == "U" else np.int64)
-        if ids.dtype.kind == "u" and ids.max() > np.iinfo(np.int64).max:
-            raise ValueError(
-                f"`ids` holds {ids.max()}, beyond the int64 range ids are stored in; "
-                "use ids below 2**63 or string ids."
-            )
-        if ids.dtype.kind in "iu":
-            ids = ids.astype(np.int64)
-        elif ids.dtype.kind in "US":
-            ids = ids.astype(str)
-        else:
-            raise ValueError(f"`ids` must be integers or strings, got dtype {ids.dtype}.")
-        if kind is not None and ids.dtype.kind != kind:
-            expected = "integer" if kind == "i" else "string"
-            raise ValueError(f"`ids` must be {expected} ids like the ones already in the index.")
-        if np.unique(ids).shape[0] != n:
-            raise ValueError("`ids` contains duplicates.")
+        ids = coerce_ids(ids, n, kind)
         # Shards given by the caller need not follow the hash: look everywhere.
         for shard in self._filled():
             table = shard._lookup()
@@ -375,32 +345,12 @@ class ShardedIndex(Index):
         Same arguments, results and errors as `Index.search`; ties in score
         are ordered by id.
         """
-        size = len(self)
-        if size == 0:
-            raise ValueError("The index is empty: call `add()` before `search()`.")
-        if type(k) is not int:
-            if isinstance(k, bool) or not isinstance(k, np.integer):
-                raise ValueError(f"`k` must be a positive integer, got {k!r}.")
-            k = int(k)
-        if k < 1:
-            raise ValueError(f"`k` must be a positive integer, got {k!r}.")
-        if k > size:
-            raise ValueError(f"`k` ({k}) is larger than the number of indexed items ({size}).")
+        k = check_k(k, len(self))
         queries = np.asarray(queries, dtype=np.float32)
         single = queries.ndim == 1
         if single:
             queries = queries[None]
-        if queries.ndim != 2:
-            raise ValueError(
-                f"`queries` must have shape (num_queries, dim), got shape {queries.shape}."
-            )
-        if queries.shape[1] != self.dim:
-            raise ValueError(
-                f"`queries` has dimension {queries.shape[1]} but the index holds vectors of "
-                f"dimension {self.dim}."
-            )
-        if not all_finite(queries):
-            raise ValueError("`queries` contains NaN or Inf values.")
+        queries = check_matrix(queries, "queries", self.dim, rows="num_queries")
         filled = self._filled()
         if queries.shape[0] == 0:
             kind = filled[0].ids.dtype
