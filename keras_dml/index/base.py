@@ -133,6 +133,17 @@ def coerce_ids(ids, n: int, kind: str | None) -> np.ndarray:
     return ids
 
 
+def map_ids(array: np.ndarray, fetch) -> Any:
+    """`fetch(id)` for every id of `array`, as nested lists shaped like it (a value for 0-d)."""
+    if array.ndim == 0:
+        return fetch(array.item())
+    # Filled element by element: NumPy would otherwise unpack list-valued metadata.
+    out = np.empty(array.size, dtype=object)
+    for position, key in enumerate(array.reshape(-1).tolist()):
+        out[position] = fetch(key)
+    return out.reshape(array.shape).tolist()
+
+
 def check_metadata(metadata: Sequence[Any] | None, n: int) -> list[Any] | None:
     """`metadata` as a list of `n` JSON-serialisable entries (None stays None).
 
@@ -454,13 +465,7 @@ class Index(abc.ABC):
                 raise KeyError(f"Id {key!r} is not in the index.")
             return None if metadata is None else metadata[table[key]]
 
-        if array.ndim == 0:
-            return fetch(array.item())
-        # Filled element by element: NumPy would otherwise unpack list-valued metadata.
-        out = np.empty(array.size, dtype=object)
-        for position, key in enumerate(array.reshape(-1).tolist()):
-            out[position] = fetch(key)
-        return out.reshape(array.shape).tolist()
+        return map_ids(array, fetch)
 
     # ----------------------------------------------------------------- config
 

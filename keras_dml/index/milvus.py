@@ -38,6 +38,7 @@ from keras_dml.index.base import (
     check_matrix,
     check_metadata,
     l2_normalize_rows,
+    map_ids,
 )
 
 _METRICS = {"dot": "IP", "squared_l2": "L2"}
@@ -385,12 +386,7 @@ class MilvusIndex(Index):
             value = found[int(key)]
             return None if value is None else value.get("value")
 
-        if array.ndim == 0:
-            return fetch(array.item())
-        out = np.empty(array.size, dtype=object)
-        for position, key in enumerate(array.reshape(-1).tolist()):
-            out[position] = fetch(key)
-        return out.reshape(array.shape).tolist()
+        return map_ids(array, fetch)
 
     # ----------------------------------------------------------------- config
 

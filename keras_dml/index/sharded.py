@@ -40,6 +40,7 @@ from keras_dml.index.base import (
     check_matrix,
     check_metadata,
     coerce_ids,
+    map_ids,
 )
 
 _SHARD_PREFIX = "shard-"
@@ -386,12 +387,7 @@ class ShardedIndex(Index):
                     return None if metadata is None else metadata[row]
             raise KeyError(f"Id {key!r} is not in the index.")
 
-        if array.ndim == 0:
-            return fetch(array.item())
-        out = np.empty(array.size, dtype=object)
-        for position, key in enumerate(array.reshape(-1).tolist()):
-            out[position] = fetch(key)
-        return out.reshape(array.shape).tolist()
+        return map_ids(array, fetch)
 
     def build(self) -> None:
         """Builds every shard's searcher now (for shards that have one, e.g. ScaNN)."""
