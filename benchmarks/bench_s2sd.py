@@ -243,6 +243,7 @@ def _build_s2sd(variant: str, args, gamma: float, backbone) -> keras.Model:
         feature_distillation_delay=args.feature_delay,
         distillation_into_backbone=into_backbone,
         targets_into_backbone=targets_into,
+        distillation_warmup=getattr(args, "distillation_warmup", 0),
     )
 
 
@@ -412,6 +413,8 @@ def main(argv=None) -> dict:
                                                "glyphgap"], default=None,
                         help="features φ: digits' conv trunk (1024-d, the default there) or a "
                              "Dense(128, relu) on it; conv1d for signals (64-d)")
+    parser.add_argument("--distillation-warmup", type=int, default=0,
+                        help="S2SD's `distillation_warmup` (steps) for every S2SD variant")
     parser.add_argument("--distillation-into-backbone", action="store_true",
                         help="DSD/MSD/MSDF distil into the backbone too (the paper's routing)")
     parser.add_argument("--targets-into-backbone", choices=["auto", "true", "false"],
@@ -426,6 +429,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--gamma", type=float, default=50.0, help="γ of DSD/MSD/MSDF")
     parser.add_argument("--gammas", type=float, nargs="*", default=[0.0, 5.0, 20.0, 50.0, 200.0],
                         help="γ values of the MSD sweep, run under both routings (none: no sweep)")
+    parser.add_argument("--warmups", type=float, nargs="*", default=[],
+                        help="MSD at --gamma with `distillation_warmup` set to these fractions "
+                             "of all training steps (γ ramps in linearly); none by default")
     parser.add_argument("--sweep-seeds", type=int, default=None,
                         help="seeds of the γ sweep (default: --seeds)")
     parser.add_argument("--sweep-paper-routing", action=argparse.BooleanOptionalAction,
@@ -510,7 +516,8 @@ def main(argv=None) -> dict:
         into = variant == "MSD paper" or config.distillation_into_backbone
         key = (variant.split()[0], gamma, config.temperature, config.learning_rate,
                config.backbone, tuple(config.target_dims), into,
-               targets_into_backbone(variant, config), len(run_seeds))
+               targets_into_backbone(variant, config), len(run_seeds),
+               getattr(config, "distillation_warmup", 0))
         if key not in done:
             done[key] = []
             for seed in run_seeds:
@@ -539,6 +546,15 @@ def main(argv=None) -> dict:
                 continue  # at γ=0 nothing is distilled: both routings are the same model
             sweep[name] = configuration(name, variant, g, run_seeds=sweep_seeds,
                                         distillation_into_backbone=False)
+
+    # Warm-up sweep: MSD at --gamma with γ ramped in over a fraction of all training steps.
+    steps_per_epoch = len(range(0, len(data[0][0]), args.batch_size))
+    for fraction in args.warmups:
+        warmup = int(round(fraction * args.epochs * steps_per_epoch))
+        name = f"MSD γ={args.gamma:g} warm-up {fraction:g} ({warmup} steps)"
+        sweep[name] = configuration(name, "MSD", args.gamma, run_seeds=sweep_seeds,
+                                    distillation_into_backbone=False,
+                                    distillation_warmup=warmup)
 
     investigation: dict[str, list] = {}
     for temperature in args.temperatures:

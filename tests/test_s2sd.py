@@ -314,6 +314,49 @@ def test_loss_is_half_the_metric_losses_plus_weighted_distillations():
     assert int(np_(model.feature_distillation_step)) == 3
 
 
+def test_distillation_warmup_ramps_gamma_linearly_then_holds_it():
+    keras.utils.set_random_seed(0)
+    x, y = make_data(n=16)
+    model = S2SD(make_backbone(), embedding_dim=4, target_dims=(8,), distillation_weight=3.0,
+                 distillation_warmup=4)
+    loss_fn = keras_dml.TripletLoss(margin=0.2)
+    model.compile(optimizer="sgd", loss=loss_fn)
+    outputs = model(x, training=True)
+    terms = model.compute_loss_terms(x, y, training=True)
+    metric = 0.5 * (float(np_(terms["base_loss"])) + float(np_(terms["target_8_loss"])))
+    distillation = float(np_(terms["distillation"]))
+    assert distillation > 0
+    for step in range(6):
+        loss = float(np_(model.compute_loss(x, y, outputs, training=True)))
+        ramp = min(1.0, (step + 1) / 4)
+        assert loss == pytest.approx(metric + 3.0 * ramp * distillation, rel=1e-5)
+    # Evaluation does not advance the warm-up.
+    model.compute_loss(x, y, outputs, training=False)
+    assert int(np_(model._training_step)) == 6
+    # No warm-up and no feature distillation: no step variable, the weights of old models.
+    plain = S2SD(make_backbone(), embedding_dim=4, target_dims=(8,))
+    assert plain._training_step is None
+
+
+def test_distillation_warmup_round_trips_and_rejects_bad_values(tmp_path):
+    with pytest.raises(ValueError, match="distillation_warmup"):
+        S2SD(make_backbone(), distillation_warmup=-1)
+    with pytest.raises(ValueError, match="distillation_warmup"):
+        S2SD(make_backbone(), distillation_warmup=2.5)
+    x, y = make_data(n=16)
+    model = S2SD(make_backbone(), embedding_dim=4, target_dims=(8,), distillation_warmup=10)
+    model.compile(optimizer="adam", loss=keras_dml.MultiSimilarityLoss())
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert S2SD.from_config(model.get_config()).distillation_warmup == 10
+    path = str(tmp_path / "s2sd.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.distillation_warmup == 10
+    assert int(np_(loaded._training_step)) == 2
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0),
+                               atol=1e-6)
+
+
 # -- training, inference, serialisation --------------------------------------------
 
 

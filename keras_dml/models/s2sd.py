@@ -212,6 +212,11 @@ class S2SD(BackboneModel):
         feature_distillation_weight: γ_φ; defaults to `distillation_weight`.
         feature_distillation_delay: number of training steps before the
             feature distillation is switched on (it is logged before that).
+        distillation_warmup: number of training steps over which γ ramps
+            linearly from 0 to its value (step s uses γ·min(1, (s+1)/N); the
+            same factor multiplies γ_φ); `0` (the default, the paper's)
+            distils at full weight from the first step. The γ and warm-up sweeps behind the default
+            are in BENCHMARKS.md (issue 14).
         base_head: optional margin head applied to f's embeddings with the
             labels; each target head gets a fresh copy of it (same config).
         cross_replica: under `tf.distribute`, distil the similarity matrices
@@ -265,6 +270,7 @@ class S2SD(BackboneModel):
         feature_distillation: bool = False,
         feature_distillation_weight: float | None = None,
         feature_distillation_delay: int = 1000,
+        distillation_warmup: int = 0,
         base_head: keras.layers.Layer | None = None,
         cross_replica: bool = True,
         distillation_into_backbone: bool = False,
@@ -305,16 +311,10 @@ class S2SD(BackboneModel):
             else feature_distillation_weight,
             "feature_distillation_weight",
         )
-        if (
-            isinstance(feature_distillation_delay, bool)
-            or not isinstance(feature_distillation_delay, (int, np.integer))
-            or feature_distillation_delay < 0
-        ):
-            raise ValueError(
-                "`feature_distillation_delay` must be an integer >= 0, got "
-                f"{feature_distillation_delay!r}."
-            )
-        self.feature_distillation_delay = int(feature_distillation_delay)
+        self.feature_distillation_delay = _check_steps(
+            feature_distillation_delay, "feature_distillation_delay"
+        )
+        self.distillation_warmup = _check_steps(distillation_warmup, "distillation_warmup")
 
         self.backbone = backbone
         self.embedding_head = keras.layers.Dense(self.embedding_dim, name="embedding")
@@ -359,18 +359,27 @@ class S2SD(BackboneModel):
         )
         self.feature_distillation_tracker = None
         self.feature_distillation_step = None
+        self._training_step = None
         if self.feature_distillation:
             self.feature_distillation_tracker = keras.metrics.Mean(name="feature_distillation")
+        if self.feature_distillation or self.distillation_warmup:
             # A model variable rather than `optimizer.iterations`: under JAX
-            # the optimizer's state is not visible inside `compute_loss`.
-            self.feature_distillation_step = self.add_weight(
-                name="feature_distillation_step",
+            # the optimizer's state is not visible inside `compute_loss`. It
+            # exists only when a delay or a warm-up reads it, so that models
+            # without either keep the variables they always had.
+            self._training_step = self.add_weight(
+                name=(
+                    "feature_distillation_step" if self.feature_distillation
+                    else "distillation_step"
+                ),
                 shape=(),
                 dtype="int32",
                 initializer="zeros",
                 trainable=False,
                 aggregation="only_first_replica",
             )
+            if self.feature_distillation:
+                self.feature_distillation_step = self._training_step
 
         output_shape = known_output_shape(backbone, "(batch, F)")
         if output_shape is not None:
@@ -508,25 +517,32 @@ class S2SD(BackboneModel):
 
     def _total_loss(self, terms):
         base = ops.cast(terms["base_loss"], "float32")
+        ramp = self._warmup_ramp()
         if self.target_dims:
             targets = ops.stack(
                 [ops.cast(terms[f"target_{dim}_loss"], "float32") for dim in self.target_dims]
             )
             total = 0.5 * (base + ops.mean(targets))
-            total = total + self.distillation_weight * terms["distillation"]
+            total = total + self.distillation_weight * ramp * terms["distillation"]
         else:
             total = base
         if self.feature_distillation:
             switched_on = ops.cast(
-                ops.greater_equal(
-                    self.feature_distillation_step, self.feature_distillation_delay
-                ),
+                ops.greater_equal(self._training_step, self.feature_distillation_delay),
                 "float32",
             )
             total = total + (
-                self.feature_distillation_weight * switched_on * terms["feature_distillation"]
+                self.feature_distillation_weight * switched_on * ramp
+                * terms["feature_distillation"]
             )
         return total
+
+    def _warmup_ramp(self):
+        """min(1, (step + 1) / distillation_warmup): the fraction of γ used at this step."""
+        if not self.distillation_warmup:
+            return 1.0
+        step = ops.cast(self._training_step, "float32")
+        return ops.minimum(1.0, (step + 1.0) / float(self.distillation_warmup))
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         if y is None:
@@ -547,8 +563,8 @@ class S2SD(BackboneModel):
         total = self._total_loss(terms)
         for loss in self.losses:  # regularisers of the backbone and heads
             total = total + ops.cast(ops.sum(loss), total.dtype)
-        if training and self.feature_distillation:
-            self.feature_distillation_step.assign_add(1)
+        if training and self._training_step is not None:
+            self._training_step.assign_add(1)
 
         batch_size = ops.shape(labels)[0]
         self.base_loss_tracker.update_state(terms["base_loss"], sample_weight=batch_size)
@@ -599,6 +615,7 @@ class S2SD(BackboneModel):
                 "feature_distillation": self.feature_distillation,
                 "feature_distillation_weight": self.feature_distillation_weight,
                 "feature_distillation_delay": self.feature_distillation_delay,
+                "distillation_warmup": self.distillation_warmup,
                 "cross_replica": self.cross_replica,
                 "distillation_into_backbone": self.distillation_into_backbone,
                 "targets_into_backbone": self.targets_into_backbone,
@@ -630,6 +647,12 @@ class S2SD(BackboneModel):
 
 
 # -- helpers ------------------------------------------------------------------
+
+
+def _check_steps(value, arg: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"`{arg}` must be an integer >= 0, got {value!r}.")
+    return int(value)
 
 
 def _check_dim(value, arg: str) -> int:
