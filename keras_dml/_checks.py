@@ -57,6 +57,13 @@ def check_positive_int(value, arg: str, upper: int | None = None) -> int:
     return int(value)
 
 
+def check_non_negative_int(value, arg: str) -> int:
+    """Returns `value` as an int; raises `ValueError` naming `arg` unless an integer >= 0."""
+    if not is_integer(value) or value < 0:
+        raise ValueError(f"`{arg}` must be an integer >= 0, got {value!r}.")
+    return int(value)
+
+
 def concrete_value(x) -> np.ndarray | None:
     """Returns `x` as a NumPy array when its value is known now, else None.
 

@@ -22,6 +22,8 @@ import math
 import keras
 from keras import ops
 
+from keras_dml._checks import check_non_negative
+
 
 def _check_range(value, arg: str, low: float, high: float) -> tuple[float, float]:
     try:
@@ -31,13 +33,6 @@ def _check_range(value, arg: str, low: float, high: float) -> tuple[float, float
     if not low <= lower <= upper <= high:
         raise ValueError(f"`{arg}` must satisfy {low} <= min <= max <= {high}, got {value!r}.")
     return lower, upper
-
-
-def _check_non_negative(value, arg: str) -> float:
-    value = float(value)
-    if not value >= 0:
-        raise ValueError(f"`{arg}` must be >= 0, got {value}.")
-    return value
 
 
 @keras.saving.register_keras_serializable(package="keras_dml")
@@ -102,12 +97,12 @@ class SimCLRAugmentation(keras.layers.Layer):
         super().__init__(**kwargs)
         # Scales above 1 would zoom out; allowed up to 2 for users who want it.
         self.crop_scale = _check_range(crop_scale, "crop_scale", 1e-3, 2.0)
-        self.translation = _check_non_negative(translation, "translation")
-        self.rotation = _check_non_negative(rotation, "rotation")
-        self.intensity = _check_non_negative(intensity, "intensity")
+        self.translation = check_non_negative(translation, "translation")
+        self.rotation = check_non_negative(rotation, "rotation")
+        self.intensity = check_non_negative(intensity, "intensity")
         if self.intensity > 1:
             raise ValueError(f"`intensity` must be <= 1 (no negative images), got {intensity}.")
-        self.noise_stddev = _check_non_negative(noise_stddev, "noise_stddev")
+        self.noise_stddev = check_non_negative(noise_stddev, "noise_stddev")
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.data_format = keras.config.image_data_format()

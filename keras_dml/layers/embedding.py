@@ -12,7 +12,11 @@ from keras_dml.distances import l2_normalize
 class L2Normalize(keras.layers.Layer):
     """Scales each embedding to unit L2 norm; put it last so cosine = dot product.
 
-    An all-zero row stays zero (no NaN, finite gradient).
+    An all-zero row stays zero (no NaN, finite gradient). Unlike Keras's
+    `UnitNormalization`, which returns zeros when the squared norm overflows
+    (rows of norm above ~1e19 in float32, above 256 in float16), rows of any
+    finite size come out unit-length: the package's models and `MetricEmbedding`
+    use this one normalisation.
 
     Args:
         axis: the axis to normalise (-1).

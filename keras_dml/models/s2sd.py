@@ -21,8 +21,14 @@ import numpy as np
 from keras import ops
 
 from keras_dml import distributed
-from keras_dml._checks import check_positive
+from keras_dml._checks import (
+    check_non_negative,
+    check_non_negative_int,
+    check_positive,
+    check_positive_int,
+)
 from keras_dml.distances import cosine_similarity
+from keras_dml.layers.embedding import L2Normalize
 from keras_dml.losses.base import check_labels_dtype
 from keras_dml.models.base import BackboneModel, call_head, known_output_shape
 
@@ -294,34 +300,37 @@ class S2SD(BackboneModel):
             raise ValueError(f"`backbone` must be a Keras model or layer, got {type(backbone)}.")
         if base_head is not None and not isinstance(base_head, keras.layers.Layer):
             raise ValueError(f"`base_head` must be a keras_dml head layer, got {type(base_head)}.")
-        self.embedding_dim = _check_dim(embedding_dim, "embedding_dim")
+        self.embedding_dim = check_positive_int(embedding_dim, "embedding_dim")
         if isinstance(target_dims, (int, np.integer)):
             target_dims = (target_dims,)
-        self.target_dims = tuple(_check_dim(d, "target_dims") for d in target_dims)
+        self.target_dims = tuple(check_positive_int(d, "target_dims") for d in target_dims)
         if len(set(self.target_dims)) != len(self.target_dims):
             raise ValueError(
                 f"`target_dims` must not repeat a width (heads are named by it), got "
                 f"{self.target_dims}."
             )
         self.temperature = check_positive(temperature, "temperature")
-        self.distillation_weight = _check_non_negative(distillation_weight, "distillation_weight")
+        self.distillation_weight = check_non_negative(distillation_weight, "distillation_weight")
         self.feature_distillation = bool(feature_distillation)
-        self.feature_distillation_weight = _check_non_negative(
+        self.feature_distillation_weight = check_non_negative(
             distillation_weight if feature_distillation_weight is None
             else feature_distillation_weight,
             "feature_distillation_weight",
         )
-        self.feature_distillation_delay = _check_steps(
+        self.feature_distillation_delay = check_non_negative_int(
             feature_distillation_delay, "feature_distillation_delay"
         )
-        self.distillation_warmup = _check_steps(distillation_warmup, "distillation_warmup")
+        self.distillation_warmup = check_non_negative_int(
+            distillation_warmup, "distillation_warmup"
+        )
 
         self.backbone = backbone
         self.embedding_head = keras.layers.Dense(self.embedding_dim, name="embedding")
-        # Under mixed precision the norms are taken in float32: in float16 the
-        # squared norm overflows above 256 and Keras's epsilon (1e-12) is 0.
+        # The package's one L2 normalisation (`layers.L2Normalize`: no overflow
+        # for large rows, where Keras's `UnitNormalization` returns zeros), taken
+        # in float32 under mixed precision.
         unit_dtype = _float32_under_mixed_precision()
-        self.embedding_normalization = keras.layers.UnitNormalization(
+        self.embedding_normalization = L2Normalize(
             name="embedding_normalization", dtype=unit_dtype
         )
         self.target_heads = [
@@ -329,7 +338,7 @@ class S2SD(BackboneModel):
                 [
                     keras.layers.Dense(dim, activation="relu", name=f"target_{dim}_hidden"),
                     keras.layers.Dense(dim, name=f"target_{dim}_output"),
-                    keras.layers.UnitNormalization(
+                    L2Normalize(
                         name=f"target_{dim}_normalization", dtype=unit_dtype
                     ),
                 ],
@@ -647,26 +656,6 @@ class S2SD(BackboneModel):
 
 
 # -- helpers ------------------------------------------------------------------
-
-
-def _check_steps(value, arg: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"`{arg}` must be an integer >= 0, got {value!r}.")
-    return int(value)
-
-
-def _check_dim(value, arg: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"`{arg}` must hold integers >= 1, got {value!r}.")
-    return int(value)
-
-
-def _check_non_negative(value, arg: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-        raise ValueError(f"`{arg}` must be a number, got {value!r}.")
-    if not np.isfinite(value) or value < 0:
-        raise ValueError(f"`{arg}` must be >= 0, got {value}.")
-    return float(value)
 
 
 def _float32_under_mixed_precision():
