@@ -34,8 +34,10 @@ def ref_rll(labels, x, margin=0.4, Tn=10.0, imbalance=0.5, alpha=None, Tp=0.0,  
         slack = 1e-5 * len(refs)  # PML adds 1e-5 to every entry of the row
         w_p = [math.exp(Tp * (v - (alpha - margin))) for v in pos]
         w_n = [math.exp(Tn * (alpha - v)) for v in neg]
-        loss_p = sum(w * (v - (alpha - margin)) for w, v in zip(w_p, pos)) / (sum(w_p) + slack)
-        loss_n = sum(w * (alpha - v) for w, v in zip(w_n, neg)) / (sum(w_n) + slack)
+        loss_p = sum(w * (v - (alpha - margin)) for w, v in zip(w_p, pos, strict=True))
+        loss_p /= sum(w_p) + slack
+        loss_n = sum(w * (alpha - v) for w, v in zip(w_n, neg, strict=True))
+        loss_n /= sum(w_n) + slack
         losses.append((1 - imbalance) * loss_p + imbalance * loss_n)
     return sum(losses) / len(losses)
 

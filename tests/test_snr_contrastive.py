@@ -1,4 +1,4 @@
-"""SignalToNoiseRatioContrastiveLoss against a NumPy loop reference and pytorch-metric-learning 2.9."""
+"""SignalToNoiseRatioContrastiveLoss against a NumPy loop reference and PML 2.9."""
 
 from __future__ import annotations
 

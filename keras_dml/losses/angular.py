@@ -72,7 +72,7 @@ def angular_loss(
 
 @keras.saving.register_keras_serializable(package="keras_dml")
 class AngularLoss(MetricLoss):
-    """Trains embeddings by bounding the angle at the negative in anchor-positive-negative triangles.
+    """Trains embeddings by bounding the angle at the negative of each triplet's triangle.
 
     pytorch-metric-learning's `AngularLoss` (same default `alpha=40` degrees,
     same mean over the positive pairs), except that the
@@ -93,7 +93,7 @@ class AngularLoss(MetricLoss):
     >>> labels = np.array([0, 0, 1, 1])
     >>> embeddings = np.array([[1.0, 0.0], [0.6, 0.8], [0.8, 0.6], [0.0, 1.0]], "float32")
     >>> round(float(AngularLoss()(labels, embeddings)), 4)
-    2.0
+    3.0264
 
     Reference:
         Wang, Zhou, Wen, Liu & Lin, "Deep Metric Learning with Angular Loss",

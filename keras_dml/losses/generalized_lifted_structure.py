@@ -1,4 +1,4 @@
-"""Generalized lifted structure loss (Hermans, Beyer & Leibe, "In Defense of the Triplet Loss", 2017)."""
+"""Generalized lifted structure loss (Hermans, Beyer & Leibe, arXiv:1703.07737, 2017)."""
 
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ class GeneralizedLiftedStructureLoss(MetricLoss):
     >>> labels = np.array([0, 0, 1, 1])
     >>> embeddings = np.array([[1.0, 0.0], [0.6, 0.8], [0.8, 0.6], [0.0, 1.0]], "float32")
     >>> round(float(GeneralizedLiftedStructureLoss()(labels, embeddings)), 4)
-    1.0
+    1.8919
 
     Reference:
         Hermans, Beyer & Leibe, "In Defense of the Triplet Loss for Person

@@ -1,4 +1,4 @@
-"""Instance loss, PML's in-batch form (Zheng et al., "Dual-Path Convolutional Image-Text Embeddings with Instance Loss", ACM TOMM 2020)."""
+"""Instance loss in pytorch-metric-learning's in-batch form (Zheng et al., ACM TOMM 2020)."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ class InstanceLoss(MetricLoss):
     >>> labels = np.array([0, 1, 2, 3])
     >>> embeddings = np.array([[1.0, 0.0], [0.6, 0.8], [0.8, 0.6], [0.0, 1.0]], "float32")
     >>> round(float(InstanceLoss(gamma=8.0)(labels, embeddings)), 4)
-    1.0
+    0.4475
 
     Reference:
         Zheng, Zheng, Garrett, Yang, Xu & Shen, "Dual-Path Convolutional

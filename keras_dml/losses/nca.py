@@ -79,7 +79,7 @@ class NCALoss(MetricLoss):
     >>> labels = np.array([0, 0, 1, 1])
     >>> embeddings = np.array([[1.0, 0.0], [0.6, 0.8], [0.8, 0.6], [0.0, 1.0]], "float32")
     >>> round(float(NCALoss()(labels, embeddings)), 4)
-    1.1253
+    1.2707
 
     Reference:
         Goldberger, Roweis, Hinton & Salakhutdinov, "Neighbourhood Components

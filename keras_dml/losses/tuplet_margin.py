@@ -80,7 +80,7 @@ class TupletMarginLoss(MetricLoss):
     >>> labels = np.array([0, 0, 1, 1])
     >>> embeddings = np.array([[1.0, 0.0], [0.6, 0.8], [0.8, 0.6], [0.0, 1.0]], "float32")
     >>> round(float(TupletMarginLoss()(labels, embeddings)), 4)
-    22.8795
+    13.0002
 
     Reference:
         Yu & Tao, "Deep Metric Learning with Tuplet Margin Loss", ICCV 2019.
