@@ -20,6 +20,11 @@ _SUBMODULES = ("callbacks", "distances", "evaluation", "heads", "index", "layers
 _LOSSES = ("CircleLoss", "ContrastiveLoss", "LiftedStructLoss", "MetricLoss",
            "MultiSimilarityLoss", "NPairsLoss", "NTXentLoss", "QuadrupletLoss", "SupConLoss",
            "TripletHardLoss", "TripletLoss", "TripletSemiHardLoss")
+# Issue 19: pair and tuple losses ported from pytorch-metric-learning.
+_LOSSES += ("AngularLoss", "GeneralizedLiftedStructureLoss", "InstanceLoss",
+            "IntraPairVarianceLoss", "MarginLoss", "NCALoss", "RankedListLoss",
+            "SignalToNoiseRatioContrastiveLoss", "ThresholdConsistentMarginLoss",
+            "TupletMarginLoss")
 
 
 def _load_all() -> None:
@@ -68,6 +73,16 @@ __all__ = [
     "TripletHardLoss",
     "TripletLoss",
     "TripletSemiHardLoss",
+    "AngularLoss",
+    "GeneralizedLiftedStructureLoss",
+    "InstanceLoss",
+    "IntraPairVarianceLoss",
+    "MarginLoss",
+    "NCALoss",
+    "RankedListLoss",
+    "SignalToNoiseRatioContrastiveLoss",
+    "ThresholdConsistentMarginLoss",
+    "TupletMarginLoss",
     "__version__",
     "callbacks",
     "distances",

@@ -85,6 +85,17 @@ REFERENCE_LOSSES = {
     "supcon": lambda y, x, **kw: losses.supcon_loss(y, x, temperature=0.5, **kw),
     "quadruplet": lambda y, x, **kw: losses.quadruplet_loss(y, x, negative_mining="hard", **kw),
     "lifted_struct": lambda y, x, **kw: losses.lifted_struct_loss(y, x, **kw),
+    "margin": lambda y, x, **kw: losses.margin_loss(y, x, **kw),
+    "nca": lambda y, x, **kw: losses.nca_loss(y, x, **kw),
+    "tuplet_margin": lambda y, x, **kw: losses.tuplet_margin_loss(y, x, scale=16.0, **kw),
+    "angular": lambda y, x, **kw: losses.angular_loss(y, x, **kw),
+    "generalized_lifted_structure": lambda y, x, **kw: (
+        losses.generalized_lifted_structure_loss(y, x, **kw)),
+    "intra_pair_variance": lambda y, x, **kw: losses.intra_pair_variance_loss(y, x, **kw),
+    "snr_contrastive": lambda y, x, **kw: losses.snr_contrastive_loss(y, x, **kw),
+    "ranked_list": lambda y, x, **kw: losses.ranked_list_loss(y, x, **kw),
+    "threshold_consistent_margin": lambda y, x, **kw: (
+        losses.threshold_consistent_margin_loss(y, x, **kw)),
 }
 
 

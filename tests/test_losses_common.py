@@ -20,6 +20,16 @@ ALL_LOSSES = [
     keras_dml.NTXentLoss(),
     keras_dml.SupConLoss(),
     keras_dml.QuadrupletLoss(),
+    keras_dml.MarginLoss(),
+    keras_dml.NCALoss(),
+    keras_dml.TupletMarginLoss(),
+    keras_dml.AngularLoss(),
+    keras_dml.GeneralizedLiftedStructureLoss(),
+    keras_dml.IntraPairVarianceLoss(),
+    keras_dml.SignalToNoiseRatioContrastiveLoss(),
+    keras_dml.RankedListLoss(),
+    keras_dml.InstanceLoss(),
+    keras_dml.ThresholdConsistentMarginLoss(),
 ]
 IDS = [type(loss).__name__ for loss in ALL_LOSSES]
 

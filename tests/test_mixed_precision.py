@@ -58,6 +58,16 @@ def make_losses():
         "SupConLoss": keras_dml.SupConLoss(),
         "NTXentLoss": keras_dml.NTXentLoss(),
         "QuadrupletLoss": keras_dml.QuadrupletLoss(),
+        "MarginLoss": keras_dml.MarginLoss(),
+        "NCALoss": keras_dml.NCALoss(),
+        "TupletMarginLoss": keras_dml.TupletMarginLoss(),  # scale 64
+        "AngularLoss": keras_dml.AngularLoss(),
+        "GeneralizedLiftedStructureLoss": keras_dml.GeneralizedLiftedStructureLoss(),
+        "IntraPairVarianceLoss": keras_dml.IntraPairVarianceLoss(),
+        "SignalToNoiseRatioContrastiveLoss": keras_dml.SignalToNoiseRatioContrastiveLoss(),
+        "RankedListLoss": keras_dml.RankedListLoss(),
+        "InstanceLoss": keras_dml.InstanceLoss(),  # gamma 64
+        "ThresholdConsistentMarginLoss": keras_dml.ThresholdConsistentMarginLoss(),
     }
 
 
