@@ -20,6 +20,7 @@ _SUBMODULES = ("callbacks", "distances", "evaluation", "heads", "index", "layers
 _LOSSES = ("CircleLoss", "ContrastiveLoss", "LiftedStructLoss", "MetricLoss",
            "MultiSimilarityLoss", "NPairsLoss", "NTXentLoss", "QuadrupletLoss", "SupConLoss",
            "TripletHardLoss", "TripletLoss", "TripletSemiHardLoss")
+_LOSSES += ("FastAPLoss", "HistogramLoss", "PNPLoss", "SmoothAPLoss", "VICRegLoss")
 
 
 def _load_all() -> None:
@@ -68,6 +69,11 @@ __all__ = [
     "TripletHardLoss",
     "TripletLoss",
     "TripletSemiHardLoss",
+    "FastAPLoss",
+    "HistogramLoss",
+    "PNPLoss",
+    "SmoothAPLoss",
+    "VICRegLoss",
     "__version__",
     "callbacks",
     "distances",

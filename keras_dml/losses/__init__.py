@@ -3,11 +3,15 @@
 from keras_dml.losses.base import MetricLoss
 from keras_dml.losses.circle import CircleLoss, circle_loss
 from keras_dml.losses.contrastive import ContrastiveLoss, contrastive_loss
+from keras_dml.losses.fast_ap import FastAPLoss, fast_ap_loss
+from keras_dml.losses.histogram import HistogramLoss, histogram_loss
 from keras_dml.losses.lifted_struct import LiftedStructLoss, lifted_struct_loss
 from keras_dml.losses.multi_similarity import MultiSimilarityLoss, multi_similarity_loss
 from keras_dml.losses.npairs import NPairsLoss, npairs_loss, npairs_loss_from_similarity
 from keras_dml.losses.ntxent import NTXentLoss, nt_xent_loss
+from keras_dml.losses.pnp import PNPLoss, pnp_loss
 from keras_dml.losses.quadruplet import QuadrupletLoss, hardest_negative_pair, quadruplet_loss
+from keras_dml.losses.smooth_ap import SmoothAPLoss, smooth_ap_loss
 from keras_dml.losses.supcon import SupConLoss, supcon_loss
 from keras_dml.losses.triplet import (
     TripletHardLoss,
@@ -17,6 +21,7 @@ from keras_dml.losses.triplet import (
     triplet_loss,
     triplet_semihard_loss,
 )
+from keras_dml.losses.vicreg import VICRegLoss, vicreg_loss
 
 __all__ = [
     "CircleLoss",
@@ -44,4 +49,14 @@ __all__ = [
     "triplet_hard_loss",
     "triplet_loss",
     "triplet_semihard_loss",
+    "FastAPLoss",
+    "HistogramLoss",
+    "PNPLoss",
+    "SmoothAPLoss",
+    "VICRegLoss",
+    "fast_ap_loss",
+    "histogram_loss",
+    "pnp_loss",
+    "smooth_ap_loss",
+    "vicreg_loss",
 ]
