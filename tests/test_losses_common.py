@@ -20,6 +20,11 @@ ALL_LOSSES = [
     keras_dml.NTXentLoss(),
     keras_dml.SupConLoss(),
     keras_dml.QuadrupletLoss(),
+    keras_dml.FastAPLoss(),
+    keras_dml.SmoothAPLoss(),
+    keras_dml.PNPLoss(),
+    keras_dml.HistogramLoss(),
+    keras_dml.VICRegLoss(),
 ]
 IDS = [type(loss).__name__ for loss in ALL_LOSSES]
 
