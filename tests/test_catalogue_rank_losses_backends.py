@@ -15,6 +15,7 @@ from conftest import loss_gradient
 from test_fast_ap import ref_fast_ap
 from test_histogram import ref_histogram
 from test_large_margin_softmax import ref_logits as ref_large_margin_logits
+from test_manifold import ref_manifold_loss
 from test_normalized_softmax import ref_logits as ref_normalized_logits
 from test_p2sgrad import ref_loss as ref_p2sgrad
 from test_pnp import ref_pnp
@@ -104,6 +105,22 @@ def test_head_value_gradient_and_fit_step(name):
     assert np.isfinite(float(value)) and np.all(np.isfinite(grad)) and np.any(grad != 0.0)
     backbone = keras.Sequential([keras.Input((D,)), keras.layers.Dense(6)])
     model = MarginModel(backbone, make_head(np.random.default_rng(2).normal(size=(6, C))))
+    model.compile(optimizer="sgd")
+    history = model.fit(x, labels, batch_size=B, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+
+
+def test_manifold_value_gradient_and_fit_step():
+    labels, x = labelled_batch()
+    proxies = np.random.default_rng(1).normal(size=(C, D))
+    head = _head(heads.Manifold, proxies.T)
+    loss = head.default_loss()
+    value, grad = loss_gradient(lambda v: loss(labels, head(v, labels)), x)
+    expected = ref_manifold_loss(x.astype("float64"), proxies, labels)
+    assert float(value) == pytest.approx(expected, rel=1e-4)
+    assert np.all(np.isfinite(grad)) and np.any(grad != 0.0)
+    backbone = keras.Sequential([keras.Input((D,)), keras.layers.Dense(6)])
+    model = MarginModel(backbone, heads.Manifold(C))
     model.compile(optimizer="sgd")
     history = model.fit(x, labels, batch_size=B, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])
