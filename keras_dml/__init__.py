@@ -25,6 +25,7 @@ _LOSSES += ("AngularLoss", "GeneralizedLiftedStructureLoss", "InstanceLoss",
             "IntraPairVarianceLoss", "MarginLoss", "NCALoss", "RankedListLoss",
             "SignalToNoiseRatioContrastiveLoss", "ThresholdConsistentMarginLoss",
             "TupletMarginLoss")
+_LOSSES += ("FastAPLoss", "HistogramLoss", "PNPLoss", "SmoothAPLoss", "VICRegLoss")
 
 
 def _load_all() -> None:
@@ -83,6 +84,11 @@ __all__ = [
     "SignalToNoiseRatioContrastiveLoss",
     "ThresholdConsistentMarginLoss",
     "TupletMarginLoss",
+    "FastAPLoss",
+    "HistogramLoss",
+    "PNPLoss",
+    "SmoothAPLoss",
+    "VICRegLoss",
     "__version__",
     "callbacks",
     "distances",

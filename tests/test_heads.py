@@ -444,6 +444,9 @@ ALL_HEADS = [
     lambda: AdaCos(C),
     lambda: SoftTriple(C, centers_per_class=3),
     lambda: ArcFace(C, margin=dynamic_margins([5, 10, 20, 40])),
+    lambda: heads.NormalizedSoftmax(C),
+    lambda: heads.LargeMarginSoftmax(C),
+    lambda: heads.P2SGrad(C),
 ]
 
 

@@ -30,6 +30,11 @@ ALL_LOSSES = [
     keras_dml.RankedListLoss(),
     keras_dml.InstanceLoss(),
     keras_dml.ThresholdConsistentMarginLoss(),
+    keras_dml.FastAPLoss(),
+    keras_dml.SmoothAPLoss(),
+    keras_dml.PNPLoss(),
+    keras_dml.HistogramLoss(),
+    keras_dml.VICRegLoss(),
 ]
 IDS = [type(loss).__name__ for loss in ALL_LOSSES]
 

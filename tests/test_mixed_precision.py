@@ -68,7 +68,16 @@ def make_losses():
         "RankedListLoss": keras_dml.RankedListLoss(),
         "InstanceLoss": keras_dml.InstanceLoss(),  # gamma 64
         "ThresholdConsistentMarginLoss": keras_dml.ThresholdConsistentMarginLoss(),
+        "FastAPLoss": keras_dml.FastAPLoss(),
+        "SmoothAPLoss": keras_dml.SmoothAPLoss(),
+        "PNPLoss": keras_dml.PNPLoss(),
+        "HistogramLoss": keras_dml.HistogramLoss(),
+        "VICRegLoss": keras_dml.VICRegLoss(),
     }
+
+
+# Losses whose `y_pred` stacks two views of the batch along the batch axis.
+TWO_VIEW_LOSSES = ("NTXentLoss", "VICRegLoss")
 
 
 def test_every_public_loss_is_covered():
@@ -104,12 +113,13 @@ def test_losses_train_under_mixed_precision(policy):
         noise = keras.layers.GaussianNoise(0.1)
         outputs = {
             name: keras.layers.Dense(16, name=name)(net(inputs))
-            for name in losses if name != "NTXentLoss"
+            for name in losses if name not in TWO_VIEW_LOSSES
         }
-        # NT-Xent: both augmented views stacked along the batch axis.
-        outputs["NTXentLoss"] = keras.layers.Identity(name="NTXentLoss")(
-            keras.ops.concatenate([net(noise(inputs)), net(noise(inputs))], axis=0)
-        )
+        # NT-Xent, VICReg: both augmented views stacked along the batch axis.
+        for name in TWO_VIEW_LOSSES:
+            outputs[name] = keras.layers.Identity(name=name)(
+                keras.ops.concatenate([net(noise(inputs)), net(noise(inputs))], axis=0)
+            )
         model = keras.Model(inputs, outputs)
         model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=losses)
         history = model.fit(x, {name: y for name in losses}, batch_size=BATCH, epochs=3,
@@ -130,6 +140,10 @@ HEADS = {
     "CenterLoss": lambda: heads.CenterLoss(10),
     "ProxyNCA": lambda: heads.ProxyNCA(10),
     "ProxyAnchor": lambda: heads.ProxyAnchor(10),
+    "NormalizedSoftmax": lambda: heads.NormalizedSoftmax(10),
+    "LargeMarginSoftmax": lambda: heads.LargeMarginSoftmax(10),
+    "P2SGrad": lambda: heads.P2SGrad(10),
+    "Manifold": lambda: heads.Manifold(10),
 }
 
 

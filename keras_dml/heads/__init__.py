@@ -26,6 +26,10 @@ from keras_dml.heads.center import CenterLoss
 from keras_dml.heads.cosface import CosFace
 from keras_dml.heads.curricularface import CurricularFace
 from keras_dml.heads.dynamic_margin import dynamic_margins
+from keras_dml.heads.large_margin_softmax import LargeMarginSoftmax
+from keras_dml.heads.manifold import Manifold, ManifoldLoss
+from keras_dml.heads.normalized_softmax import NormalizedSoftmax
+from keras_dml.heads.p2sgrad import P2SGrad, P2SGradLoss
 from keras_dml.heads.proxy import ProxyAnchor, ProxyAnchorLoss, ProxyNCA, ProxyNCALoss
 from keras_dml.heads.softtriple import SoftTriple, count_distinct_centers
 from keras_dml.heads.sphereface import SphereFace, angular_margin_psi
@@ -48,4 +52,10 @@ __all__ = [
     "angular_margin_psi",
     "count_distinct_centers",
     "dynamic_margins",
+    "LargeMarginSoftmax",
+    "Manifold",
+    "ManifoldLoss",
+    "NormalizedSoftmax",
+    "P2SGrad",
+    "P2SGradLoss",
 ]

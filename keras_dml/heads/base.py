@@ -151,9 +151,11 @@ class CosineHead(keras.layers.Layer):
 
     def center_cosine(self, embeddings):
         """Cosine between each embedding and each centre, `(batch, C * K)`, in [-1, 1]."""
-        # l2_normalize computes half precision in float32: the logits never see float16.
+        # l2_normalize computes half precision in float32: the logits never see float16
+        # (and float64 embeddings keep float64).
         centers = l2_normalize(ops.convert_to_tensor(self.kernel), axis=0)
-        cosine = ops.matmul(l2_normalize(embeddings), ops.cast(centers, "float32"))
+        embeddings = l2_normalize(embeddings)
+        cosine = ops.matmul(embeddings, ops.cast(centers, embeddings.dtype))
         return ops.clip(cosine, -1.0, 1.0)
 
     def class_similarity(self, center_cosine):

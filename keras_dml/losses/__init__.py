@@ -4,10 +4,12 @@ from keras_dml.losses.angular import AngularLoss, angular_loss
 from keras_dml.losses.base import MetricLoss
 from keras_dml.losses.circle import CircleLoss, circle_loss
 from keras_dml.losses.contrastive import ContrastiveLoss, contrastive_loss
+from keras_dml.losses.fast_ap import FastAPLoss, fast_ap_loss
 from keras_dml.losses.generalized_lifted_structure import (
     GeneralizedLiftedStructureLoss,
     generalized_lifted_structure_loss,
 )
+from keras_dml.losses.histogram import HistogramLoss, histogram_loss
 from keras_dml.losses.instance import InstanceLoss, instance_loss
 from keras_dml.losses.intra_pair_variance import IntraPairVarianceLoss, intra_pair_variance_loss
 from keras_dml.losses.lifted_struct import LiftedStructLoss, lifted_struct_loss
@@ -16,8 +18,10 @@ from keras_dml.losses.multi_similarity import MultiSimilarityLoss, multi_similar
 from keras_dml.losses.nca import NCALoss, nca_loss
 from keras_dml.losses.npairs import NPairsLoss, npairs_loss, npairs_loss_from_similarity
 from keras_dml.losses.ntxent import NTXentLoss, nt_xent_loss
+from keras_dml.losses.pnp import PNPLoss, pnp_loss
 from keras_dml.losses.quadruplet import QuadrupletLoss, hardest_negative_pair, quadruplet_loss
 from keras_dml.losses.ranked_list import RankedListLoss, ranked_list_loss
+from keras_dml.losses.smooth_ap import SmoothAPLoss, smooth_ap_loss
 from keras_dml.losses.snr_contrastive import SignalToNoiseRatioContrastiveLoss, snr_contrastive_loss
 from keras_dml.losses.supcon import SupConLoss, supcon_loss
 from keras_dml.losses.threshold_consistent_margin import (
@@ -33,6 +37,7 @@ from keras_dml.losses.triplet import (
     triplet_semihard_loss,
 )
 from keras_dml.losses.tuplet_margin import TupletMarginLoss, tuplet_margin_loss
+from keras_dml.losses.vicreg import VICRegLoss, vicreg_loss
 
 __all__ = [
     "CircleLoss",
@@ -80,4 +85,14 @@ __all__ = [
     "threshold_consistent_margin_loss",
     "TupletMarginLoss",
     "tuplet_margin_loss",
+    "FastAPLoss",
+    "HistogramLoss",
+    "PNPLoss",
+    "SmoothAPLoss",
+    "VICRegLoss",
+    "fast_ap_loss",
+    "histogram_loss",
+    "pnp_loss",
+    "smooth_ap_loss",
+    "vicreg_loss",
 ]
