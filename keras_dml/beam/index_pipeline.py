@@ -43,6 +43,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from keras_dml.beam.checks import OUTPUT_ENTRIES, check_output_dir, parse_source
 from keras_dml.beam.model_handler import KerasModelHandler, fit_image, load_embedder
 from keras_dml.index import ExactIndex, Index, ScaNNIndex
 from keras_dml.index.sharded import shard_name, shard_of_ids, write_manifest
@@ -51,28 +52,10 @@ NAMESPACE = "keras_dml.beam.index"
 COUNTERS = ("read", "dead_letter_decode", "dead_letter_embed", "dead_letter_index", "indexed")
 INDEX_KINDS = {"exact": ExactIndex, "scann": ScaNNIndex}
 SHARD_BY = ("hash", "kmeans")
-# What the pipeline writes in `out`; `overwrite` removes these and nothing else.
-OUTPUT_ENTRIES = ("index", "embeddings", "dead_letter", "pipeline.json")
 _DEAD = "dead_letter"
 
 
 # -- sources ----------------------------------------------------------------------------
-
-
-def parse_source(spec: str) -> tuple[str, str]:
-    """Splits `"tfrecord:GLOB"`, `"images:GLOB"` or `"tfds:NAME:SPLIT"` into (kind, rest).
-
-    Raises:
-        ValueError: for another prefix or an empty pattern.
-    """
-    kind, _, rest = str(spec).partition(":")
-    if kind not in ("tfrecord", "images", "tfds") or not rest:
-        raise ValueError(
-            f"unknown source {spec!r}; use tfrecord:GLOB, images:GLOB or tfds:NAME:SPLIT"
-        )
-    if kind == "tfds" and rest.count(":") != 1:
-        raise ValueError(f"a TFDS source is tfds:NAME:SPLIT, e.g. tfds:mnist:test, got {spec!r}")
-    return kind, rest
 
 
 def _feature_value(feature) -> Any:
@@ -382,28 +365,6 @@ def read_embeddings(out: str) -> tuple[np.ndarray, np.ndarray, list[Any]]:
 
 
 # -- the pipeline -----------------------------------------------------------------------
-
-
-def check_output_dir(out: str, overwrite: bool) -> None:
-    """Refuses a non-empty `out` unless `overwrite` and it holds only a previous run's output.
-
-    Raises:
-        FileExistsError: if `out` is a file, or non-empty without
-            `overwrite`, or holds files this pipeline did not write.
-    """
-    if os.path.lexists(out) and not os.path.isdir(out):
-        raise FileExistsError(f"{out} exists and is not a directory")
-    if not os.path.isdir(out) or not os.listdir(out):
-        return
-    if not overwrite:
-        raise FileExistsError(f"{out} is not empty; pass --overwrite to replace its index")
-    foreign = sorted(set(os.listdir(out)) - set(OUTPUT_ENTRIES))
-    if foreign or not os.path.isfile(os.path.join(out, "pipeline.json")):
-        what = ", ".join(foreign[:5]) if foreign else "no pipeline.json"
-        raise FileExistsError(
-            f"{out} does not look like the output of keras-dml index ({what}); "
-            "refusing to overwrite it"
-        )
 
 
 def _finish(numbers, out: str, num_shards: int, index_kind: str, distance: str,

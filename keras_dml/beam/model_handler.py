@@ -24,8 +24,9 @@ def fit_image(image: np.ndarray, input_shape: Sequence[int | None]) -> np.ndarra
     """Fits a decoded image to a model's input shape: size, channels, float32.
 
     Args:
-        image: `(height, width)` or `(height, width, channels)` array; uint8
-            values are scaled to [0, 1], float values are kept.
+        image: `(height, width)` or `(height, width, channels)` array, or a
+            flat array of exactly the input's size; uint8 values are scaled
+            to [0, 1], float values are kept.
         input_shape: the model's input shape without the batch axis, e.g.
             `(8, 8, 1)`; None entries are left as they are.
 
@@ -41,9 +42,12 @@ def fit_image(image: np.ndarray, input_shape: Sequence[int | None]) -> np.ndarra
     else:
         x = x.astype(np.float32)
     shape = tuple(input_shape)
+    known = all(d is not None for d in shape)
+    if x.ndim == 1 and known and x.size == int(np.prod(shape)):
+        return x.reshape(shape)  # raw values, e.g. a TFRecord float list
     if len(shape) != 3:
-        if x.size and all(d is not None for d in shape) and x.size == int(np.prod(shape)):
-            return x.reshape(shape)
+        if x.shape == shape:
+            return x
         raise ValueError(f"cannot fit an input of shape {x.shape} to the model's {shape}")
     if x.ndim == 2:
         x = x[:, :, None]
