@@ -319,3 +319,12 @@ def test_cli_index_command(tmp_path, model_path, gallery, capsys):
                  "--out", str(tmp_path / "new")]) == 2
     assert "is not a keras-dml run directory" in capsys.readouterr().err
     assert main(["search", str(tmp_path), "--query-index", "0", "--", "--x"]) == 2
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from keras_dml.beam import checks, index_pipeline, model_handler
+
+    for module in (checks, model_handler, index_pipeline):
+        assert doctest.testmod(module).failed == 0, module

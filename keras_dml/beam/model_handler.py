@@ -159,13 +159,13 @@ class KerasModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
     >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     >>> path = os.path.join(tempfile.mkdtemp(), "m.keras")
     >>> model.save(path)
-    >>> found = []
-    >>> with beam.Pipeline() as p:
-    ...     _ = (p | beam.Create([np.ones(4, "float32")])
-    ...            | RunInference(KerasModelHandler(path))
-    ...            | beam.Map(lambda r: found.append(r.inference.shape)))
-    >>> found
-    [(2,)]
+    >>> from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+    >>> from apache_beam.testing.util import assert_that, equal_to
+    >>> with beam.Pipeline(runner=FnApiRunner()) as p:
+    ...     shapes = (p | beam.Create([np.ones(4, "float32")])
+    ...                 | RunInference(KerasModelHandler(path))
+    ...                 | beam.Map(lambda result: result.inference.shape))
+    ...     _ = assert_that(shapes, equal_to([(2,)]))
     """
 
     def __init__(self, model_path: str, *, min_batch_size: int = 1, max_batch_size: int = 256):
