@@ -328,3 +328,57 @@ def test_docstring_examples_run():
 
     for module in (checks, model_handler, index_pipeline):
         assert doctest.testmod(module).failed == 0, module
+
+
+def _tiny_tfds_builder():
+    """A TFDS dataset of 30 random 8x8 images, prepared offline (defined once per process)."""
+    import tensorflow_datasets as tfds
+
+    global KerasDmlBeamTinyImages
+    if "KerasDmlBeamTinyImages" in globals():
+        return KerasDmlBeamTinyImages
+
+    class KerasDmlBeamTinyImages(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(8, 8, 1)),
+                "label": tfds.features.ClassLabel(num_classes=10),
+            }))
+
+        def _split_generators(self, dl_manager):
+            return {"test": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i in range(30):
+                yield i, {"image": tiny_tfds_image(i), "label": i % 10}
+
+    KerasDmlBeamTinyImages.__qualname__ = "KerasDmlBeamTinyImages"
+    return KerasDmlBeamTinyImages
+
+
+def tiny_tfds_image(i):
+    return np.random.default_rng(i).integers(0, 256, (8, 8, 1)).astype("uint8")
+
+
+def test_tfds_split_through_run_inference_equals_model_predict(tmp_path, digits_model):
+    builder = _tiny_tfds_builder()(data_dir=str(tmp_path / "tfds"))
+    builder.download_and_prepare()
+    path, model, _ = digits_model
+    out = str(tmp_path / "out")
+    summary = build_index(f"tfds:{builder.name}:test", path, out, data_dir=str(tmp_path / "tfds"))
+    assert summary["indexed"] == 30 and summary["dead_letter_decode"] == 0
+    ids, embeddings, metadata = read_embeddings(out)
+    assert all(str(i).startswith(f"{builder.name}-test.") for i in ids)
+    labels = np.array([m["label"] for m in metadata])
+    by_label = {}
+    for i in range(30):
+        by_label.setdefault(i % 10, []).append(i)
+    images = np.stack([tiny_tfds_image(i) for i in range(30)]).astype("float32") / 255.0
+    want = model.predict(images, verbose=0)
+    # Each embedding is the model's embedding of one of the images of its label.
+    for embedding, label in zip(embeddings, labels, strict=True):
+        distances = [np.abs(want[i] - embedding).max() for i in by_label[int(label)]]
+        assert min(distances) < 1e-5
+    assert len({tuple(np.round(e, 5)) for e in embeddings}) == 30

@@ -142,7 +142,11 @@ class _Decode(beam.DoFn):
             elif self._kind == "images":
                 item_id, metadata = source, {"path": source}
                 array = decode_image_bytes(payload)
-            else:  # tfds: a decoded example dict
+            else:  # tfds: a decoded example dict (of tensors)
+                payload = {
+                    key: value.numpy() if hasattr(value, "numpy") else value
+                    for key, value in payload.items()
+                }
                 item_id = payload["tfds_id"]
                 if isinstance(item_id, bytes):
                     item_id = item_id.decode()
@@ -164,6 +168,10 @@ class _Decode(beam.DoFn):
 
 def _dead_record(source, item_id, stage: str, error) -> str:
     message = " ".join(f"{type(error).__name__}: {error}".split())
+    if isinstance(item_id, np.generic):
+        item_id = item_id.item()
+    if item_id is not None and not isinstance(item_id, (int, str)):
+        item_id = repr(item_id)  # whatever it is, the dead letter stays JSON
     return json.dumps({"source": str(source), "id": item_id, "stage": stage, "error": message})
 
 
