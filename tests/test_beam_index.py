@@ -382,3 +382,45 @@ def test_tfds_split_through_run_inference_equals_model_predict(tmp_path, digits_
         distances = [np.abs(want[i] - embedding).max() for i in by_label[int(label)]]
         assert min(distances) < 1e-5
     assert len({tuple(np.round(e, 5)) for e in embeddings}) == 30
+
+
+def _readme_section():
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    start = readme.index("### Embed and index a large gallery on Apache Beam")
+    return readme[start:readme.index("\n### ", start + 10)]
+
+
+def test_readme_commands_and_fan_out_merge(tmp_path, digits_model, monkeypatch, capsys):
+    """Runs the README's `keras-dml index` commands and its per-shard SavedModel fan-out."""
+    import re
+    import shlex
+    import shutil
+
+    from PIL import Image
+
+    from keras_dml.cli.main import main
+
+    section = _readme_section()
+    bash = re.search(r"```bash\n(.*?)```", section, re.S).group(1).replace("\\\n", " ")
+    commands = [shlex.split(line) for line in bash.splitlines() if line.strip()]
+    python = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    path, model, images = digits_model
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(path, "embedder.keras")
+    os.mkdir("gallery")
+    for row, image in enumerate(np.round(images[:, :, :, 0] * 255).astype("uint8")):
+        Image.fromarray(image).save(f"gallery/{row:03d}.png")
+    write_tfrecord("items-0.tfrecord", range(0, 40), images[:40])
+    write_tfrecord("items-1.tfrecord", range(40, 64), images[40:])
+    assert len(commands) == 2 and all(c[0] == "keras-dml" for c in commands)
+    for command in commands:
+        assert main(command[1:]) == 0, capsys.readouterr().err
+    assert "indexed 64 of 64 items into 4 scann shards" in capsys.readouterr().out
+    query_images = images[:5]
+    namespace = {"query_images": query_images}
+    exec(compile(python, "README.md", "exec"), namespace)
+    index = namespace["index"]
+    assert index.shard_class == "ScaNNIndex" and index.num_shards == 4
+    want_ids, want_scores = index.search(model.predict(query_images, verbose=0), k=10)
+    np.testing.assert_array_equal(namespace["ids"], want_ids)
+    np.testing.assert_allclose(namespace["scores"], want_scores, rtol=1e-4, atol=1e-5)

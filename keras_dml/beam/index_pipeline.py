@@ -472,6 +472,8 @@ def build_index(
     (10, 10)
     """
     kind, rest = parse_source(source)
+    if kind != "tfds" and "://" not in rest:
+        rest = os.path.abspath(rest)  # workers need not share the caller's directory
     if index not in INDEX_KINDS:
         raise ValueError(f"`index` must be one of {sorted(INDEX_KINDS)}, got {index!r}")
     if shard_by not in SHARD_BY:

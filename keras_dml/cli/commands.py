@@ -885,6 +885,8 @@ def index(args) -> int:
     pipeline_args = list(args.pipeline_args or [])
     if args.workers is not None:
         pipeline_args.append(f"--direct_num_workers={args.workers}")
+        if not any(arg.startswith("--direct_running_mode") for arg in pipeline_args):
+            pipeline_args.append("--direct_running_mode=multi_threading")
     try:
         summary = build_index(
             args.source, args.model, args.out, num_shards=args.num_shards, index=args.index,
