@@ -10,6 +10,7 @@ shell. The names below import `apache_beam` when first used
 import importlib
 
 _NAMES = {
+    "IndexEmbeddings": "keras_dml.beam.index_pipeline",
     "build_index": "keras_dml.beam.index_pipeline",
     "read_embeddings": "keras_dml.beam.index_pipeline",
     "train_kmeans": "keras_dml.beam.index_pipeline",

@@ -397,6 +397,85 @@ def _finish(numbers, out: str, num_shards: int, index_kind: str, distance: str,
     return len(names)
 
 
+class IndexEmbeddings(beam.PTransform):
+    """The indexing half: `(id, embedding, metadata)` items -> shard indexes and the manifest.
+
+    Routes each item to a shard (`shard_by="hash"`: `shard_of_ids`;
+    `"kmeans"`: the nearest of `num_shards` centres that `train_kmeans` fits
+    on a sample), groups each shard on one worker, writes
+    `out/embeddings/shard-NNNNN.npz` and saves the shard's index in
+    `out/index/shard-NNNNN/`, then writes `out/index/index.json` (shards
+    that got no item are saved empty). Items whose id is already in their
+    shard go to the returned dead-letter PCollection (JSON lines).
+
+    Args:
+        out: output directory (see `build_index`).
+        num_shards, index, shard_by, distance, shard_config,
+        kmeans_sample_size: as for `build_index`.
+        info: JSON-serialisable dict stored in the manifest.
+
+    Returns (from `expand`):
+        The dead-letter PCollection of JSON lines.
+    """
+
+    def __init__(self, out: str, *, num_shards: int = 2, index: str = "exact",
+                 shard_by: str = "hash", distance: str = "dot",
+                 shard_config: dict[str, Any] | None = None,
+                 kmeans_sample_size: int = 10_000, info: dict[str, Any] | None = None):
+        super().__init__()
+        if index not in INDEX_KINDS:
+            raise ValueError(f"`index` must be one of {sorted(INDEX_KINDS)}, got {index!r}")
+        if shard_by not in SHARD_BY:
+            raise ValueError(f"`shard_by` must be one of {list(SHARD_BY)}, got {shard_by!r}")
+        if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
+            raise ValueError(f"`num_shards` must be a positive integer, got {num_shards!r}")
+        self._out = os.path.abspath(out)
+        self._num_shards = num_shards
+        self._index = index
+        self._shard_by = shard_by
+        self._distance = distance
+        self._shard_config = dict(shard_config or {})
+        self._normalize = _new_index(index, distance, self._shard_config).normalize
+        self._sample_size = kmeans_sample_size
+        self._info = dict(info or {})
+
+    def expand(self, items):
+        num_shards, normalize = self._num_shards, self._normalize
+        if self._shard_by == "hash":
+            keyed_by_shard = items | "HashShard" >> beam.Map(
+                lambda item: (_hash_shard(item[0], num_shards), item)
+            )
+        else:
+            centres = (
+                items
+                | "Sample" >> beam.combiners.Sample.FixedSizeGlobally(self._sample_size)
+                | "KMeans" >> beam.Map(
+                    lambda sample: train_kmeans([s[1] for s in sample], num_shards, normalize)
+                )
+            )
+            keyed_by_shard = items | "NearestCentre" >> beam.Map(
+                lambda item, c: (_nearest_centre(item[1], c, normalize), item),
+                c=beam.pvalue.AsSingleton(centres),
+            )
+        built = (
+            keyed_by_shard
+            | "GroupByShard" >> beam.GroupByKey()
+            | "BuildShards" >> beam.ParDo(
+                _BuildShard(self._out, num_shards, self._index, self._distance,
+                            self._shard_config)
+            ).with_outputs(_DEAD, main="numbers")
+        )
+        _ = (
+            built.numbers
+            | "AllShards" >> beam.combiners.ToList()
+            | "Manifest" >> beam.Map(
+                _finish, self._out, num_shards, self._index, self._distance, normalize,
+                self._shard_config, self._info,
+            )
+        )
+        return built[_DEAD]
+
+
 def build_index(
     source: str,
     model_path: str,
@@ -483,8 +562,7 @@ def build_index(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}")
     shard_config = dict(shard_config or {})
-    probe = _new_index(index, distance, shard_config)  # bad distance / config fail here
-    normalize = probe.normalize
+    _new_index(index, distance, shard_config)  # a bad distance or shard config fails here
     out = os.path.abspath(out)
     check_output_dir(out, overwrite)
     input_shape = load_embedder(model_path).input_shape  # a bad model fails before the run
@@ -531,40 +609,13 @@ def build_index(
         _DEAD, main="items"
     )
     failed_lines = failed.failed_inferences | "FailedBatches" >> beam.ParDo(_FailedBatch())
-    items = checked.items
-    if shard_by == "hash":
-        keyed_by_shard = items | "HashShard" >> beam.Map(
-            lambda item: (_hash_shard(item[0], num_shards), item)
-        )
-    else:
-        centres = (
-            items
-            | "Sample" >> beam.combiners.Sample.FixedSizeGlobally(kmeans_sample_size)
-            | "KMeans" >> beam.Map(
-                lambda sample: train_kmeans([s[1] for s in sample], num_shards, normalize)
-            )
-        )
-        keyed_by_shard = items | "NearestCentre" >> beam.Map(
-            lambda item, c: (_nearest_centre(item[1], c, normalize), item),
-            c=beam.pvalue.AsSingleton(centres),
-        )
-    built = (
-        keyed_by_shard
-        | "GroupByShard" >> beam.GroupByKey()
-        | "BuildShards" >> beam.ParDo(
-            _BuildShard(out, num_shards, index, distance, shard_config)
-        ).with_outputs(_DEAD, main="numbers")
-    )
     info = {"source": source, "model": os.path.abspath(model_path), "shard_by": shard_by}
-    _ = (
-        built.numbers
-        | "AllShards" >> beam.combiners.ToList()
-        | "Manifest" >> beam.Map(
-            _finish, out, num_shards, index, distance, normalize, shard_config, info
-        )
+    index_dead = checked.items | "Index" >> IndexEmbeddings(
+        out, num_shards=num_shards, index=index, shard_by=shard_by, distance=distance,
+        shard_config=shard_config, kmeans_sample_size=kmeans_sample_size, info=info,
     )
     _ = (
-        (decoded[_DEAD], checked[_DEAD], failed_lines, built[_DEAD])
+        (decoded[_DEAD], checked[_DEAD], failed_lines, index_dead)
         | "DeadLetters" >> beam.Flatten()
         | "WriteDeadLetters" >> beam.io.WriteToText(
             os.path.join(out, "dead_letter", "items"), file_name_suffix=".jsonl"
@@ -597,6 +648,6 @@ def _write_json(path: str, value) -> None:
 
 
 __all__ = [
-    "build_index", "check_output_dir", "decode_example", "parse_source", "read_embeddings",
-    "train_kmeans",
+    "IndexEmbeddings", "build_index", "check_output_dir", "decode_example", "parse_source",
+    "read_embeddings", "train_kmeans",
 ]
