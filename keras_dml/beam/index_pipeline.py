@@ -32,6 +32,7 @@ import io
 import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -52,6 +53,7 @@ NAMESPACE = "keras_dml.beam.index"
 COUNTERS = ("read", "dead_letter_decode", "dead_letter_embed", "dead_letter_index", "indexed")
 INDEX_KINDS = {"exact": ExactIndex, "scann": ScaNNIndex}
 SHARD_BY = ("hash", "kmeans")
+_BUILD_LOCK = threading.Lock()
 _DEAD = "dead_letter"
 
 
@@ -335,8 +337,12 @@ class _BuildShard(beam.DoFn):
         name = shard_name(number, self._num_shards)
         _write_embeddings(self._out, name, ids, embeddings, metadata)
         index = _new_index(self._index_kind, self._distance, self._shard_config)
-        index.add(embeddings, ids=ids, metadata=metadata)
-        index.save(os.path.join(self._out, "index", name), overwrite=True)
+        # One build at a time per process: two ScaNN builds in threads of one process
+        # (direct_running_mode=multi_threading) corrupted memory; a build uses every core anyway.
+        with _BUILD_LOCK:
+            index.add(embeddings, ids=ids, metadata=metadata)
+            index.save(os.path.join(self._out, "index", name), overwrite=True)
+            del index
         self._indexed.inc(len(kept))
         yield number
 
