@@ -4,8 +4,8 @@ Synthetic clustered embeddings (50 centres, intrinsic dimension 16, like
 `bench_serving.embedding_like`, generated chunk by chunk inside the pipeline)
 go through `IndexEmbeddings` (hash sharding, one `ScaNNIndex` per shard, saved,
 plus the manifest) on Beam's local in-process `FnApiRunner`, with
-`direct_num_workers` 1 (in_memory) and 2 (multi_threading, and with
-`--processes` also multi_processing). For each: wall time, items/s, and
+`direct_num_workers` 1 (in_memory) and 2 (multi_threading; `--runs` picks
+others, e.g. `2:multi_processing`). For each: wall time, items/s, and
 recall@10 of the loaded `ShardedIndex` against `ExactIndex`. Beside them, one
 `ScaNNIndex` built (add + build + save) over the same vectors in one process.
 Prints a Markdown table.
@@ -80,8 +80,11 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--queries", type=int, default=1000)
-    parser.add_argument("--processes", action="store_true",
-                        help="also run 2 workers in multi_processing mode")
+    parser.add_argument("--runs", nargs="+", default=["1:in_memory", "2:multi_threading"],
+                        help="WORKERS:MODE runs of the pipeline (modes: in_memory, "
+                        "multi_threading, multi_processing)")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the one-ScaNNIndex row")
     args = parser.parse_args()
     load_before = os.getloadavg()
     chunks = -(-args.items // CHUNK)
@@ -97,19 +100,18 @@ def main() -> None:
     rows = []
     scratch = tempfile.mkdtemp(prefix="bench-beam-")
     try:
-        start = time.perf_counter()
-        one = ScaNNIndex()
-        one.add(base, ids=ids)
-        one.build()
-        one.save(os.path.join(scratch, "one"))
-        seconds = time.perf_counter() - start
-        recall = recall_at_k(one.search(queries, 10)[0], truth)
-        rows.append(("one ScaNNIndex, in one process (add + build + save)", seconds, recall))
-        print(f"{rows[-1][0]}: {seconds:.1f} s, recall@10 {recall:.4f}", flush=True)
-        del one
-        runs = [(1, "in_memory"), (2, "multi_threading")]
-        if args.processes:
-            runs.append((2, "multi_processing"))
+        if not args.no_baseline:
+            start = time.perf_counter()
+            one = ScaNNIndex()
+            one.add(base, ids=ids)
+            one.build()
+            one.save(os.path.join(scratch, "one"))
+            seconds = time.perf_counter() - start
+            recall = recall_at_k(one.search(queries, 10)[0], truth)
+            rows.append(("one ScaNNIndex, in one process (add + build + save)", seconds, recall))
+            print(f"{rows[-1][0]}: {seconds:.1f} s, recall@10 {recall:.4f}", flush=True)
+            del one
+        runs = [(int(run.split(":")[0]), run.split(":")[1]) for run in args.runs]
         for workers, mode in runs:
             out = os.path.join(scratch, f"beam-{workers}-{mode}")
             seconds = run_pipeline(out, args.items, args.dim, args.shards, workers, mode)
