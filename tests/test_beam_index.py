@@ -293,7 +293,7 @@ def test_bad_arguments(tmp_path, model_path, gallery):
     assert not os.path.exists(out)
 
 
-def test_cli_index_command(tmp_path, model_path, gallery, capsys):
+def test_cli_index_command(tmp_path, model_path, gallery, capsys, monkeypatch):
     from keras_dml.cli.main import main
 
     out = str(tmp_path / "out")
@@ -307,7 +307,22 @@ def test_cli_index_command(tmp_path, model_path, gallery, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("keras-dml index: error: --out:") and "--overwrite" in err
     assert "\n" not in err
-    assert main(argv + ["--overwrite", "--workers", "2"]) == 0
+    assert main(argv + ["--overwrite", "--", "--direct_num_workers=2",
+                        "--direct_running_mode=multi_threading"]) == 0
+    assert len(Index.load(os.path.join(out, "index"))) == 200
+    # --workers N: N local worker processes (run once by hand, 50 s here: too slow to repeat).
+    seen = {}
+
+    def fake_build_index(*args, **kwargs):
+        seen.update(kwargs)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr("keras_dml.beam.index_pipeline.build_index", fake_build_index)
+    assert main(argv + ["--overwrite", "--workers", "3", "--", "--job_name=x"]) == 1
+    assert "stop here" in capsys.readouterr().err
+    assert seen["pipeline_args"] == [
+        "--job_name=x", "--direct_num_workers=3", "--direct_running_mode=multi_processing"
+    ]
     for bad, message in (
         (["--source", "csv:x"], "unknown source"),
         (["--source", "tfrecord:" + str(tmp_path / "none*.tfrecord")], "matches no file"),

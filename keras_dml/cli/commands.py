@@ -886,7 +886,8 @@ def index(args) -> int:
     if args.workers is not None:
         pipeline_args.append(f"--direct_num_workers={args.workers}")
         if not any(arg.startswith("--direct_running_mode") for arg in pipeline_args):
-            pipeline_args.append("--direct_running_mode=multi_threading")
+            # Not multi_threading: at 200k items it grew past 7 GB (BENCHMARKS.md).
+            pipeline_args.append("--direct_running_mode=multi_processing")
     try:
         summary = build_index(
             args.source, args.model, args.out, num_shards=args.num_shards, index=args.index,

@@ -219,8 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--batch-size", type=_positive_int, default=256,
                        help="largest batch RunInference embeds at once (256)")
     index.add_argument("--workers", type=_positive_int, default=None,
-                       help="local runner: this many worker threads (Beam's direct_num_workers "
-                       "with direct_running_mode=multi_threading; default 1)")
+                       help="local runner: this many worker processes (Beam's "
+                       "direct_num_workers with direct_running_mode=multi_processing; default 1)")
     index.add_argument("--image-feature", default="image",
                        help="TFRecord/TFDS feature holding the image (image)")
     index.add_argument("--id-feature", default="id", help="TFRecord feature holding the id (id)")
