@@ -876,3 +876,34 @@ def export(args) -> int:
           f"mean {cosine.mean():.4f}, min {cosine.min():.4f}")
     print(f"full metrics with this file: keras-dml evaluate {run_dir} --using {name}")
     return 0
+
+
+def index(args) -> int:
+    """`keras-dml index`: embeds and indexes a gallery on Apache Beam (`keras_dml.beam`)."""
+    from keras_dml.beam.index_pipeline import build_index
+
+    pipeline_args = list(args.pipeline_args or [])
+    if args.workers is not None:
+        pipeline_args.append(f"--direct_num_workers={args.workers}")
+        if not any(arg.startswith("--direct_running_mode") for arg in pipeline_args):
+            # Not multi_threading: at 200k items it grew past 7 GB (BENCHMARKS.md).
+            pipeline_args.append("--direct_running_mode=multi_processing")
+    try:
+        summary = build_index(
+            args.source, args.model, args.out, num_shards=args.num_shards, index=args.index,
+            shard_by=args.shard_by, distance=args.distance, batch_size=args.batch_size,
+            image_feature=args.image_feature, id_feature=args.id_feature,
+            data_dir=args.data_dir, overwrite=args.overwrite, pipeline_args=pipeline_args,
+        )
+    except (ValueError, FileExistsError) as error:
+        raise CommandError(str(error)) from None
+    dead = sum(summary[f"dead_letter_{stage}"] for stage in ("decode", "embed", "index"))
+    print(f"indexed {summary['indexed']} of {summary['read']} items into "
+          f"{args.num_shards} {args.index} shards in {summary['seconds']:.1f} s: "
+          f"{os.path.join(args.out, 'index')}")
+    if dead:
+        print(f"{dead} items failed (decode {summary['dead_letter_decode']}, embed "
+              f"{summary['dead_letter_embed']}, index {summary['dead_letter_index']}): "
+              f"{os.path.join(args.out, 'dead_letter')}")
+    return 0
+

@@ -4,6 +4,7 @@
     keras-dml export runs/digits --tflite int8
     keras-dml search runs/digits --query-index 0 -k 5
     keras-dml evaluate runs/digits
+    keras-dml index runs/digits --source "images:photos/*.png" --out gallery --num-shards 4
 
 Errors in what you typed (an unknown dataset or loss, a missing run
 directory, a TFDS dataset that is not available offline) print one line,
@@ -82,7 +83,7 @@ def _dims(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `keras-dml` argument parser with its four subcommands."""
+    """The `keras-dml` argument parser with its five subcommands."""
     parser = _Parser(
         prog="keras-dml",
         description="Deep metric learning for Keras 3: train an embedding on a zero-shot split, "
@@ -188,6 +189,45 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--tflite", default="float32", choices=("float32", "float16", "int8"),
                         help="TFLite precision (default float32)")
     export.set_defaults(handler="export")
+
+    index = commands.add_parser(
+        "index",
+        help="embed a gallery on Apache Beam and write one index per shard plus a manifest",
+        description="Read items (TFRecords, image files or a TFDS split), embed them with Beam "
+        "ML's RunInference, and write in --out: index/ (a ShardedIndex: one ExactIndex or "
+        "ScaNNIndex per shard and its manifest), embeddings/ (ids, embeddings, metadata per "
+        "shard), dead_letter/ (items that failed, one JSON line each) and pipeline.json. "
+        "Needs apache-beam (pip install keras-dml[beam]). Runs on the local runner; "
+        "arguments after -- are Beam pipeline options, e.g. -- --runner=DataflowRunner "
+        "--project=P --region=R --temp_location=gs://B/tmp.",
+    )
+    index.add_argument("model", metavar="MODEL",
+                       help="a keras-dml run directory (its model.keras), a .keras embedding "
+                       "model or an embedding SavedModel directory")
+    index.add_argument("--source", required=True,
+                       help="tfrecord:GLOB (tf.train.Examples with 'image' and 'id' "
+                       "features), images:GLOB (image files; the id is the path) or "
+                       "tfds:NAME:SPLIT (a prepared TFDS split)")
+    index.add_argument("--out", required=True, help="output directory (new or empty)")
+    index.add_argument("--num-shards", type=_positive_int, default=2)
+    index.add_argument("--index", default="exact", choices=("exact", "scann"),
+                       help="index of each shard (default exact)")
+    index.add_argument("--shard-by", default="hash", choices=("hash", "kmeans"),
+                       help="hash of the id (default) or nearest k-means centre")
+    index.add_argument("--distance", default="dot", choices=("dot", "squared_l2"),
+                       help="dot: cosine similarity (default)")
+    index.add_argument("--batch-size", type=_positive_int, default=256,
+                       help="largest batch RunInference embeds at once (256)")
+    index.add_argument("--workers", type=_positive_int, default=None,
+                       help="local runner: this many worker processes (Beam's "
+                       "direct_num_workers with direct_running_mode=multi_processing; default 1)")
+    index.add_argument("--image-feature", default="image",
+                       help="TFRecord/TFDS feature holding the image (image)")
+    index.add_argument("--id-feature", default="id", help="TFRecord feature holding the id (id)")
+    index.add_argument("--data-dir", default=None, help="TFDS data directory")
+    index.add_argument("--overwrite", action="store_true",
+                       help="replace a previous output of keras-dml index in --out")
+    index.set_defaults(handler="index")
     return parser
 
 
@@ -232,6 +272,38 @@ def _check_out_dir(path: str) -> None:
         raise ValueError(f"--out {path!r} is not writable ({error.strerror})") from None
 
 
+def _index_model(path: str) -> str:
+    """The model `keras-dml index` embeds with: a run's model.keras, a .keras file, a SavedModel."""
+    if os.path.isdir(path) and os.path.isfile(rundir.RunDir(path).config):
+        path = rundir.RunDir(path).artefact("keras")
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "saved_model.pb")):
+        return path
+    if os.path.isfile(path) and path.endswith(".keras"):
+        return path
+    raise ValueError(f"MODEL {path!r} is not a keras-dml run directory, a .keras file or a "
+                     "SavedModel directory")
+
+
+def _check_index_args(args: argparse.Namespace) -> None:
+    import importlib.util
+
+    from keras_dml.beam.checks import check_output_dir, parse_source
+
+    kind, rest = parse_source(args.source)
+    if kind in ("tfrecord", "images") and "://" not in rest:
+        import glob
+
+        if not glob.glob(rest):
+            raise ValueError(f"--source {args.source!r} matches no file")
+    args.model = _index_model(args.model)
+    try:
+        check_output_dir(args.out, args.overwrite)
+    except FileExistsError as error:
+        raise ValueError(f"--out: {error}") from None
+    if importlib.util.find_spec("apache_beam") is None:
+        raise ValueError("needs Apache Beam: pip install 'keras-dml[beam]'")
+
+
 def _validate(args: argparse.Namespace) -> None:
     """Checks names and paths before anything heavy is imported; raises `_UsageError`."""
     prog = f"keras-dml {args.command}"
@@ -246,6 +318,8 @@ def _validate(args: argparse.Namespace) -> None:
             if args.max_classes is not None and args.max_classes < 2:
                 raise ValueError("--max-classes must be at least 2")
             _check_out_dir(args.out)
+        elif args.handler == "index":
+            _check_index_args(args)
         else:
             _check_run_dir(args.run_dir)
     except ValueError as error:
@@ -257,8 +331,17 @@ def _validate(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Runs `keras-dml` with `argv` (default `sys.argv[1:]`) and returns the exit status."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    beam_args: list[str] = []
+    if "--" in argv:  # `keras-dml index ... -- --runner=...`: Beam's own options
+        cut = argv.index("--")
+        argv, beam_args = argv[:cut], argv[cut + 1:]
     try:
         args = parser.parse_args(argv)
+        if beam_args and args.command != "index":
+            raise _UsageError(f"keras-dml {args.command}",
+                              "options after -- are Beam pipeline options of keras-dml index")
+        args.pipeline_args = beam_args
         _validate(args)
     except _UsageError as error:
         print(f"{error.prog}: error: {error}", file=sys.stderr)
@@ -267,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
 
     prog = f"keras-dml {args.command}"
     handlers = {"train": commands.train, "evaluate": commands.evaluate,
-                "search": commands.search, "export": commands.export}
+                "search": commands.search, "export": commands.export, "index": commands.index}
     try:
         return handlers[args.handler](args)
     except (CommandError, commands.ExpectedError) as error:

@@ -35,6 +35,7 @@ from keras_dml.index.base import (
     FORMAT_VERSION,
     Index,
     _header_digest,
+    _read_header,
     _sha256,
     check_k,
     check_matrix,
@@ -116,6 +117,73 @@ def merge_top_k(
     # lexsort sorts by the last key first: by score, then by id.
     order = np.lexsort((ids, keys), axis=1)[:, :k]
     return np.take_along_axis(ids, order, axis=1), np.take_along_axis(scores, order, axis=1)
+
+
+def shard_name(number: int, num_shards: int) -> str:
+    """The directory name of shard `number` of `num_shards` in a saved `ShardedIndex`."""
+    width = max(5, len(str(num_shards - 1)))
+    return f"{_SHARD_PREFIX}{number:0{width}d}"
+
+
+def write_manifest(
+    directory: str,
+    shard_names: Sequence[str],
+    config: dict[str, Any],
+    info: dict[str, Any] | None = None,
+) -> None:
+    """Writes the manifest (`index.json`) of a `ShardedIndex` over saved shards.
+
+    `ShardedIndex.save` calls it after writing its shards; a writer that
+    saved the shards itself, one per worker (e.g. `keras_dml.beam`), calls it
+    last so that `Index.load(directory)` opens them as one `ShardedIndex`.
+    Sizes, dimension, id kind and metadata come from each shard's own
+    (checksummed) `index.json`.
+
+    Args:
+        directory: the sharded index's directory, holding the shards.
+        shard_names: each shard's directory, relative to `directory`, in
+            shard order.
+        config: `ShardedIndex.get_config()` of the index (`distance`,
+            `normalize`, `num_shards`, `shard_class`, `shard_config`,
+            `max_workers`).
+        info: optional JSON-serialisable dict, as for `Index.save`.
+
+    Raises:
+        ValueError: if a shard's `index.json` is missing or not a saved index.
+    """
+    entries, files = [], {}
+    size, dim, kinds, has_metadata = 0, None, set(), False
+    for name in shard_names:
+        header_path = os.path.join(directory, name, _HEADER)
+        shard = _read_header(os.path.join(directory, name))
+        files[f"{name}/{_HEADER}"] = {
+            "bytes": os.path.getsize(header_path),
+            "sha256": _sha256(header_path),
+        }
+        entries.append({"path": name, "index_class": shard["index_class"], "size": shard["size"]})
+        size += shard["size"]
+        if shard["size"]:
+            dim = dim if dim is not None else shard["dim"]
+            kinds.add(shard["id_kind"])
+            has_metadata = has_metadata or bool(shard["has_metadata"])
+    header = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "index_class": "ShardedIndex",
+        "config": dict(config),
+        "size": size,
+        "dim": dim,
+        "id_kind": "str" if "str" in kinds else "int",
+        "has_metadata": has_metadata,
+        "shards": entries,
+        # Each shard's own header: its checksums cover the shard's files.
+        "files": dict(sorted(files.items())),
+    }
+    if info is not None:
+        header["info"] = info
+    header["header_sha256"] = _header_digest(header)
+    with open(os.path.join(directory, _HEADER), "w") as f:
+        json.dump(header, f, indent=2)
 
 
 def _shard_class(name_or_class) -> type[Index]:
@@ -423,40 +491,13 @@ class ShardedIndex(Index):
     # ------------------------------------------------------------ persistence
 
     def _write(self, directory: str, info: dict[str, Any] | None = None) -> None:
-        width = max(5, len(str(self.num_shards - 1)))
-        entries, files = [], {}
+        names = []
         for number, shard in enumerate(self._shards):
-            name = f"{_SHARD_PREFIX}{number:0{width}d}"
-            path = os.path.join(directory, name)
-            os.makedirs(path)
-            shard._write(path)
-            header_path = os.path.join(path, _HEADER)
-            files[f"{name}/{_HEADER}"] = {
-                "bytes": os.path.getsize(header_path),
-                "sha256": _sha256(header_path),
-            }
-            entries.append(
-                {"path": name, "index_class": type(shard).__name__, "size": len(shard)}
-            )
-        kind = self._id_kind()
-        header = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "index_class": type(self).__name__,
-            "config": self.get_config(),
-            "size": len(self),
-            "dim": self.dim,
-            "id_kind": "str" if kind == "U" else "int",
-            "has_metadata": self.metadata is not None,
-            "shards": entries,
-            # Each shard's own header: its checksums cover the shard's files.
-            "files": dict(sorted(files.items())),
-        }
-        if info is not None:
-            header["info"] = info
-        header["header_sha256"] = _header_digest(header)
-        with open(os.path.join(directory, _HEADER), "w") as f:
-            json.dump(header, f, indent=2)
+            name = shard_name(number, self.num_shards)
+            os.makedirs(os.path.join(directory, name))
+            shard._write(os.path.join(directory, name))
+            names.append(name)
+        write_manifest(directory, names, config=self.get_config(), info=info)
 
     @classmethod
     def _load_saved(cls, directory: str, header: dict[str, Any]) -> ShardedIndex:
