@@ -1,0 +1,70 @@
+"""Helpers for the pytorch-metric-learning (PML) parity tests of the loss and head test files.
+
+PML is the reference: the same embeddings, labels and hyperparameters must give
+the same value and the same gradient with respect to the embeddings (and the
+class weights of the heads). PML runs on torch, which does not depend on the
+Keras backend, so these tests run once, under TensorFlow (`requires_pml`); the
+files that hold them are also run under JAX and torch, where they are skipped.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+requires_pml = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="PML parity compares with torch, independent of the Keras backend: run once, on TF",
+)
+
+
+def import_pml():
+    """`(torch, pytorch_metric_learning)`, skipping the test when either is missing."""
+    torch = pytest.importorskip("torch")
+    pml = pytest.importorskip("pytorch_metric_learning")
+    return torch, pml
+
+
+def m_per_class_batch(seed: int, classes: int = 6, per_class: int = 4, dim: int = 8,
+                      normalize: bool = False, scale: float = 1.0):
+    """Shuffled labels with `per_class` samples of each class and float64 embeddings."""
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.repeat(np.arange(classes), per_class))
+    x = scale * rng.normal(size=(labels.size, dim))
+    if normalize:
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return labels.astype("int64"), x
+
+
+def pml_value_and_grads(fn, *arrays):
+    """`(value, [d value / d array, ...])` of a torch function of float64 tensors."""
+    import torch
+
+    tensors = [torch.tensor(np.asarray(a), dtype=torch.float64, requires_grad=True)
+               for a in arrays]
+    value = fn(*tensors)
+    value.backward()
+    return value.item(), [t.grad.numpy() if t.grad is not None else np.zeros_like(a)
+                          for t, a in zip(tensors, arrays, strict=True)]
+
+
+def keras_value_and_grads(fn, *arrays, dtype: str = "float64"):
+    """`(value, [d value / d array, ...])` of a Keras function of TF variables (TF only)."""
+    import tensorflow as tf
+
+    variables = [tf.Variable(np.asarray(a, dtype)) for a in arrays]
+    with tf.GradientTape() as tape:
+        value = fn(*variables)
+    grads = tape.gradient(value, variables)
+    return float(value), [np.zeros(v.shape, dtype) if g is None else
+                          tf.convert_to_tensor(g).numpy() for g, v in zip(grads, variables,
+                                                                           strict=True)]
+
+
+def assert_parity(ours, theirs, rtol: float = 1e-5, grad_atol: float = 1e-9):
+    """Value to `rtol`, each gradient to `rtol` (plus `grad_atol` for entries near 0)."""
+    (value, grads), (want_value, want_grads) = ours, theirs
+    np.testing.assert_allclose(value, want_value, rtol=rtol, err_msg="value")
+    for i, (g, w) in enumerate(zip(grads, want_grads, strict=True)):
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=grad_atol, err_msg=f"gradient {i}")
