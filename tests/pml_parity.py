@@ -68,3 +68,49 @@ def assert_parity(ours, theirs, rtol: float = 1e-5, grad_atol: float = 1e-9):
     np.testing.assert_allclose(value, want_value, rtol=rtol, err_msg="value")
     for i, (g, w) in enumerate(zip(grads, want_grads, strict=True)):
         np.testing.assert_allclose(g, w, rtol=rtol, atol=grad_atol, err_msg=f"gradient {i}")
+
+
+def head_parity(head, pml_loss, labels, x, kernel, loss=None, proxies: bool = False,
+                rtol: float = 1e-5, grad_rtol: float = 1e-4, grad_atol: float = 1e-7):
+    """Checks a keras-dml head + loss against a PML loss that holds the class weights.
+
+    keras-dml's heads compute in float32, so the head runs in float32 on float32-rounded
+    inputs and PML in float64 on the same rounded numbers: values agree to `rtol`, the
+    gradients w.r.t. embeddings and class weights to `grad_rtol` (+ `grad_atol`).
+
+    Args:
+        head: an unbuilt keras-dml head; its `kernel` becomes `kernel`.
+        pml_loss: the PML loss; its `W` (`fc` for SoftTripleLoss; with `proxies=True`, its
+            `(C, D)` `proxies`, the transposed kernel) becomes `kernel`.
+        labels: `(B,)` int labels.
+        x: `(B, D)` embeddings.
+        kernel: `(D, C * K)` class weights, class-major like keras-dml's kernel.
+        loss: the Keras loss on `(labels, head logits)`; softmax cross-entropy by default.
+    """
+    import tensorflow as tf
+    import torch
+
+    x = np.asarray(x, "float32")
+    kernel = np.asarray(kernel, "float32")
+    head.build((None, x.shape[1]))
+    head.kernel.assign(kernel)
+    loss = loss or keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    x_var = tf.Variable(x)
+    with tf.GradientTape() as tape:
+        value = loss(labels, head(x_var, labels, training=True))
+    grad_x, grad_kernel = tape.gradient(value, [x_var, head.kernel])
+
+    weights = torch.tensor(kernel.T if proxies else kernel, dtype=torch.float64)
+    parameter = pml_loss.proxies if proxies else getattr(pml_loss, "W", None)
+    parameter = pml_loss.fc if parameter is None else parameter  # SoftTripleLoss
+    parameter.data = weights
+    x_torch = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    want = pml_loss(x_torch, torch.tensor(np.asarray(labels, "int64")))
+    want.backward()
+    want_kernel = parameter.grad.numpy()
+    np.testing.assert_allclose(float(value), want.item(), rtol=rtol, err_msg="value")
+    np.testing.assert_allclose(grad_x.numpy(), x_torch.grad.numpy(), rtol=grad_rtol,
+                               atol=grad_atol, err_msg="gradient w.r.t. embeddings")
+    np.testing.assert_allclose(tf.convert_to_tensor(grad_kernel).numpy(),
+                               want_kernel.T if proxies else want_kernel, rtol=grad_rtol,
+                               atol=grad_atol, err_msg="gradient w.r.t. class weights")
