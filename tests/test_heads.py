@@ -543,7 +543,11 @@ def test_arcface_matches_pytorch_metric_learning(margin):
     from pytorch_metric_learning import losses
 
     labels, x, kernel = _head_batch(70)
-    x[0] = -x[0]  # one target beyond π - m: the fallback branch
+    # One sample almost opposite its class centre (θ > π - m): the fallback branch.
+    centre = kernel[:, labels[0]] / np.linalg.norm(kernel[:, labels[0]])
+    x[0] = 0.1 * x[0] - 3.0 * centre
+    cosine = x[0] @ centre / np.linalg.norm(x[0])
+    assert np.arccos(cosine) > math.pi - margin
     theirs = losses.ArcFaceLoss(num_classes=5, embedding_size=8, margin=math.degrees(margin),
                                 scale=64)
     head_parity(ArcFace(5, scale=64.0, margin=margin), theirs, labels, x, kernel)
