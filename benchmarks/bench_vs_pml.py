@@ -135,7 +135,7 @@ REGISTRY: dict[str, Entry] = {
         lambda: _k().TripletLoss(margin=0.2, negative_mining="all"),
         lambda: _pml()[1].TripletMarginLoss(margin=0.2, distance=_pml_l2()), pml_max_batch=1024,
         note="batch-all; PML TripletMarginLoss(margin=0.2) without a miner: same loss. PML "
-             "indexes every triplet (B^3 / 16: 262 M index triples at B=4096), run to B=1024."),
+             "indexes every triplet (B x 15 x (B - 16): 251 M at B=4096), so it runs to B=1024."),
     "ContrastiveLoss": Entry(
         lambda: _k().ContrastiveLoss(),
         lambda: _pml()[1].ContrastiveLoss(distance=_pml_l2(), reducer=_pml()[3].MeanReducer()),
