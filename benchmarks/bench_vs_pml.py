@@ -150,7 +150,7 @@ REGISTRY: dict[str, Entry] = {
         lambda: _k().LiftedStructLoss(),
         lambda: _pml()[1].LiftedStructureLoss(distance=_pml_l2()), pml_max_batch=128,
         note="PML LiftedStructureLoss: same loss; PML builds a (positive pairs x negative "
-             "pairs) matrix: 3,840 x 61,440 at B=256 (> 100 s per step here), 15,360 x "
+             "pairs) matrix: 3,840 x 61,440 at B=256 (~35-45 s per step extrapolated), 15,360 x "
              "1,032,192 at B=1024 (> 60 GB as float32), so PML runs at B <= 128 only."),
     "NTXentLoss": Entry(
         lambda: _k().NTXentLoss(temperature=0.1),
