@@ -1,20 +1,130 @@
-"""Helpers of the pair-loss tests: NumPy pair measures, test batches and PML parity checks.
+"""Helpers of the pytorch-metric-learning (PML) parity tests and the pair-loss tests.
 
-The NumPy side is plain float64 loops (obviously correct, slow); the PML side
-runs pytorch-metric-learning 2.9 on torch with autograd. Both are compared
-with the Keras loss computed in float64 (`dtype="float64"`), its gradient
-taken on the active backend (`conftest.loss_gradient`).
+PML is the reference: the same embeddings, labels and hyperparameters must give
+the same value and the same gradient with respect to the embeddings (and the
+class weights of the heads). PML runs on torch, which does not depend on the
+Keras backend, so these tests run once, under TensorFlow (`requires_pml` where
+their file is also run under JAX and torch).
+
+The pair-loss helpers (first half) add NumPy pair measures in plain float64
+loops (obviously correct, slow) and test batches; the Keras loss is computed in
+float64 (`dtype="float64"`), its gradient taken on the active backend
+(`conftest.loss_gradient`). The second half serves the loss and head files
+(`keras_value_and_grads`, `head_parity`).
 """
 
 from __future__ import annotations
 
 import math
 
+import keras
 import numpy as np
 import pytest
 from conftest import loss_gradient
 
 from keras_dml.losses.base import References
+
+requires_pml = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="PML parity compares with torch, independent of the Keras backend: run once, on TF",
+)
+
+
+def import_pml():
+    """`(torch, pytorch_metric_learning)`, skipping the test when either is missing."""
+    torch = pytest.importorskip("torch")
+    pml = pytest.importorskip("pytorch_metric_learning")
+    return torch, pml
+
+
+def m_per_class_batch(seed: int, classes: int = 6, per_class: int = 4, dim: int = 8,
+                      normalize: bool = False, scale: float = 1.0):
+    """Shuffled labels with `per_class` samples of each class and float64 embeddings."""
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.repeat(np.arange(classes), per_class))
+    x = scale * rng.normal(size=(labels.size, dim))
+    if normalize:
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return labels.astype("int64"), x
+
+
+def pml_value_and_grads(fn, *arrays):
+    """`(value, [d value / d array, ...])` of a torch function of float64 tensors."""
+    import torch
+
+    tensors = [torch.tensor(np.asarray(a), dtype=torch.float64, requires_grad=True)
+               for a in arrays]
+    value = fn(*tensors)
+    value.backward()
+    return value.item(), [t.grad.numpy() if t.grad is not None else np.zeros_like(a)
+                          for t, a in zip(tensors, arrays, strict=True)]
+
+
+def keras_value_and_grads(fn, *arrays, dtype: str = "float64"):
+    """`(value, [d value / d array, ...])` of a Keras function of TF variables (TF only)."""
+    import tensorflow as tf
+
+    variables = [tf.Variable(np.asarray(a, dtype)) for a in arrays]
+    with tf.GradientTape() as tape:
+        value = fn(*variables)
+    grads = tape.gradient(value, variables)
+    return float(value), [np.zeros(v.shape, dtype) if g is None else
+                          tf.convert_to_tensor(g).numpy() for g, v in zip(grads, variables,
+                                                                           strict=True)]
+
+
+def assert_parity(ours, theirs, rtol: float = 1e-5, grad_atol: float = 1e-9):
+    """Value to `rtol`, each gradient to `rtol` (plus `grad_atol` for entries near 0)."""
+    (value, grads), (want_value, want_grads) = ours, theirs
+    np.testing.assert_allclose(value, want_value, rtol=rtol, err_msg="value")
+    for i, (g, w) in enumerate(zip(grads, want_grads, strict=True)):
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=grad_atol, err_msg=f"gradient {i}")
+
+
+def head_parity(head, pml_loss, labels, x, kernel, loss=None, proxies: bool = False,
+                rtol: float = 1e-5, grad_rtol: float = 1e-4, grad_atol: float = 1e-7):
+    """Checks a keras-dml head + loss against a PML loss that holds the class weights.
+
+    keras-dml's heads compute in float32, so the head runs in float32 on float32-rounded
+    inputs and PML in float64 on the same rounded numbers: values agree to `rtol`, the
+    gradients w.r.t. embeddings and class weights to `grad_rtol` (+ `grad_atol`).
+
+    Args:
+        head: an unbuilt keras-dml head; its `kernel` becomes `kernel`.
+        pml_loss: the PML loss; its `W` (`fc` for SoftTripleLoss; with `proxies=True`, its
+            `(C, D)` `proxies`, the transposed kernel) becomes `kernel`.
+        labels: `(B,)` int labels.
+        x: `(B, D)` embeddings.
+        kernel: `(D, C * K)` class weights, class-major like keras-dml's kernel.
+        loss: the Keras loss on `(labels, head logits)`; softmax cross-entropy by default.
+    """
+    import tensorflow as tf
+    import torch
+
+    x = np.asarray(x, "float32")
+    kernel = np.asarray(kernel, "float32")
+    head.build((None, x.shape[1]))
+    head.kernel.assign(kernel)
+    loss = loss or keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    x_var = tf.Variable(x)
+    with tf.GradientTape() as tape:
+        value = loss(labels, head(x_var, labels, training=True))
+    grad_x, grad_kernel = tape.gradient(value, [x_var, head.kernel])
+
+    weights = torch.tensor(kernel.T if proxies else kernel, dtype=torch.float64)
+    parameter = pml_loss.proxies if proxies else getattr(pml_loss, "W", None)
+    parameter = pml_loss.fc if parameter is None else parameter  # SoftTripleLoss
+    parameter.data = weights
+    x_torch = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    want = pml_loss(x_torch, torch.tensor(np.asarray(labels, "int64")))
+    want.backward()
+    want_kernel = parameter.grad.numpy()
+    np.testing.assert_allclose(float(value), want.item(), rtol=rtol, err_msg="value")
+    np.testing.assert_allclose(grad_x.numpy(), x_torch.grad.numpy(), rtol=grad_rtol,
+                               atol=grad_atol, err_msg="gradient w.r.t. embeddings")
+    np.testing.assert_allclose(tf.convert_to_tensor(grad_kernel).numpy(),
+                               want_kernel.T if proxies else want_kernel, rtol=grad_rtol,
+                               atol=grad_atol, err_msg="gradient w.r.t. class weights")
 
 
 def unit(v):

@@ -8,6 +8,14 @@ import keras
 import numpy as np
 import pytest
 from conftest import loss_gradient, mixed_precision
+from pml_parity import (
+    assert_parity,
+    import_pml,
+    keras_value_and_grads,
+    m_per_class_batch,
+    pml_value_and_grads,
+    requires_pml,
+)
 
 from keras_dml.losses.circle import CircleLoss, circle_loss
 
@@ -231,3 +239,23 @@ def test_config_round_trip():
 def test_bad_hyperparameters_raise(kwargs, arg):
     with pytest.raises(ValueError, match=arg):
         CircleLoss(**kwargs)
+
+
+# ------------------------------------------------------ pytorch-metric-learning parity (TF only)
+
+
+@requires_pml
+@pytest.mark.parametrize("margin, gamma", [(0.25, 256.0), (0.4, 80.0)])
+def test_matches_pytorch_metric_learning(margin, gamma):
+    # Same loss, same reduction (mean over anchors with a positive and a negative). Only the
+    # defaults differ: keras-dml m=0.25, gamma=256 (the paper's face setting), PML m=0.4, 80.
+    torch, pml = import_pml()
+    from pytorch_metric_learning import losses
+
+    labels, x = m_per_class_batch(30)
+    labels[labels == 5] = 6  # one singleton class: an anchor without a positive drops out
+    labels[np.flatnonzero(labels == 6)[:3]] = 5
+    theirs = losses.CircleLoss(m=margin, gamma=gamma)
+    ours = CircleLoss(margin=margin, gamma=gamma, dtype="float64")
+    want = pml_value_and_grads(lambda v: theirs(v, torch.tensor(labels)), x)
+    assert_parity(keras_value_and_grads(lambda v: ours(labels, v), x), want)

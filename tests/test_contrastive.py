@@ -8,6 +8,14 @@ import keras
 import numpy as np
 import pytest
 from conftest import loss_gradient, mixed_precision
+from pml_parity import (
+    assert_parity,
+    import_pml,
+    keras_value_and_grads,
+    m_per_class_batch,
+    pml_value_and_grads,
+    requires_pml,
+)
 
 from keras_dml.losses.contrastive import ContrastiveLoss, contrastive_loss
 
@@ -185,3 +193,60 @@ def test_config_round_trip():
 def test_unknown_distance_raises():
     with pytest.raises(ValueError, match="distance"):
         ContrastiveLoss(distance="manhattan")
+
+
+# ------------------------------------------------------ pytorch-metric-learning parity (TF only)
+
+
+def _pml_distance(name):
+    """PML's distance for a keras-dml distance name, and how its margins map to ours."""
+    from pytorch_metric_learning import distances
+
+    if name == "cosine":
+        # PML's CosineSimilarity is a similarity s; keras-dml's "cosine" distance is 1 - s, so
+        # its hinges max(d - m_pos, 0), max(m_neg - d, 0) are PML's with margins 1 - m.
+        return distances.CosineSimilarity(), lambda margin: 1.0 - margin
+    power = 2 if name == "squared_euclidean" else 1
+    return distances.LpDistance(normalize_embeddings=False, power=power), lambda margin: margin
+
+
+@requires_pml
+@pytest.mark.parametrize("distance", ["euclidean", "squared_euclidean", "cosine"])
+@pytest.mark.parametrize("pos_margin, neg_margin", [(0.0, 1.0), (0.3, 2.0)])
+def test_matches_pytorch_metric_learning_with_mean_reducer(distance, pos_margin, neg_margin):
+    # keras-dml averages each kind of pair over all of them; that is PML's ContrastiveLoss
+    # with MeanReducer (PML's default reducer, AvgNonZero, is checked in the next test).
+    torch, pml = import_pml()
+    from pytorch_metric_learning import losses, reducers
+
+    labels, x = m_per_class_batch(10, scale=0.4)
+    pml_distance, margin = _pml_distance(distance)
+    theirs = losses.ContrastiveLoss(pos_margin=margin(pos_margin), neg_margin=margin(neg_margin),
+                                    distance=pml_distance, reducer=reducers.MeanReducer())
+    ours = ContrastiveLoss(pos_margin=pos_margin, neg_margin=neg_margin, distance=distance,
+                           dtype="float64")
+    want = pml_value_and_grads(lambda v: theirs(v, torch.tensor(labels)), x)
+    assert_parity(keras_value_and_grads(lambda v: ours(labels, v), x), want)
+
+
+@requires_pml
+def test_differs_from_pytorch_metric_learning_default_reducer_on_purpose():
+    # PML's default AvgNonZeroReducer divides each kind's sum by its pairs with a non-zero
+    # hinge; keras-dml by all pairs of that kind, so negatives already beyond the margin
+    # still dilute the push (and a batch does not get a larger loss as it gets easier).
+    torch, pml = import_pml()
+    from pytorch_metric_learning import losses
+
+    labels, x = m_per_class_batch(11, scale=0.4)
+    theirs = losses.ContrastiveLoss(distance=_pml_distance("euclidean")[0])
+    want = theirs(torch.tensor(x), torch.tensor(labels)).item()
+    d = np.linalg.norm(x[:, None] - x[None], axis=-1)
+    same, off_diagonal = labels[:, None] == labels[None], ~np.eye(len(labels), dtype=bool)
+    positive_terms = d[same & off_diagonal]
+    negative_terms = np.maximum(1.0 - d[~same], 0.0)
+    assert 0 < np.count_nonzero(negative_terms) < negative_terms.size
+    pml_reference = positive_terms.mean() + negative_terms.sum() / np.count_nonzero(negative_terms)
+    np.testing.assert_allclose(want, pml_reference, rtol=1e-5)
+    ours = float(ContrastiveLoss(dtype="float64")(labels, x))
+    np.testing.assert_allclose(ours, positive_terms.mean() + negative_terms.mean(), rtol=1e-5)
+    assert ours < want

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import loss_gradient, mixed_precision
 from keras import ops
+from pml_parity import head_parity, import_pml, m_per_class_batch, requires_pml
 
 from keras_dml import heads
 from keras_dml.heads import (
@@ -521,3 +522,74 @@ def test_docstring_examples():
     ):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.failed == 0, module.__name__
+
+
+# ------------------------------------------------------ pytorch-metric-learning parity (TF only)
+
+
+def _head_batch(seed, classes=5, centers=1, dim=8, per_class=4):
+    labels, x = m_per_class_batch(seed, classes=classes, per_class=per_class, dim=dim)
+    kernel = np.random.default_rng(seed + 100).normal(size=(dim, classes * centers))
+    # Pull each sample towards its class's first centre so the targets are not all
+    # far (> 90°) from it: both branches of the margins get exercised.
+    x = x + 1.5 * kernel[:, labels * centers].T / np.linalg.norm(kernel, axis=0)[labels * centers,
+                                                                               None]
+    return labels, x, kernel
+
+
+@requires_pml
+@pytest.mark.parametrize("margin", [0.5, 0.2])
+def test_arcface_matches_pytorch_metric_learning(margin):
+    # PML's ArcFaceLoss takes the margin in degrees (default 28.6° ≈ 0.4992 rad); keras-dml
+    # in radians (default 0.5). Same fallback cos θ - m sin m where θ + m > π.
+    torch, pml = import_pml()
+    from pytorch_metric_learning import losses
+
+    labels, x, kernel = _head_batch(70)
+    # One sample almost opposite its class centre (θ > π - m): the fallback branch.
+    centre = kernel[:, labels[0]] / np.linalg.norm(kernel[:, labels[0]])
+    x[0] = 0.1 * x[0] - 3.0 * centre
+    cosine = x[0] @ centre / np.linalg.norm(x[0])
+    assert np.arccos(cosine) > math.pi - margin
+    theirs = losses.ArcFaceLoss(num_classes=5, embedding_size=8, margin=math.degrees(margin),
+                                scale=64)
+    head_parity(ArcFace(5, scale=64.0, margin=margin), theirs, labels, x, kernel)
+
+
+@requires_pml
+def test_cosface_matches_pytorch_metric_learning():
+    torch, pml = import_pml()
+    from pytorch_metric_learning import losses
+
+    labels, x, kernel = _head_batch(71)
+    theirs = losses.CosFaceLoss(num_classes=5, embedding_size=8, margin=0.35, scale=64)
+    head_parity(CosFace(5, scale=64.0, margin=0.35), theirs, labels, x, kernel)
+
+
+@requires_pml
+def test_subcenter_arcface_matches_pytorch_metric_learning():
+    # PML's W is (D, C * K) viewed as (C, K): column c * K + k, keras-dml's class-major order.
+    torch, pml = import_pml()
+    from pytorch_metric_learning import losses
+
+    labels, x, kernel = _head_batch(72, centers=3)
+    theirs = losses.SubCenterArcFaceLoss(num_classes=5, embedding_size=8, sub_centers=3,
+                                         margin=math.degrees(0.5), scale=64)
+    head = SubCenterArcFace(5, centers_per_class=3, scale=64.0, margin=0.5)
+    head_parity(head, theirs, labels, x, kernel)
+
+
+@requires_pml
+@pytest.mark.parametrize("la, gamma, margin", [(20.0, 0.1, 0.01), (10.0, 0.5, 0.2)])
+def test_softtriple_matches_pytorch_metric_learning(la, gamma, margin):
+    # Same logits and loss; keras-dml's head also adds the paper's centre-merging regulariser
+    # (tau = 0.2 by default) with add_loss, which PML's SoftTripleLoss does not have: the
+    # comparison uses tau=0. Both take gamma as the paper's γ (PML stores 1/γ).
+    torch, pml = import_pml()
+    from pytorch_metric_learning import losses
+
+    labels, x, kernel = _head_batch(73, centers=4)
+    theirs = losses.SoftTripleLoss(num_classes=5, embedding_size=8, centers_per_class=4,
+                                   la=la, gamma=gamma, margin=margin)
+    head = SoftTriple(5, centers_per_class=4, la=la, gamma=gamma, margin=margin, tau=0.0)
+    head_parity(head, theirs, labels, x, kernel)

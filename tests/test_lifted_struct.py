@@ -8,6 +8,14 @@ import keras
 import numpy as np
 import pytest
 from conftest import loss_gradient, mixed_precision
+from pml_parity import (
+    assert_parity,
+    import_pml,
+    keras_value_and_grads,
+    m_per_class_batch,
+    pml_value_and_grads,
+    requires_pml,
+)
 
 from keras_dml.losses.lifted_struct import LiftedStructLoss, lifted_struct_loss
 
@@ -188,3 +196,26 @@ def test_config_round_trip():
 def test_unknown_distance_raises():
     with pytest.raises(ValueError, match="distance"):
         LiftedStructLoss(distance="manhattan")
+
+
+# ------------------------------------------------------ pytorch-metric-learning parity (TF only)
+
+
+@requires_pml
+@pytest.mark.parametrize("margin", [1.0, 0.5])
+def test_matches_pytorch_metric_learning(margin):
+    # keras-dml's LiftedStructLoss is PML's LiftedStructureLoss (Song et al.: per positive
+    # pair, the negatives of both members; squared hinge halved), not PML's
+    # GeneralizedLiftedStructureLoss (Hermans et al.'s per-anchor form). PML's default
+    # distance normalises the embeddings; keras-dml's "euclidean" does not, so PML gets
+    # LpDistance(normalize_embeddings=False).
+    torch, pml = import_pml()
+    from pytorch_metric_learning import distances, losses
+
+    labels, x = m_per_class_batch(40, scale=0.3)
+    theirs = losses.LiftedStructureLoss(
+        neg_margin=margin, pos_margin=0.0,
+        distance=distances.LpDistance(normalize_embeddings=False))
+    ours = LiftedStructLoss(margin=margin, dtype="float64")
+    want = pml_value_and_grads(lambda v: theirs(v, torch.tensor(labels)), x)
+    assert_parity(keras_value_and_grads(lambda v: ours(labels, v), x), want)

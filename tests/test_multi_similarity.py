@@ -8,6 +8,14 @@ import keras
 import numpy as np
 import pytest
 from conftest import loss_gradient, mixed_precision
+from pml_parity import (
+    assert_parity,
+    import_pml,
+    keras_value_and_grads,
+    m_per_class_batch,
+    pml_value_and_grads,
+    requires_pml,
+)
 
 from keras_dml.losses.multi_similarity import MultiSimilarityLoss, multi_similarity_loss
 
@@ -197,3 +205,50 @@ def test_config_round_trip():
 def test_bad_hyperparameters_raise(kwargs, arg):
     with pytest.raises(ValueError, match=arg):
         MultiSimilarityLoss(**kwargs)
+
+
+# ------------------------------------------------------ pytorch-metric-learning parity (TF only)
+
+
+@requires_pml
+@pytest.mark.parametrize("alpha, beta, base", [(2.0, 50.0, 0.5), (1.0, 10.0, 0.2)])
+def test_matches_pytorch_metric_learning_without_mining(alpha, beta, base):
+    # A mining margin epsilon larger than any similarity gap keeps every pair: then keras-dml's
+    # loss is PML's MultiSimilarityLoss with no miner (mean over all B anchors).
+    torch, pml = import_pml()
+    from pytorch_metric_learning import losses
+
+    labels, x = m_per_class_batch(20)
+    theirs = losses.MultiSimilarityLoss(alpha=alpha, beta=beta, base=base)
+    ours = MultiSimilarityLoss(alpha=alpha, beta=beta, base=base, epsilon=3.0, dtype="float64")
+    want = pml_value_and_grads(lambda v: theirs(v, torch.tensor(labels)), x)
+    assert_parity(keras_value_and_grads(lambda v: ours(labels, v), x), want)
+
+
+@requires_pml
+@pytest.mark.parametrize("epsilon", [0.1, 0.3])
+def test_mined_matches_pytorch_metric_learning_miner_and_loss(epsilon):
+    # keras-dml mines inside the loss; PML needs MultiSimilarityMiner(epsilon) passed to
+    # MultiSimilarityLoss. The pairs are the same, and so is the treatment of an anchor:
+    # "a mined positive exists" and "a mined negative exists" are both
+    # min(S_ap) - epsilon < max(S_an), so an anchor has both kinds or neither (then 0 in both,
+    # and both divide by B).
+    torch, pml = import_pml()
+    from pytorch_metric_learning import losses, miners
+
+    labels, noise = m_per_class_batch(21, classes=4, per_class=6, dim=4)
+    # Clustered classes, so that some anchors' positives are all clearly the closest.
+    x = 2.0 * np.random.default_rng(22).normal(size=(4, 4))[labels] + noise
+    z = x / np.linalg.norm(x, axis=1, keepdims=True)
+    s = z @ z.T
+    same = labels[:, None] == labels[None]
+    hardest_positive = np.where(same & ~np.eye(len(labels), dtype=bool), s, np.inf).min(1)
+    hardest_negative = np.where(same, -np.inf, s).max(1)
+    no_pair = hardest_positive - epsilon >= hardest_negative
+    assert no_pair.any() and not no_pair.all(), "want anchors with and without mined pairs"
+    miner = miners.MultiSimilarityMiner(epsilon=epsilon)
+    loss = losses.MultiSimilarityLoss()
+    y = torch.tensor(labels)
+    want = pml_value_and_grads(lambda v: loss(v, y, miner(v, y)), x)
+    ours = MultiSimilarityLoss(epsilon=epsilon, dtype="float64")
+    assert_parity(keras_value_and_grads(lambda v: ours(labels, v), x), want)

@@ -8,6 +8,14 @@ import keras
 import numpy as np
 import pytest
 from conftest import loss_gradient, mixed_precision
+from pml_parity import (
+    assert_parity,
+    import_pml,
+    keras_value_and_grads,
+    m_per_class_batch,
+    pml_value_and_grads,
+    requires_pml,
+)
 
 from keras_dml.losses.ntxent import NTXentLoss, nt_xent_loss
 
@@ -298,3 +306,22 @@ def test_non_positive_temperature_raises(value):
         NTXentLoss(temperature=value)
     with pytest.raises(ValueError, match="temperature"):
         nt_xent_loss(np.ones((2, 2)), np.ones((2, 2)), temperature=value)
+
+
+# ------------------------------------------------------ pytorch-metric-learning parity (TF only)
+
+
+@requires_pml
+@pytest.mark.parametrize("temperature", [0.07, 0.5])
+def test_matches_pytorch_metric_learning(temperature):
+    # PML's NTXentLoss takes the stacked views with instance ids as labels (each anchor's
+    # only positive is its other view). Defaults differ: keras-dml 0.1, PML 0.07.
+    torch, pml = import_pml()
+    from pytorch_metric_learning import losses
+
+    _, x = m_per_class_batch(50, classes=16, per_class=1)
+    ids = np.tile(np.arange(8), 2)
+    theirs = losses.NTXentLoss(temperature=temperature)
+    ours = NTXentLoss(temperature=temperature, dtype="float64")
+    want = pml_value_and_grads(lambda v: theirs(v, torch.tensor(ids)), x)
+    assert_parity(keras_value_and_grads(lambda v: ours(np.zeros(16), v), x), want)

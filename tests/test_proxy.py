@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import loss_gradient, mixed_precision
 from keras import ops
+from pml_parity import head_parity, import_pml, m_per_class_batch, requires_pml
 
 from keras_dml.heads import ArcFace, ProxyAnchor, ProxyAnchorLoss, ProxyNCA, ProxyNCALoss, proxy
 from keras_dml.layers import MetricEmbedding
@@ -266,3 +267,43 @@ def test_bad_arguments():
 
 def test_docstring_examples():
     assert doctest.testmod(proxy).failed == 0
+
+
+# ------------------------------------------------------ pytorch-metric-learning parity (TF only)
+
+
+def _proxy_batch(seed, classes=5, dim=8):
+    labels, x = m_per_class_batch(seed, classes=classes, per_class=4, dim=dim)
+    labels[labels == classes - 1] = 0  # the last proxy has no sample in the batch
+    kernel = np.random.default_rng(seed + 100).normal(size=(dim, classes))
+    return labels, x + 1.5 * (kernel / np.linalg.norm(kernel, axis=0))[:, labels].T, kernel
+
+
+@requires_pml
+@pytest.mark.parametrize("scale, margin", [(32.0, 0.1), (16.0, 0.3)])
+def test_proxy_anchor_matches_pytorch_metric_learning(scale, margin):
+    # PML's ProxyAnchorLoss(alpha, margin) holds `proxies` (C, D): keras-dml's kernel
+    # transposed. Positive terms are averaged over the proxies with samples, negative terms
+    # over all C, in both.
+    torch, pml = import_pml()
+    from pytorch_metric_learning import losses
+
+    labels, x, kernel = _proxy_batch(80)
+    theirs = losses.ProxyAnchorLoss(num_classes=5, embedding_size=8, alpha=scale, margin=margin)
+    head = ProxyAnchor(5, scale=scale, margin=margin)
+    head_parity(head, theirs, labels, x, kernel, loss=ProxyAnchorLoss(), proxies=True)
+
+
+@requires_pml
+@pytest.mark.parametrize("softmax_scale", [1.0, 9.0])
+def test_proxy_nca_matches_pytorch_metric_learning(softmax_scale):
+    # PML's ProxyNCALoss: softmax over -softmax_scale * ||x̂ - p̂||² with the positive kept
+    # (keras-dml's default, exclude_positive=False), i.e. temperature = 1 / softmax_scale.
+    # Defaults differ: PML's softmax_scale=1 is T = 1; keras-dml's T = 1/9 (ProxyNCA++).
+    torch, pml = import_pml()
+    from pytorch_metric_learning import losses
+
+    labels, x, kernel = _proxy_batch(81)
+    theirs = losses.ProxyNCALoss(num_classes=5, embedding_size=8, softmax_scale=softmax_scale)
+    head = ProxyNCA(5, temperature=1.0 / softmax_scale)
+    head_parity(head, theirs, labels, x, kernel, proxies=True)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import assert_head_gradients_finite, loss_gradient, mixed_precision
 from keras import ops
+from pml_parity import head_parity, import_pml, m_per_class_batch, requires_pml
 
 from keras_dml.heads import SphereFace, angular_margin_psi, sphereface
 from keras_dml.layers import MetricEmbedding
@@ -185,3 +186,24 @@ def test_config_round_trip_and_bad_arguments():
 
 def test_docstring_example():
     assert doctest.testmod(sphereface).failed == 0
+
+
+# ------------------------------------------------------ pytorch-metric-learning parity (TF only)
+
+
+@requires_pml
+@pytest.mark.parametrize("margin", [2, 4])
+def test_matches_pytorch_metric_learning_without_annealing(margin):
+    # PML's SphereFaceLoss(margin, scale=1): target logit ψ(θ) = (-1)^k cos(mθ) - 2k, every
+    # logit times ‖x‖. keras-dml's default also anneals the target towards cos θ,
+    # (λ cos θ + ψ) / (1 + λ) with λ from 1000 down to 5 (the paper's training recipe),
+    # which PML does not: with lambda_base = lambda_min = 0 (λ = 0) they are the same loss.
+    torch, pml = import_pml()
+    from pytorch_metric_learning import losses
+
+    labels, x = m_per_class_batch(90, classes=5, per_class=4, dim=8)
+    kernel = np.random.default_rng(190).normal(size=(8, 5))
+    x = x + 1.5 * (kernel / np.linalg.norm(kernel, axis=0))[:, labels].T
+    theirs = losses.SphereFaceLoss(num_classes=5, embedding_size=8, margin=margin, scale=1)
+    head = SphereFace(5, margin=margin, lambda_base=0.0, lambda_min=0.0)
+    head_parity(head, theirs, labels, x, kernel)

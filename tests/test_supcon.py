@@ -8,6 +8,14 @@ import keras
 import numpy as np
 import pytest
 from conftest import loss_gradient, mixed_precision
+from pml_parity import (
+    assert_parity,
+    import_pml,
+    keras_value_and_grads,
+    m_per_class_batch,
+    pml_value_and_grads,
+    requires_pml,
+)
 
 from keras_dml.losses.ntxent import nt_xent_loss
 from keras_dml.losses.supcon import SupConLoss, supcon_loss
@@ -235,3 +243,23 @@ def test_non_positive_temperature_raises(arg, value):
         SupConLoss(**{arg: value})
     with pytest.raises(ValueError, match=arg):
         supcon_loss(np.zeros(2, "int32"), np.ones((2, 2), "float32"), **{arg: value})
+
+
+# ------------------------------------------------------ pytorch-metric-learning parity (TF only)
+
+
+@requires_pml
+@pytest.mark.parametrize("temperature", [0.07, 0.1])
+def test_matches_pytorch_metric_learning(temperature):
+    # PML's SupConLoss has no base temperature: it is keras-dml's with
+    # base_temperature=temperature (keras-dml's defaults, 0.07 and 0.07, give the same scale;
+    # PML's default temperature is 0.1). Anchors without a positive drop out in both.
+    torch, pml = import_pml()
+    from pytorch_metric_learning import losses
+
+    labels, x = m_per_class_batch(60)
+    labels[np.flatnonzero(labels == 5)[:3]] = 6  # class 5 is now a singleton
+    theirs = losses.SupConLoss(temperature=temperature)
+    ours = SupConLoss(temperature=temperature, base_temperature=temperature, dtype="float64")
+    want = pml_value_and_grads(lambda v: theirs(v, torch.tensor(labels)), x)
+    assert_parity(keras_value_and_grads(lambda v: ours(labels, v), x), want)

@@ -8,6 +8,14 @@ import keras
 import numpy as np
 import pytest
 from conftest import loss_gradient, mixed_precision, ref_semi_hard_terms
+from pml_parity import (
+    assert_parity,
+    import_pml,
+    keras_value_and_grads,
+    m_per_class_batch,
+    pml_value_and_grads,
+    requires_pml,
+)
 
 import keras_dml
 from keras_dml.losses import triplet_hard_loss, triplet_loss, triplet_semihard_loss
@@ -322,3 +330,135 @@ def test_same_values_and_gradients_as_tensorflow_addons(case):
         value, grad = loss_gradient(lambda v, loss=loss: loss(labels, v), x)
         np.testing.assert_allclose(value, want_value, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------ pytorch-metric-learning parity (TF only)
+
+
+def _pml_euclidean(distances):
+    """PML's L2 distance on the raw embeddings (its default normalises them first)."""
+    return distances.LpDistance(normalize_embeddings=False)
+
+
+@requires_pml
+@pytest.mark.parametrize("margin", [0.2, 1.0])
+def test_batch_all_matches_pytorch_metric_learning(margin):
+    # TripletLoss(negative_mining="all") is PML's TripletMarginLoss without a miner (every
+    # triplet) with its default AvgNonZeroReducer: the mean over triplets with a non-zero hinge.
+    torch, pml = import_pml()
+    from pytorch_metric_learning import distances, losses
+
+    labels, x = m_per_class_batch(0)
+    theirs = losses.TripletMarginLoss(margin=margin, distance=_pml_euclidean(distances))
+    ours = keras_dml.TripletLoss(margin=margin, negative_mining="all", dtype="float64")
+    want = pml_value_and_grads(lambda v: theirs(v, torch.tensor(labels)), x)
+    assert_parity(keras_value_and_grads(lambda v: ours(labels, v), x), want)
+
+
+@requires_pml
+def test_batch_all_differs_from_pytorch_metric_learning_mean_reducer_by_nonzero_fraction():
+    # With PML's MeanReducer the mean runs over *all* triplets, zeros included: PML's value is
+    # ours times (non-zero triplets / all triplets). keras-dml has only the non-zero average.
+    torch, pml = import_pml()
+    from pytorch_metric_learning import distances, losses, reducers
+
+    labels, x = m_per_class_batch(1)
+    margin = 1.0
+    theirs = losses.TripletMarginLoss(margin=margin, distance=_pml_euclidean(distances),
+                                      reducer=reducers.MeanReducer())
+    want = theirs(torch.tensor(x), torch.tensor(labels)).item()
+    d = ref_distance_matrix(x, "L2")
+    terms = [d[a, p] - d[a, n] + margin for a in range(len(labels)) for p in range(len(labels))
+             for n in range(len(labels))
+             if p != a and labels[p] == labels[a] and labels[n] != labels[a]]
+    nonzero_fraction = np.mean(np.asarray(terms) > 0)
+    assert 0 < nonzero_fraction < 1
+    ours = float(keras_dml.TripletLoss(margin=margin, negative_mining="all",
+                                       dtype="float64")(labels, x))
+    np.testing.assert_allclose(ours * nonzero_fraction, want, rtol=1e-5)
+    assert ours > want
+
+
+@requires_pml
+def test_soft_margin_batch_all_matches_pytorch_metric_learning_smooth_loss():
+    # PML's smooth_loss is softplus(d_ap - d_an + margin); keras-dml's soft margin has no
+    # margin, so PML runs with margin=0. Softplus is never 0: every triplet counts in both.
+    torch, pml = import_pml()
+    from pytorch_metric_learning import distances, losses
+
+    labels, x = m_per_class_batch(2)
+    theirs = losses.TripletMarginLoss(margin=0.0, smooth_loss=True,
+                                      distance=_pml_euclidean(distances))
+    ours = keras_dml.TripletLoss(negative_mining="all", soft_margin=True, dtype="float64")
+    want = pml_value_and_grads(lambda v: theirs(v, torch.tensor(labels)), x)
+    assert_parity(keras_value_and_grads(lambda v: ours(labels, v), x), want)
+
+
+@requires_pml
+@pytest.mark.parametrize("margin", [0.2, 1.0])
+def test_batch_hard_matches_pytorch_metric_learning(margin):
+    # PML's BatchHardMiner (hardest positive and negative per anchor) + TripletMarginLoss.
+    # PML averages over the anchors with a non-zero hinge (AvgNonZeroReducer); keras-dml's
+    # TripletHardLoss and TripletLoss("hard", "hard") over every anchor (tfa's convention):
+    # they match PML with MeanReducer, and PML's default is ours * anchors / non-zero anchors.
+    torch, pml = import_pml()
+    from pytorch_metric_learning import distances, losses, miners, reducers
+
+    labels, x = m_per_class_batch(3)
+    y = torch.tensor(labels)
+    miner = miners.BatchHardMiner(distance=_pml_euclidean(distances))
+
+    def theirs(reducer):
+        loss = losses.TripletMarginLoss(margin=margin, distance=_pml_euclidean(distances),
+                                        reducer=reducer)
+        return lambda v: loss(v, y, miner(v, y))
+
+    want = pml_value_and_grads(theirs(reducers.MeanReducer()), x)
+    general = keras_dml.TripletLoss(margin=margin, negative_mining="hard",
+                                    positive_mining="hard", dtype="float64")
+    tfa_style = keras_dml.TripletHardLoss(margin=margin, dtype="float64")
+    for ours in (general, tfa_style):
+        assert_parity(keras_value_and_grads(lambda v, ours=ours: ours(labels, v), x), want)
+
+    d = ref_distance_matrix(x, "L2")
+    same = labels[:, None] == labels[None, :]
+    hinge = np.maximum(np.where(same, d, -np.inf).max(1) - np.where(same, np.inf, d).min(1)
+                       + margin, 0)
+    default = theirs(None)(torch.tensor(x)).item()
+    np.testing.assert_allclose(default, want[0] * hinge.size / np.count_nonzero(hinge),
+                               rtol=1e-5)
+
+
+def ref_all_semi_hard(labels, d, margin):
+    """PML's semi-hard triplets: every (a, p, n) with d_ap < d_an < d_ap + margin; their mean."""
+    terms = [d[a, p] - d[a, n] + margin for a in range(len(labels)) for p in range(len(labels))
+             for n in range(len(labels))
+             if p != a and labels[p] == labels[a] and labels[n] != labels[a]
+             and d[a, p] < d[a, n] < d[a, p] + margin]
+    return float(np.mean(terms))
+
+
+@requires_pml
+def test_semi_hard_differs_from_pytorch_metric_learning_on_purpose():
+    # keras-dml's semi-hard (FaceNet / tensorflow-addons) takes ONE negative per (anchor,
+    # positive): the closest one farther than the positive, else the farthest negative, and
+    # averages over all positive pairs. PML's TripletMarginMiner("semihard") keeps EVERY
+    # negative with d_ap < d_an < d_ap + margin and TripletMarginLoss averages over them
+    # (pairs without such a negative drop out). Both are checked against their own reference;
+    # they are different numbers.
+    torch, pml = import_pml()
+    from pytorch_metric_learning import distances, losses, miners
+
+    labels, x = m_per_class_batch(4)
+    margin = 1.0
+    miner = miners.TripletMarginMiner(margin=margin, type_of_triplets="semihard",
+                                      distance=_pml_euclidean(distances))
+    loss = losses.TripletMarginLoss(margin=margin, distance=_pml_euclidean(distances))
+    y, v = torch.tensor(labels), torch.tensor(x)
+    theirs = loss(v, y, miner(v, y)).item()
+    d = ref_distance_matrix(x, "L2")
+    np.testing.assert_allclose(theirs, ref_all_semi_hard(labels, d, margin), rtol=1e-5)
+    ours = float(keras_dml.TripletLoss(margin=margin, dtype="float64")(labels, x))
+    np.testing.assert_allclose(
+        ours, ref_triplet(labels, x, margin, "semi-hard", "all", False, "L2"), rtol=1e-5)
+    assert abs(ours - theirs) > 1e-3
