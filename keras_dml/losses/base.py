@@ -173,11 +173,14 @@ def self_pair_mask(num_queries, num_references, query_offset=0):
     """Boolean `(B, R)` mask, True at `(i, i + query_offset)`: each query paired with itself.
 
     Query `i` is reference `i + query_offset` when the queries are a slice of
-    the references (a replica's rows inside the gathered global batch).
+    the references (a replica's rows inside the gathered global batch). The
+    index wraps around modulo `num_references`, as in a ring buffer (the
+    rows a cross-batch memory has just written may wrap past its end).
     """
     rows = ops.expand_dims(ops.arange(num_queries, dtype="int32"), 1)
     columns = ops.expand_dims(ops.arange(num_references, dtype="int32"), 0)
-    return ops.equal(columns, rows + ops.cast(query_offset, "int32"))
+    position = ops.mod(rows + ops.cast(query_offset, "int32"), ops.cast(num_references, "int32"))
+    return ops.equal(columns, position)
 
 
 def label_masks(labels, ref_labels=None, query_offset=None):
@@ -230,6 +233,10 @@ class References:
             of all `tf.distribute` replicas: `mean` then sums its numerator
             and denominator over the replicas, so that every replica's loss
             is the loss of the global batch.
+        valid: optional `(R,)` bool, False at references that do not exist
+            yet (the empty slots of a cross-batch memory that has not filled
+            up): they are neither positives nor negatives of any query. None:
+            all are valid.
 
     Example: two queries against three references, the queries being
     references 0 and 1 (`query_offset=0`; by default every loss uses
@@ -250,6 +257,7 @@ class References:
     embeddings: Any
     query_offset: Any = None
     across_replicas: bool = False
+    valid: Any = None
     # The references are the query batch itself: `pairwise` keeps the exact
     # `y=None` numerics of `keras_dml.distances`.
     _is_query_batch: bool = dataclasses.field(default=False, repr=False)
@@ -263,14 +271,25 @@ class References:
         """`(positive, negative)` `(B, R)` masks of the queries with `labels`."""
         if self._is_query_batch:
             return label_masks(labels)
-        return label_masks(labels, self.labels, query_offset=self.query_offset)
+        positive, negative = label_masks(labels, self.labels, query_offset=self.query_offset)
+        if self.valid is not None:
+            valid = ops.expand_dims(ops.cast(self.valid, "bool"), 0)
+            positive, negative = ops.logical_and(positive, valid), ops.logical_and(negative, valid)
+        return positive, negative
 
     def not_self(self, num_queries):
-        """`(B, R)` bool, False where a query meets itself (all True without `query_offset`)."""
+        """`(B, R)` bool, False where a query meets itself or an invalid reference.
+
+        All True without `query_offset` and `valid`.
+        """
         num_refs = ops.shape(self.embeddings)[0]
         if self.query_offset is None:
-            return ops.ones((num_queries, num_refs), dtype="bool")
-        return ops.logical_not(self_pair_mask(num_queries, num_refs, self.query_offset))
+            result = ops.ones((num_queries, num_refs), dtype="bool")
+        else:
+            result = ops.logical_not(self_pair_mask(num_queries, num_refs, self.query_offset))
+        if self.valid is not None:
+            result = ops.logical_and(result, ops.expand_dims(ops.cast(self.valid, "bool"), 0))
+        return result
 
     def pairwise(self, embeddings, distance: str | distances_lib.Distance, kind: str = "distance"):
         """The `(B, R)` matrix between queries and references, as a distance or a similarity.
@@ -461,7 +480,13 @@ class MetricLoss(keras.losses.Loss):
         labels, embeddings = validate_inputs(y_true, y_pred)
         return self.compute(labels, embeddings)
 
-    def compute(self, labels, embeddings, instance_labels: bool = False):
+    def compute(
+        self,
+        labels,
+        embeddings,
+        instance_labels: bool = False,
+        references: References | None = None,
+    ):
         """`fn` on validated inputs, with the other replicas' batches as references if enabled.
 
         Not divided by the number of replicas (models that combine several
@@ -472,9 +497,15 @@ class MetricLoss(keras.losses.Loss):
             embeddings: `(B, D)` float embeddings.
             instance_labels: the labels are replica-local instance ids (see
                 `gather_references`).
+            references: explicit references (e.g. a cross-batch memory,
+                `keras_dml.layers.CrossBatchMemory`), used instead of the
+                batch or the replicas' gathered batches; only for losses
+                whose function takes `references=`.
         """
         options = dict(self._options)
-        if self.cross_replica:
+        if references is not None:
+            options["references"] = references
+        elif self.cross_replica:
             references = gather_references(labels, embeddings, instance_labels=instance_labels)
             if references is not None:
                 options["references"] = references
