@@ -221,7 +221,7 @@ def test_save_and_load_restore_the_memory(tmp_path):
     loaded = keras.saving.load_model(path)
     assert isinstance(loaded, XBMModel)
     assert (loaded.memory_size, loaded.start_step, loaded.batch_loss_weight) == (40, 1, 0.5)
-    for name in ("embeddings", "labels", "pointer", "size", "writes"):
+    for name in ("embeddings", "labels", "pointer", "size", "writes", "steps"):
         np.testing.assert_array_equal(getattr(loaded.memory, name).numpy(),
                                       getattr(model.memory, name).numpy())
     np.testing.assert_allclose(loaded.embed(x), model.embed(x), rtol=1e-6)

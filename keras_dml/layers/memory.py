@@ -36,7 +36,7 @@ class CrossBatchMemory(keras.layers.Layer):
     run over the global batch (`References.across_replicas`).
 
     The variables are float32 (embeddings) and int32 (labels, pointer,
-    number of filled slots, number of writes), also under a mixed-precision
+    number of filled slots, number of writes and of calls), also under a mixed-precision
     policy: a half-precision batch is stored in float32.
 
     Args:
@@ -103,8 +103,10 @@ class CrossBatchMemory(keras.layers.Layer):
         # Next slot to write, and number of filled slots (min(writes, M)).
         self.pointer = state("pointer", (), "int32")
         self.size = state("size", (), "int32")
-        # Number of `enqueue` calls (training steps that wrote to the memory).
+        # Number of `enqueue` calls that wrote to the memory, and of all calls
+        # (training steps, warm-up included).
         self.writes = state("writes", (), "int32")
+        self.steps = state("steps", (), "int32")
         self.built = True
 
     def call(self, embeddings):
@@ -186,6 +188,7 @@ class CrossBatchMemory(keras.layers.Layer):
         self.pointer.assign(new_pointer)
         self.size.assign(new_size)
         self.writes.assign(writes)
+        self.steps.assign(self.steps + 1)
         valid = ops.arange(self.memory_size, dtype="int32") < new_size
         return References(
             labels=new_labels,
@@ -197,7 +200,8 @@ class CrossBatchMemory(keras.layers.Layer):
 
     def reset(self) -> None:
         """Empties the memory (PML's `reset_queue`)."""
-        for variable in (self.embeddings, self.labels, self.pointer, self.size, self.writes):
+        variables = (self.embeddings, self.labels, self.pointer, self.size, self.writes, self.steps)
+        for variable in variables:
             variable.assign(ops.zeros(variable.shape, variable.dtype))
 
     def compute_output_shape(self, input_shape):

@@ -1,6 +1,6 @@
 """Metric-learning losses: `keras.losses.Loss` subclasses taking integer labels and embeddings."""
 
-from keras_dml.losses.base import MetricLoss
+from keras_dml.losses.base import MetricLoss, multi_hot
 from keras_dml.losses.circle import CircleLoss, circle_loss
 from keras_dml.losses.contrastive import ContrastiveLoss, contrastive_loss
 from keras_dml.losses.lifted_struct import LiftedStructLoss, lifted_struct_loss
@@ -44,4 +44,5 @@ __all__ = [
     "triplet_hard_loss",
     "triplet_loss",
     "triplet_semihard_loss",
+    "multi_hot",
 ]

@@ -183,8 +183,9 @@ class XBMModel(BackboneModel):
                 value = value + self.batch_loss_weight * loss.compute(labels, embeddings)
             return value
         # Warm-up: the in-batch loss alone, and the memory is not written.
-        step = ops.convert_to_tensor(self.optimizer.iterations) if self.optimizer else 0
-        active = ops.greater_equal(ops.cast(step, "int32"), self.start_step)
+        # The memory's own step counter: a model variable, so it is threaded through
+        # JAX's stateless training step and saved with the model.
+        active = ops.greater_equal(ops.convert_to_tensor(self.memory.steps), self.start_step)
         references = self.memory.enqueue(labels, embeddings, active=active)
         memory_value = loss.compute(labels, embeddings, references=references)
         batch_value = loss.compute(labels, embeddings)
