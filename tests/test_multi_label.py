@@ -294,3 +294,25 @@ def test_retrieval_metrics_multi_label_errors():
         retrieval_metrics(x, np.eye(4, dtype="int32"), x, np.eye(4, 3, dtype="int32"))
     with pytest.raises(ValueError, match="label rows"):
         retrieval_metrics(x, np.eye(3, dtype="int32"))
+
+
+def readme_block(heading: str) -> str:
+    """The first ```python block after `heading` in README.md."""
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+    text = open(path, encoding="utf-8").read()
+    start = text.index("```python\n", text.index(heading)) + len("```python\n")
+    return text[start : text.index("```", start)]
+
+
+@pytest.mark.parametrize("heading", ["## Cross-batch memory (XBM)", "## Multi-label batches"])
+def test_readme_examples_run(heading, tmp_path, capsys):
+    code = readme_block(heading).replace("/tmp/", str(tmp_path) + "/")
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    if "XBM" in heading:
+        assert out.strip() == "192"
+        assert (tmp_path / "xbm_model.keras").exists()
+    else:
+        assert out.startswith("MAP@R ")
