@@ -112,10 +112,17 @@ def pml_pair(name):
         # PML's loss has no mining (its miner is separate); a huge epsilon keeps every pair.
         return MultiSimilarityLoss(epsilon=100.0), losses.MultiSimilarityLoss(
             alpha=2.0, beta=50.0, base=0.5)
+    if name == "circle":
+        return keras_dml.CircleLoss(margin=0.4, gamma=80.0), losses.CircleLoss(m=0.4, gamma=80)
+    if name == "supcon":
+        return (keras_dml.SupConLoss(temperature=0.1, base_temperature=0.1),
+                losses.SupConLoss(temperature=0.1))
     raise AssertionError(name)
 
 
-@pytest.mark.parametrize("name", ["contrastive", "triplet_all", "multi_similarity"])
+@pytest.mark.parametrize(
+    "name", ["contrastive", "triplet_all", "multi_similarity", "circle", "supcon"]
+)
 def test_matches_pml_cross_batch_memory_over_consecutive_batches(name):
     import tensorflow as tf
     import torch
@@ -168,6 +175,34 @@ def test_model_compute_loss_is_the_pml_step():
     value = model.compute_loss(y=labels, y_pred=emb, training=False)
     np.testing.assert_allclose(float(value), float(ours(labels, emb)), rtol=1e-6)
     np.testing.assert_array_equal(model.memory.embeddings.numpy(), before)
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [keras_dml.TripletSemiHardLoss(), keras_dml.TripletHardLoss(), keras_dml.NPairsLoss(),
+     TripletLoss(negative_mining="hard", positive_mining="hard")],
+    ids=lambda loss: loss.name,
+)
+def test_other_reference_losses_run_on_a_filling_memory(loss):
+    """No PML counterpart with these semantics: finite values and gradients, empty slots unused."""
+    import tensorflow as tf
+
+    memory = CrossBatchMemory(M, D)
+    for labels, emb in batches(n=3, seed=4):
+        x = tf.Variable(emb)
+        with tf.GradientTape() as tape:
+            refs = memory.enqueue(labels, x)
+            value = loss.compute(tf.constant(labels, "int32"), x, references=refs)
+        grad = tape.gradient(value, x).numpy()
+        assert np.isfinite(float(value)) and np.all(np.isfinite(grad))
+        # The same memory with its empty slots dropped gives the same value.
+        size = int(memory.size.numpy())
+        from keras_dml.losses.base import References
+
+        trimmed = References(refs.labels[:size], refs.embeddings[:size],
+                             query_offset=refs.query_offset)
+        same = loss.compute(tf.constant(labels, "int32"), x, references=trimmed)
+        np.testing.assert_allclose(float(value), float(same), rtol=1e-6)
 
 
 # -- model: fit, warm-up, save/load, errors --------------------------------------------
