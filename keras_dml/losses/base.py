@@ -548,6 +548,11 @@ class MetricLoss(keras.losses.Loss):
     assigning one raises `AttributeError` (build a new loss instead); a
     `distance` name is stored canonical (`"L2"` -> `"euclidean"`).
 
+    Multi-label batches: a subclass with `supports_multi_label = True` (its
+    pairs come only from `References.masks`) also takes multi-hot
+    `(B, C)` labels: positives share a label, negatives share none (see
+    `label_masks`). Others raise a `ValueError` for such labels.
+
     Under `tf.distribute` (TensorFlow backend):
 
     - The value is divided by the number of replicas, as Keras does for its
