@@ -78,7 +78,10 @@ def _as_labels(y, n: int, arg: str, embeddings_arg: str) -> np.ndarray:
     if y.ndim == 2 and y.shape[1] == 1:
         y = y.reshape(-1)
     if y.ndim != 1:
-        raise ValueError(f"`{arg}` must be labels of shape (n,) or (n, 1), got shape {y.shape}.")
+        raise ValueError(
+            f"`{arg}` must be labels of shape (n,) or (n, 1), or multi-hot label sets of shape "
+            f"(n, classes), got shape {y.shape}."
+        )
     if y.shape[0] != n:
         raise ValueError(
             f"`{arg}` has {y.shape[0]} labels but `{embeddings_arg}` has {n} embeddings; "
