@@ -272,7 +272,8 @@ def jaccard_overlap(labels, ref_labels=None):
     Example:
 
     >>> import numpy as np
-    >>> np.asarray(jaccard_overlap(np.array([[1, 1, 0], [0, 1, 1]]))).round(3).tolist()
+    >>> overlap = np.asarray(jaccard_overlap(np.array([[1, 1, 0], [0, 1, 1]])), "float64")
+    >>> overlap.round(3).tolist()
     [[1.0, 0.333], [0.333, 1.0]]
     """
     refs = labels if ref_labels is None else ref_labels
