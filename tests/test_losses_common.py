@@ -102,8 +102,16 @@ def test_bad_inputs_raise_value_errors_naming_the_argument(loss):
     labels, x = batch()
     with pytest.raises(ValueError, match="y_pred"):
         loss(labels, x[:, :, None])  # rank 3 embeddings
+    if loss.supports_multi_label:
+        # (B, 2) labels are multi-hot label sets for these losses (issue 19); their rows
+        # must still match the embeddings.
+        with pytest.raises(ValueError, match="y_true"):
+            loss(np.stack([labels, labels], axis=1)[:-2], x)
+    else:
+        with pytest.raises(ValueError, match="y_true"):
+            loss(np.stack([labels, labels], axis=1), x)  # (B, 2) labels
     with pytest.raises(ValueError, match="y_true"):
-        loss(np.stack([labels, labels], axis=1), x)  # (B, 2) labels
+        loss(labels[:, None, None], x)  # rank 3 labels
     with pytest.raises(ValueError, match="y_true"):
         loss(labels[:-2], x)  # mismatched batch sizes
     with pytest.raises(ValueError, match="y_true"):

@@ -9,6 +9,7 @@ import pytest
 from keras_dml.heads import ArcFace, CosFace
 from keras_dml.models import S2SD, LoCo, MarginModel, PartialFCModel, SiameseModel
 from keras_dml.models.base import BackboneModel
+from keras_dml.models.xbm import XBMModel
 
 D_IN, D_EMB = 6, 4
 
@@ -31,6 +32,8 @@ MODELS = {
     "siamese": lambda: SiameseModel(backbone()),
     "siamese_bare": lambda: SiameseModel(bare_backbone()),
     "loco": lambda: LoCo([keras.layers.Dense(5), keras.layers.Dense(D_EMB)], projection_dim=3),
+    "xbm": lambda: XBMModel(backbone(), memory_size=16),
+    "xbm_bare": lambda: XBMModel(bare_backbone(), memory_size=16),
 }
 
 

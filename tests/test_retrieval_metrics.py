@@ -320,7 +320,8 @@ def test_nearest_neighbors_leave_one_out_never_returns_self():
         ({"embeddings": np.zeros((4,))}, "`embeddings` must be embeddings of shape"),
         ({"embeddings": np.zeros((0, 3))}, "`embeddings` is empty"),
         ({"labels": [0, 1, 2]}, "`labels` has 3 labels but `embeddings` has 4"),
-        ({"labels": np.zeros((4, 2))}, "`labels` must be labels of shape"),
+        # (4, 2) labels are multi-hot label sets (issue 19); rank 3 is refused.
+        ({"labels": np.zeros((4, 2, 2))}, "`labels` must be labels of shape"),
         ({"labels": [0.0, 1.0, np.nan, 1.0]}, "`labels` contains NaN"),
         ({"embeddings": np.array([[0.0, 1.0]] * 3 + [[np.nan, 0.0]])}, "`embeddings` contains NaN"),
         ({"reference_embeddings": np.ones((3, 2))}, "given together"),

@@ -78,7 +78,10 @@ def _as_labels(y, n: int, arg: str, embeddings_arg: str) -> np.ndarray:
     if y.ndim == 2 and y.shape[1] == 1:
         y = y.reshape(-1)
     if y.ndim != 1:
-        raise ValueError(f"`{arg}` must be labels of shape (n,) or (n, 1), got shape {y.shape}.")
+        raise ValueError(
+            f"`{arg}` must be labels of shape (n,) or (n, 1), or multi-hot label sets of shape "
+            f"(n, classes), got shape {y.shape}."
+        )
     if y.shape[0] != n:
         raise ValueError(
             f"`{arg}` has {y.shape[0]} labels but `{embeddings_arg}` has {n} embeddings; "
@@ -87,6 +90,45 @@ def _as_labels(y, n: int, arg: str, embeddings_arg: str) -> np.ndarray:
     if np.issubdtype(y.dtype, np.floating) and not np.all(np.isfinite(y)):
         raise ValueError(f"`{arg}` contains NaN or Inf.")
     return y
+
+
+def _is_multi_hot(y) -> bool:
+    """Multi-label `(n, C)` labels, C > 1 (a `(n, 1)` column is one class label per row)."""
+    shape = np.shape(y) if isinstance(y, (np.ndarray, list, tuple)) else tuple(y.shape)
+    return len(shape) == 2 and shape[1] > 1
+
+
+def _as_label_sets(y, n: int, arg: str, embeddings_arg: str) -> np.ndarray:
+    """`(n, C)` multi-hot labels as a bool array (non-zero: the row has that label)."""
+    y = np.asarray(ops.convert_to_numpy(y) if not isinstance(y, (np.ndarray, list, tuple)) else y)
+    if y.shape[0] != n:
+        raise ValueError(
+            f"`{arg}` has {y.shape[0]} label rows but `{embeddings_arg}` has {n} embeddings; "
+            "they must match."
+        )
+    if not (np.issubdtype(y.dtype, np.number) or y.dtype == bool):
+        raise ValueError(f"`{arg}`: multi-hot labels must be numbers, got dtype {y.dtype}.")
+    if np.issubdtype(y.dtype, np.floating) and not np.all(np.isfinite(y)):
+        raise ValueError(f"`{arg}` contains NaN or Inf.")
+    return y != 0
+
+
+def _label_bits(sets: np.ndarray) -> np.ndarray:
+    """`(n, C)` bool label sets packed as `(n, ceil(C / 64))` uint64 words."""
+    packed = np.packbits(sets, axis=1)
+    width = -(-packed.shape[1] // 8) * 8
+    packed = np.pad(packed, ((0, 0), (0, width - packed.shape[1])))
+    return np.ascontiguousarray(packed).view(np.uint64)
+
+
+def _shared_label_counts(query_sets, ref_sets, batch_size: int = 1024) -> np.ndarray:
+    """Per query, the number of references sharing at least one label (chunked matmul)."""
+    refs = ref_sets.astype(np.float32).T
+    counts = np.empty(len(query_sets), np.int64)
+    for start in range(0, len(query_sets), batch_size):
+        chunk = query_sets[start : start + batch_size].astype(np.float32)
+        counts[start : start + batch_size] = np.count_nonzero(chunk @ refs > 0, axis=1)
+    return counts
 
 
 def _as_ks(k) -> tuple[int, ...]:
@@ -460,6 +502,14 @@ def retrieval_metrics(
     the reference set is not removed then, so pass the references without
     the queries.
 
+    Multi-label data: with `(N, C)` multi-hot `labels` (and `(M, C)`
+    `reference_labels`), a reference is relevant to a query when they share
+    at least one label, and R is the number of relevant references; the
+    metrics are otherwise the same (one-hot rows give exactly the
+    single-label results). NMI, a clustering against one class per sample,
+    is not defined then and is NaN. For padded label lists use
+    `keras_dml.losses.multi_hot` first.
+
     Queries whose class has no reference (a class with a single sample in
     leave-one-out) cannot be scored and are left out of every nearest-
     neighbour metric, as in the Reality Check protocol; when no query can be
@@ -478,7 +528,8 @@ def retrieval_metrics(
     Args:
         embeddings: `(N, D)` query embeddings (NumPy array or backend tensor).
         labels: `(N,)` or `(N, 1)` class labels: integers, or any values that
-            compare equal within a class (strings work).
+            compare equal within a class (strings work); or `(N, C)` multi-hot
+            label sets (non-zero: the sample has that label).
         reference_embeddings: optional `(M, D)` reference embeddings.
         reference_labels: `(M,)` labels of the references; given exactly when
             `reference_embeddings` is.
@@ -519,7 +570,9 @@ def retrieval_metrics(
     """
     ks = _as_ks(k)
     queries = _as_embeddings(embeddings, "embeddings")
-    query_labels = _as_labels(labels, len(queries), "labels", "embeddings")
+    multi_label = _is_multi_hot(labels)
+    as_labels = _as_label_sets if multi_label else _as_labels
+    query_labels = as_labels(labels, len(queries), "labels", "embeddings")
     if (reference_embeddings is None) != (reference_labels is None):
         raise ValueError(
             "`reference_embeddings` and `reference_labels` must be given together, got only "
@@ -530,9 +583,19 @@ def retrieval_metrics(
         references, ref_labels = queries, query_labels
     else:
         references = _as_embeddings(reference_embeddings, "reference_embeddings")
-        ref_labels = _as_labels(
+        if _is_multi_hot(reference_labels) != multi_label:
+            raise ValueError(
+                "`labels` and `reference_labels` must both be class labels or both be "
+                "multi-hot label sets."
+            )
+        ref_labels = as_labels(
             reference_labels, len(references), "reference_labels", "reference_embeddings"
         )
+        if multi_label and ref_labels.shape[1] != query_labels.shape[1]:
+            raise ValueError(
+                f"`reference_labels` have {ref_labels.shape[1]} classes but `labels` have "
+                f"{query_labels.shape[1]}; they must match."
+            )
         if references.shape[1] != queries.shape[1]:
             raise ValueError(
                 f"`reference_embeddings` have dimension {references.shape[1]} but `embeddings` "
@@ -543,18 +606,32 @@ def retrieval_metrics(
     if not (isinstance(nmi, (bool, np.bool_)) or (isinstance(nmi, str) and nmi == "exact")):
         raise ValueError(f'`nmi` must be True, False or "exact", got {nmi!r}.')
 
-    try:
-        _, codes = np.unique(np.concatenate([query_labels, ref_labels]), return_inverse=True)
-    except TypeError as error:
-        raise ValueError(
-            "`labels` and `reference_labels` must hold comparable values of one type."
-        ) from error
-    codes = codes.reshape(-1).astype("int32")
-    query_codes = codes[: len(queries)]
-    ref_codes = query_codes if leave_one_out else codes[len(queries) :]
-    # R: references of the query's class, the query itself not counted.
-    class_sizes = np.bincount(ref_codes, minlength=int(codes.max()) + 1)
-    relevant = class_sizes[query_codes] - int(leave_one_out)
+    if multi_label:
+        query_bits = _label_bits(query_labels)
+        ref_bits = query_bits if leave_one_out else _label_bits(ref_labels)
+        # R: references sharing a label with the query, the query itself not counted.
+        relevant = _shared_label_counts(query_labels, ref_labels)
+        if leave_one_out:
+            relevant = relevant - query_labels.any(axis=1)
+
+        def relevant_hits(ids, indices):
+            return np.any((query_bits[ids][:, None, :] & ref_bits[indices]) != 0, axis=-1)
+    else:
+        try:
+            _, codes = np.unique(np.concatenate([query_labels, ref_labels]), return_inverse=True)
+        except TypeError as error:
+            raise ValueError(
+                "`labels` and `reference_labels` must hold comparable values of one type."
+            ) from error
+        codes = codes.reshape(-1).astype("int32")
+        query_codes = codes[: len(queries)]
+        ref_codes = query_codes if leave_one_out else codes[len(queries) :]
+        # R: references of the query's class, the query itself not counted.
+        class_sizes = np.bincount(ref_codes, minlength=int(codes.max()) + 1)
+        relevant = class_sizes[query_codes] - int(leave_one_out)
+
+        def relevant_hits(ids, indices):
+            return ref_codes[indices] == query_codes[ids][:, None]
 
     counts = dict.fromkeys(["precision_at_1", *(f"recall_at_{v}" for v in ks)], 0)
     scored = np.flatnonzero(relevant > 0)
@@ -573,7 +650,7 @@ def retrieval_metrics(
         with _full_precision_matmul():
             for positions, indices, _, width in chunks:
                 ids = scored[positions]
-                hits = ref_codes[indices] == query_codes[ids][:, None]
+                hits = relevant_hits(ids, indices)
                 r = relevant[ids]
                 counts["precision_at_1"] += int(hits[:, 0].sum())
                 for v in ks:
@@ -598,7 +675,9 @@ def retrieval_metrics(
         )
         metrics = dict.fromkeys([*counts, "r_precision", "map_at_r"], float("nan"))
 
-    if nmi:
+    if nmi and multi_label:
+        metrics["nmi"] = float("nan")  # no single class per sample to cluster against
+    elif nmi:
         from sklearn.metrics import normalized_mutual_info_score
 
         points = _l2_normalize(queries) if distances_lib.get(distance).unit_inputs else queries

@@ -1,7 +1,7 @@
 """Metric-learning losses: `keras.losses.Loss` subclasses taking integer labels and embeddings."""
 
 from keras_dml.losses.angular import AngularLoss, angular_loss
-from keras_dml.losses.base import MetricLoss
+from keras_dml.losses.base import MetricLoss, multi_hot
 from keras_dml.losses.circle import CircleLoss, circle_loss
 from keras_dml.losses.contrastive import ContrastiveLoss, contrastive_loss
 from keras_dml.losses.fast_ap import FastAPLoss, fast_ap_loss
@@ -95,4 +95,5 @@ __all__ = [
     "pnp_loss",
     "smooth_ap_loss",
     "vicreg_loss",
+    "multi_hot",
 ]

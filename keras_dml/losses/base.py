@@ -44,10 +44,19 @@ _VALUES_CHECKED = contextvars.ContextVar("keras_dml_values_checked", default=Fal
 _LABELS_CHECKED = contextvars.ContextVar("keras_dml_labels_checked", default=False)
 
 
-def validate_inputs(labels, embeddings, labels_arg: str = "y_true", embeddings_arg: str = "y_pred"):
+def validate_inputs(
+    labels,
+    embeddings,
+    labels_arg: str = "y_true",
+    embeddings_arg: str = "y_pred",
+    multi_label: bool = False,
+):
     """Checks ranks, batch sizes and values; returns `(labels (B,) int32, embeddings (B, D) float)`.
 
-    Half-precision embeddings are computed in float32.
+    Half-precision embeddings are computed in float32. With
+    `multi_label=True`, labels of shape `(B, C)` with `C > 1` are multi-hot
+    label sets (see `label_masks`) and are returned as `(B, C)` int32;
+    `(B,)` and `(B, 1)` labels are class labels as always.
 
     Raises:
         ValueError: naming the argument, for a wrong rank, mismatched batch
@@ -69,7 +78,10 @@ def validate_inputs(labels, embeddings, labels_arg: str = "y_true", embeddings_a
             f"{tuple(embeddings.shape)}."
         )
     n_embeddings = embeddings.shape[0]
-    labels = labels_vector(labels, labels_arg, n_embeddings, embeddings_arg)
+    if is_multi_hot(labels):
+        labels = multi_hot_matrix(labels, labels_arg, n_embeddings, embeddings_arg, multi_label)
+    else:
+        labels = labels_vector(labels, labels_arg, n_embeddings, embeddings_arg)
     if n_embeddings == 0:
         raise ValueError(_EMPTY_BATCH.format(arg=embeddings_arg))
     if _VALUES_CHECKED.get():
@@ -86,6 +98,59 @@ def validate_inputs(labels, embeddings, labels_arg: str = "y_true", embeddings_a
         labels, embeddings = _run_time_checks(labels, embeddings, labels_arg, embeddings_arg)
     labels = ops.cast(labels, "int32")
     return labels, embeddings
+
+
+def is_multi_hot(labels) -> bool:
+    """Whether `labels` are multi-label: rank 2 with more than one (static) column.
+
+    `(B,)` and `(B, 1)` labels are one class label per sample; `(B, C)` with
+    `C > 1` are multi-hot label sets (`labels[i, c] != 0`: sample `i` has
+    label `c`).
+    """
+    shape = getattr(labels, "shape", None)
+    if shape is None:
+        shape = np.shape(labels)
+    return len(shape) == 2 and shape[1] is not None and shape[1] > 1
+
+
+def multi_hot_matrix(labels, arg="y_true", rows=None, rows_arg="y_pred", supported=True):
+    """Checks `(B, C)` multi-hot labels; returns them as a tensor (dtype unchanged)."""
+    labels = ops.convert_to_tensor(labels)
+    if not supported:
+        raise ValueError(
+            f"`{arg}` has shape {tuple(labels.shape)}: multi-hot (batch, classes) labels are "
+            "accepted only by the losses that support multi-label batches (ContrastiveLoss, "
+            "MultiSimilarityLoss, CircleLoss, SupConLoss, TripletLoss, TripletSemiHardLoss, "
+            "TripletHardLoss); this one needs one class label per sample, shape (batch,)."
+        )
+    n_labels = labels.shape[0]
+    if n_labels is not None and rows is not None and n_labels != rows:
+        raise ValueError(
+            f"`{arg}` has {n_labels} label rows but `{rows_arg}` has {rows} embeddings; they "
+            "must match."
+        )
+    return labels
+
+
+def multi_hot(label_lists, num_classes: int):
+    """Padded label lists `(B, L)` (-1 = padding) as multi-hot labels `(B, num_classes)` int32.
+
+    The format every multi-label loss and `keras_dml.evaluation.retrieval_metrics`
+    take. Works on NumPy arrays and on tensors (e.g. in a `tf.data` map).
+
+    Example:
+
+    >>> import numpy as np
+    >>> np.asarray(multi_hot(np.array([[0, 2], [1, -1]]), 3)).tolist()
+    [[1, 0, 1], [0, 1, 0]]
+    """
+    lists = ops.cast(ops.convert_to_tensor(label_lists), "int32")
+    if len(lists.shape) != 2:
+        raise ValueError(
+            f"`label_lists` must have shape (batch, max_labels), got {tuple(lists.shape)}."
+        )
+    one_hot = ops.one_hot(ops.where(lists >= 0, lists, num_classes), num_classes + 1)
+    return ops.cast(ops.max(one_hot[..., :num_classes], axis=1), "int32")
 
 
 _EMPTY_BATCH = "`{arg}` is an empty batch; a metric loss needs pairs."
@@ -173,20 +238,78 @@ def self_pair_mask(num_queries, num_references, query_offset=0):
     """Boolean `(B, R)` mask, True at `(i, i + query_offset)`: each query paired with itself.
 
     Query `i` is reference `i + query_offset` when the queries are a slice of
-    the references (a replica's rows inside the gathered global batch).
+    the references (a replica's rows inside the gathered global batch). The
+    index wraps around modulo `num_references`, as in a ring buffer (the
+    rows a cross-batch memory has just written may wrap past its end).
     """
     rows = ops.expand_dims(ops.arange(num_queries, dtype="int32"), 1)
     columns = ops.expand_dims(ops.arange(num_references, dtype="int32"), 0)
-    return ops.equal(columns, rows + ops.cast(query_offset, "int32"))
+    position = ops.mod(rows + ops.cast(query_offset, "int32"), ops.cast(num_references, "int32"))
+    return ops.equal(columns, position)
+
+
+def shared_labels(labels, ref_labels):
+    """`(B, R)` float32 numbers of labels each query shares with each reference.
+
+    For `(B,)` class labels, 1 where the labels are equal; for `(B, C)`
+    multi-hot labels, the size of the intersection of the label sets (a
+    matrix product, O(B·R·C)).
+    """
+    if is_multi_hot(labels):
+        queries = ops.cast(ops.not_equal(labels, 0), "float32")
+        refs = ops.cast(ops.not_equal(ref_labels, 0), "float32")
+        return ops.matmul(queries, ops.transpose(refs))
+    same = ops.equal(ops.expand_dims(labels, 1), ops.expand_dims(ref_labels, 0))
+    return ops.cast(same, "float32")
+
+
+def jaccard_overlap(labels, ref_labels=None):
+    """`(B, R)` Jaccard overlap `|L_i & L_j| / |L_i | L_j|` of the label sets.
+
+    For `(B,)` class labels it is 1 for equal labels and 0 otherwise; two
+    samples without any label overlap 0.
+
+    Example:
+
+    >>> import numpy as np
+    >>> overlap = np.asarray(jaccard_overlap(np.array([[1, 1, 0], [0, 1, 1]])), "float64")
+    >>> overlap.round(3).tolist()
+    [[1.0, 0.333], [0.333, 1.0]]
+    """
+    refs = labels if ref_labels is None else ref_labels
+    shared = shared_labels(labels, refs)
+    if not is_multi_hot(labels):
+        return shared
+    sizes = ops.sum(ops.cast(ops.not_equal(labels, 0), "float32"), axis=1)
+    ref_sizes = ops.sum(ops.cast(ops.not_equal(refs, 0), "float32"), axis=1)
+    union = ops.expand_dims(sizes, 1) + ops.expand_dims(ref_sizes, 0) - shared
+    return shared / ops.maximum(union, 1.0)
+
+
+MULTI_LABEL_MODES = ("any", "jaccard")
+
+
+def check_multi_label(value) -> str:
+    """`value` if it is a multi-label mode (`"any"` or `"jaccard"`), else `ValueError`."""
+    if value not in MULTI_LABEL_MODES:
+        raise ValueError(f"`multi_label` must be one of {MULTI_LABEL_MODES}, got {value!r}.")
+    return value
 
 
 def label_masks(labels, ref_labels=None, query_offset=None):
     """Boolean `(B, R)` masks of positive and negative pairs.
 
+    Multi-label batches: with `(B, C)` multi-hot labels (and `(R, C)`
+    reference labels) a pair is positive when the two samples share at least
+    one label and negative when they share none; a sample without any label
+    is a negative of every other. Single-label `(B,)` labels given as one-hot
+    rows give exactly the masks of the class labels.
+
     Args:
-        labels: `(B,)` int labels of the anchors (queries).
-        ref_labels: `(R,)` labels of the references; defaults to `labels`, in
-            which case an anchor is never its own positive.
+        labels: `(B,)` int labels of the anchors (queries), or `(B, C)`
+            multi-hot label sets.
+        ref_labels: `(R,)` (or `(R, C)`) labels of the references; defaults
+            to `labels`, in which case an anchor is never its own positive.
         query_offset: with `ref_labels`, the index of query 0 among the
             references when the queries are a slice of them (query `i` is
             reference `i + query_offset`); that self-pair is then no positive.
@@ -204,14 +327,23 @@ def label_masks(labels, ref_labels=None, query_offset=None):
     [[False, False, True], [False, True, False]]
     """
     refs = labels if ref_labels is None else ref_labels
-    same = ops.equal(ops.expand_dims(labels, 1), ops.expand_dims(refs, 0))
+    if is_multi_hot(labels):
+        same = shared_labels(labels, refs) > 0
+    else:
+        same = ops.equal(ops.expand_dims(labels, 1), ops.expand_dims(refs, 0))
     negative = ops.logical_not(same)
+    not_self = None
     if ref_labels is None:
         n = ops.shape(labels)[0]
-        same = ops.logical_and(same, ops.logical_not(ops.cast(ops.eye(n), "bool")))
+        not_self = ops.logical_not(ops.cast(ops.eye(n), "bool"))
     elif query_offset is not None:
         is_self = self_pair_mask(ops.shape(labels)[0], ops.shape(refs)[0], query_offset)
-        same = ops.logical_and(same, ops.logical_not(is_self))
+        not_self = ops.logical_not(is_self)
+    if not_self is not None:
+        same = ops.logical_and(same, not_self)
+        if is_multi_hot(labels):
+            # A sample without labels shares none with itself: not its own negative either.
+            negative = ops.logical_and(negative, not_self)
     return same, negative
 
 
@@ -230,6 +362,10 @@ class References:
             of all `tf.distribute` replicas: `mean` then sums its numerator
             and denominator over the replicas, so that every replica's loss
             is the loss of the global batch.
+        valid: optional `(R,)` bool, False at references that do not exist
+            yet (the empty slots of a cross-batch memory that has not filled
+            up): they are neither positives nor negatives of any query. None:
+            all are valid.
 
     Example: two queries against three references, the queries being
     references 0 and 1 (`query_offset=0`; by default every loss uses
@@ -250,6 +386,7 @@ class References:
     embeddings: Any
     query_offset: Any = None
     across_replicas: bool = False
+    valid: Any = None
     # The references are the query batch itself: `pairwise` keeps the exact
     # `y=None` numerics of `keras_dml.distances`.
     _is_query_batch: bool = dataclasses.field(default=False, repr=False)
@@ -263,14 +400,31 @@ class References:
         """`(positive, negative)` `(B, R)` masks of the queries with `labels`."""
         if self._is_query_batch:
             return label_masks(labels)
-        return label_masks(labels, self.labels, query_offset=self.query_offset)
+        positive, negative = label_masks(labels, self.labels, query_offset=self.query_offset)
+        if self.valid is not None:
+            valid = ops.expand_dims(ops.cast(self.valid, "bool"), 0)
+            positive, negative = ops.logical_and(positive, valid), ops.logical_and(negative, valid)
+        return positive, negative
+
+    def jaccard(self, labels):
+        """`(B, R)` Jaccard overlap of the queries' label sets with the references' ones."""
+        if self._is_query_batch:
+            return jaccard_overlap(labels)
+        return jaccard_overlap(labels, self.labels)
 
     def not_self(self, num_queries):
-        """`(B, R)` bool, False where a query meets itself (all True without `query_offset`)."""
+        """`(B, R)` bool, False where a query meets itself or an invalid reference.
+
+        All True without `query_offset` and `valid`.
+        """
         num_refs = ops.shape(self.embeddings)[0]
         if self.query_offset is None:
-            return ops.ones((num_queries, num_refs), dtype="bool")
-        return ops.logical_not(self_pair_mask(num_queries, num_refs, self.query_offset))
+            result = ops.ones((num_queries, num_refs), dtype="bool")
+        else:
+            result = ops.logical_not(self_pair_mask(num_queries, num_refs, self.query_offset))
+        if self.valid is not None:
+            result = ops.logical_and(result, ops.expand_dims(ops.cast(self.valid, "bool"), 0))
+        return result
 
     def pairwise(self, embeddings, distance: str | distances_lib.Distance, kind: str = "distance"):
         """The `(B, R)` matrix between queries and references, as a distance or a similarity.
@@ -324,6 +478,18 @@ class References:
             total = distributed.sum_over_replicas(total)
             count = distributed.sum_over_replicas(ops.stop_gradient(count))
         return total / ops.maximum(count, 1.0)
+
+    def weighted_mean(self, total, weight):
+        """`total / weight`, 0 where `weight` is 0: a mean with fractional pair weights.
+
+        Like `mean`, summed over the replicas first; unlike `mean` the
+        denominator is not clipped at 1 (Jaccard weights may sum to less).
+        """
+        weight = ops.cast(weight, total.dtype)
+        if self.across_replicas:
+            total = distributed.sum_over_replicas(total)
+            weight = distributed.sum_over_replicas(ops.stop_gradient(weight))
+        return total / ops.where(weight > 0, weight, ops.ones_like(weight))
 
     def mean_over_queries(self, per_query):
         """The mean of a `(B,)` per-query term over all queries (of all replicas)."""
@@ -382,6 +548,11 @@ class MetricLoss(keras.losses.Loss):
     store of the settings: each reads as an attribute (`loss.margin`) and
     assigning one raises `AttributeError` (build a new loss instead); a
     `distance` name is stored canonical (`"L2"` -> `"euclidean"`).
+
+    Multi-label batches: a subclass with `supports_multi_label = True` (its
+    pairs come only from `References.masks`) also takes multi-hot
+    `(B, C)` labels: positives share a label, negatives share none (see
+    `label_masks`). Others raise a `ValueError` for such labels.
 
     Under `tf.distribute` (TensorFlow backend):
 
@@ -457,11 +628,23 @@ class MetricLoss(keras.losses.Loss):
             loss = distributed.scale_for_replicas(loss)
         return loss
 
+    # Whether the loss takes multi-hot `(B, C)` labels (multi-label batches): true for
+    # the losses whose pairs come only from `References.masks`.
+    supports_multi_label: bool = False
+
     def call(self, y_true, y_pred):
-        labels, embeddings = validate_inputs(y_true, y_pred)
+        labels, embeddings = validate_inputs(
+            y_true, y_pred, multi_label=self.supports_multi_label
+        )
         return self.compute(labels, embeddings)
 
-    def compute(self, labels, embeddings, instance_labels: bool = False):
+    def compute(
+        self,
+        labels,
+        embeddings,
+        instance_labels: bool = False,
+        references: References | None = None,
+    ):
         """`fn` on validated inputs, with the other replicas' batches as references if enabled.
 
         Not divided by the number of replicas (models that combine several
@@ -472,9 +655,15 @@ class MetricLoss(keras.losses.Loss):
             embeddings: `(B, D)` float embeddings.
             instance_labels: the labels are replica-local instance ids (see
                 `gather_references`).
+            references: explicit references (e.g. a cross-batch memory,
+                `keras_dml.layers.CrossBatchMemory`), used instead of the
+                batch or the replicas' gathered batches; only for losses
+                whose function takes `references=`.
         """
         options = dict(self._options)
-        if self.cross_replica:
+        if references is not None:
+            options["references"] = references
+        elif self.cross_replica:
             references = gather_references(labels, embeddings, instance_labels=instance_labels)
             if references is not None:
                 options["references"] = references

@@ -111,6 +111,8 @@ class CircleLoss(MetricLoss):
         Perspective of Pair Similarity Optimization", CVPR 2020.
     """
 
+    supports_multi_label = True
+
     def __init__(
         self,
         margin: float = 0.25,

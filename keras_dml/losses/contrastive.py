@@ -7,7 +7,7 @@ from keras import ops
 
 from keras_dml import distances
 from keras_dml import ops as dml_ops
-from keras_dml.losses.base import MetricLoss, References, resolve_references
+from keras_dml.losses.base import MetricLoss, References, check_multi_label, resolve_references
 
 
 def contrastive_hinges(distances, pos_margin: float, neg_margin: float, squared: bool):
@@ -33,6 +33,7 @@ def contrastive_loss(
     squared: bool = False,
     distance: str | distances.Distance = "euclidean",
     references: References | None = None,
+    multi_label: str = "any",
 ):
     """Pulls same-label pairs within `pos_margin` and pushes other pairs beyond `neg_margin`.
 
@@ -59,6 +60,11 @@ def contrastive_loss(
         references: what the samples are paired with; the batch itself by
             default. Each of the two means runs over the pairs of all queries
             (across replicas: of the global batch).
+        multi_label: with multi-hot `(B, C)` labels, positives are the pairs
+            sharing a label; `"any"` weighs them equally, `"jaccard"` weighs
+            each positive pair's term by the Jaccard overlap of the two
+            label sets (a weighted mean). Both equal the single-label loss
+            for one label per sample.
 
     Returns:
         A scalar loss.
@@ -69,9 +75,16 @@ def contrastive_loss(
     positive_terms, negative_terms = contrastive_hinges(
         distance_matrix, pos_margin, neg_margin, squared
     )
-    positive_mean = references.mean(
-        dml_ops.masked_sum(positive_terms, positive_mask), dml_ops.masked_count(positive_mask)
-    )
+    if check_multi_label(multi_label) == "jaccard":
+        weights = references.jaccard(labels)
+        positive_mean = references.weighted_mean(
+            dml_ops.masked_sum(weights * positive_terms, positive_mask),
+            dml_ops.masked_sum(weights, positive_mask),
+        )
+    else:
+        positive_mean = references.mean(
+            dml_ops.masked_sum(positive_terms, positive_mask), dml_ops.masked_count(positive_mask)
+        )
     negative_mean = references.mean(
         dml_ops.masked_sum(negative_terms, negative_mask), dml_ops.masked_count(negative_mask)
     )
@@ -96,6 +109,8 @@ class ContrastiveLoss(MetricLoss):
             Defaults to `False`.
         distance: `"euclidean"` (default), `"squared_euclidean"`, `"cosine"`
             (used as `1 - cos`), `"angular"` or `"dot"` (used as `-dot`).
+        multi_label: `"any"` (default) or `"jaccard"`: how positive pairs of
+            multi-hot `(B, C)` labels are weighted (see `contrastive_loss`).
         cross_replica: under `tf.distribute`, compare each sample with the
             batches of all replicas, so that the loss equals the one of the
             global batch (a no-op elsewhere). Defaults to `True`.
@@ -120,17 +135,21 @@ class ContrastiveLoss(MetricLoss):
         with Application to Face Verification", CVPR 2005.
     """
 
+    supports_multi_label = True
+
     def __init__(
         self,
         pos_margin: float = 0.0,
         neg_margin: float = 1.0,
         squared: bool = False,
         distance: str = "euclidean",
+        multi_label: str = "any",
         cross_replica: bool = True,
         name: str = "contrastive_loss",
         reduction: str = "sum_over_batch_size",
         dtype: str | None = None,
     ):
+        check_multi_label(multi_label)
         super().__init__(
             contrastive_loss,
             name=name,
@@ -141,4 +160,5 @@ class ContrastiveLoss(MetricLoss):
             neg_margin=neg_margin,
             squared=squared,
             distance=distance,
+            multi_label=multi_label,
         )

@@ -121,6 +121,8 @@ class MultiSimilarityLoss(MetricLoss):
         Weighting for Deep Metric Learning", CVPR 2019.
     """
 
+    supports_multi_label = True
+
     def __init__(
         self,
         alpha: float = 2.0,

@@ -10,6 +10,7 @@ from keras_dml._checks import check_positive
 from keras_dml.losses.base import (
     MetricLoss,
     References,
+    check_multi_label,
     resolve_references,
     validate_inputs,
 )
@@ -22,6 +23,7 @@ def supcon_loss(
     temperature: float = 0.07,
     base_temperature: float = 0.07,
     references: References | None = None,
+    multi_label: str = "any",
 ):
     """Pulls every same-label sample towards each anchor against all other samples of the batch.
 
@@ -51,19 +53,34 @@ def supcon_loss(
         references: the samples each anchor's softmax runs over; the batch
             itself by default. The mean runs over the anchors with a positive
             among all queries (across replicas: the global batch).
+        multi_label: with multi-hot `(B, C)` labels, `P(i)` holds the samples
+            sharing a label with `i`; `"any"` averages their log-probabilities
+            equally, `"jaccard"` weighs each by the Jaccard overlap of the
+            label sets (a weighted mean). Both equal the single-label loss
+            for one label per sample.
 
     Returns:
         A scalar float32 loss (float64 for float64 inputs).
     """
     check_positive(temperature, "temperature")
     check_positive(base_temperature, "base_temperature")
-    labels, embeddings = validate_inputs(labels, embeddings, "labels", "embeddings")
+    check_multi_label(multi_label)
+    labels, embeddings = validate_inputs(
+        labels, embeddings, "labels", "embeddings", multi_label=True
+    )
     references = resolve_references(labels, embeddings, references)
     logits = references.pairwise(embeddings, "cosine", kind="similarity") / temperature
     positive_mask, _ = references.masks(labels)
     not_self = references.not_self(ops.shape(labels)[0])
     log_prob = dml_ops.masked_log_softmax(logits, not_self, axis=1)
-    mean_log_prob_positive = dml_ops.masked_mean(log_prob, positive_mask, axis=1)
+    if multi_label == "jaccard":
+        weights = references.jaccard(labels)
+        weight_sum = dml_ops.masked_sum(weights, positive_mask, axis=1)
+        mean_log_prob_positive = dml_ops.masked_sum(weights * log_prob, positive_mask, axis=1) / (
+            ops.where(weight_sum > 0, weight_sum, ops.ones_like(weight_sum))
+        )
+    else:
+        mean_log_prob_positive = dml_ops.masked_mean(log_prob, positive_mask, axis=1)
     has_positive = ops.any(positive_mask, axis=1)
     scale = temperature / base_temperature
     total = dml_ops.masked_sum(mean_log_prob_positive, has_positive)
@@ -86,6 +103,8 @@ class SupConLoss(MetricLoss):
         temperature: softmax temperature `tau > 0`. Defaults to `0.07`.
         base_temperature: the loss is multiplied by `tau / base_temperature`
             (official code). Defaults to `0.07`.
+        multi_label: `"any"` (default) or `"jaccard"`: how the positives of
+            multi-hot `(B, C)` labels are weighted (see `supcon_loss`).
         cross_replica: under `tf.distribute`, compare each sample with the
             batches of all replicas, so that the loss equals the one of the
             global batch (a no-op elsewhere). Defaults to `True`.
@@ -110,10 +129,13 @@ class SupConLoss(MetricLoss):
         Khosla et al., "Supervised Contrastive Learning", NeurIPS 2020.
     """
 
+    supports_multi_label = True
+
     def __init__(
         self,
         temperature: float = 0.07,
         base_temperature: float = 0.07,
+        multi_label: str = "any",
         cross_replica: bool = True,
         name: str = "supcon_loss",
         reduction: str = "sum_over_batch_size",
@@ -121,6 +143,7 @@ class SupConLoss(MetricLoss):
     ):
         check_positive(temperature, "temperature")
         check_positive(base_temperature, "base_temperature")
+        check_multi_label(multi_label)
         super().__init__(
             supcon_loss,
             name=name,
@@ -129,4 +152,5 @@ class SupConLoss(MetricLoss):
             cross_replica=cross_replica,
             temperature=temperature,
             base_temperature=base_temperature,
+            multi_label=multi_label,
         )

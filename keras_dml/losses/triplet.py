@@ -225,6 +225,8 @@ class TripletLoss(MetricLoss):
         the Triplet Loss for Person Re-Identification", 2017.
     """
 
+    supports_multi_label = True
+
     def __init__(
         self,
         margin: float = 0.2,
@@ -277,6 +279,8 @@ class TripletSemiHardLoss(MetricLoss):
         Schroff et al., "FaceNet", CVPR 2015; tensorflow-addons 0.23.
     """
 
+    supports_multi_label = True
+
     def __init__(
         self,
         margin: float = 1.0,
@@ -323,6 +327,8 @@ class TripletHardLoss(MetricLoss):
     Reference:
         Hermans et al., "In Defense of the Triplet Loss", 2017; tensorflow-addons 0.23.
     """
+
+    supports_multi_label = True
 
     def __init__(
         self,

@@ -6,6 +6,7 @@
 - `S2SD`: similarity-based self-distillation from high-dimensional target heads.
 - `LoCo`: local contrastive learning with overlapping, gradient-isolated units.
 - `SiameseModel`: two inputs, one shared backbone, a distance output (contrastive loss).
+- `XBMModel`: a metric loss against a cross-batch memory of past batches (XBM).
 """
 
 from keras_dml.models.loco import LoCo, LoCoDecoder
@@ -23,6 +24,7 @@ from keras_dml.models.siamese import (
     make_pairs,
     paired_distance,
 )
+from keras_dml.models.xbm import XBMModel
 
 __all__ = [
     "ContrastivePairLoss",
@@ -39,4 +41,5 @@ __all__ = [
     "margin_softmax_cross_entropy",
     "paired_distance",
     "similarity_distillation",
+    "XBMModel",
 ]
