@@ -9,6 +9,37 @@ import keras
 import numpy as np
 import pytest
 
+# `make test` runs every test under TensorFlow, then the files of `backend_agnostic.txt`
+# again under JAX and torch. In these files the parametrizations vary the loss, head,
+# distance or precision policy, not the backend's code path: off TensorFlow only the first
+# parametrization of each test runs (every test function still runs on every backend;
+# the catalogue's `*_backends.py` files cover each class on each backend).
+# `KERAS_DML_ALL_PARAMS=1` runs them all.
+FIRST_PARAMETRIZATION_OFF_TENSORFLOW = frozenset({
+    "test_center.py", "test_curricularface.py", "test_distributed.py", "test_heads.py",
+    "test_loss_faults.py", "test_margin_model.py", "test_mixed_precision.py",
+    "test_npairs.py", "test_partial_fc.py", "test_proxy.py", "test_quadruplet.py",
+    "test_s2sd.py", "test_semi_hard_mining.py", "test_sphereface.py", "test_triplet.py",
+})
+
+
+def pytest_collection_modifyitems(config, items):
+    if keras.backend.backend() == "tensorflow" or os.environ.get("KERAS_DML_ALL_PARAMS"):
+        return
+    seen, keep, drop = set(), [], []
+    for item in items:
+        name = os.path.basename(str(item.fspath))
+        if name in FIRST_PARAMETRIZATION_OFF_TENSORFLOW and hasattr(item, "callspec"):
+            key = (name, item.originalname)
+            if key in seen:
+                drop.append(item)
+                continue
+            seen.add(key)
+        keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
 
 @pytest.fixture(autouse=True)
 def _seed_everything():
