@@ -6,7 +6,9 @@ import keras
 from keras import ops
 
 from keras_dml import distances
-from keras_dml import ops as dml_ops
+from keras_dml import miners as miners_lib
+from keras_dml import reducers as reducers_lib
+from keras_dml import regularizers as regularizers_lib
 from keras_dml.losses.base import MetricLoss, References, resolve_references
 
 
@@ -33,6 +35,9 @@ def contrastive_loss(
     squared: bool = False,
     distance: str | distances.Distance = "euclidean",
     references: References | None = None,
+    miner: miners_lib.Miner | None = None,
+    reducer: reducers_lib.Reducer | None = None,
+    embedding_regularizer=None,
 ):
     """Pulls same-label pairs within `pos_margin` and pushes other pairs beyond `neg_margin`.
 
@@ -59,23 +64,33 @@ def contrastive_loss(
         references: what the samples are paired with; the batch itself by
             default. Each of the two means runs over the pairs of all queries
             (across replicas: of the global batch).
+        miner: a `keras_dml.miners.Miner`: only its pairs are used (a
+            triplet miner's (a, p) and (a, n) pairs, each once; PML counts a
+            pair once per triplet it comes from).
+        reducer: a `keras_dml.reducers.Reducer` applied to the positive
+            pairs' terms and to the negative pairs' terms, the two results
+            added (PML's way); None: the two means above. PML's default is
+            `AvgNonZeroReducer()`.
+        embedding_regularizer: a regularizer of `keras_dml.regularizers`
+            whose value on `embeddings` is added to the loss.
 
     Returns:
         A scalar loss.
     """
     references = resolve_references(labels, embeddings, references)
     distance_matrix = references.pairwise(embeddings, distance)
-    positive_mask, negative_mask = references.masks(labels)
+    if miner is None:
+        positive_mask, negative_mask = references.masks(labels)
+    else:
+        positive_mask, negative_mask = miner.mine(labels, embeddings, references).pairs()
     positive_terms, negative_terms = contrastive_hinges(
         distance_matrix, pos_margin, neg_margin, squared
     )
-    positive_mean = references.mean(
-        dml_ops.masked_sum(positive_terms, positive_mask), dml_ops.masked_count(positive_mask)
-    )
-    negative_mean = references.mean(
-        dml_ops.masked_sum(negative_terms, negative_mask), dml_ops.masked_count(negative_mask)
-    )
-    return positive_mean + negative_mean
+    reducer = reducers_lib.MeanReducer() if reducer is None else reducer
+    positive_mean = references.mean(*reducer.reduce(positive_terms, positive_mask, labels))
+    negative_mean = references.mean(*reducer.reduce(negative_terms, negative_mask, labels))
+    loss = positive_mean + negative_mean
+    return regularizers_lib.add_embedding_regularizer(loss, embeddings, embedding_regularizer)
 
 
 @keras.saving.register_keras_serializable(package="keras_dml")
@@ -96,6 +111,12 @@ class ContrastiveLoss(MetricLoss):
             Defaults to `False`.
         distance: `"euclidean"` (default), `"squared_euclidean"`, `"cosine"`
             (used as `1 - cos`), `"angular"` or `"dot"` (used as `-dot`).
+        miner: a `keras_dml.miners.Miner` choosing the pairs (a triplet
+            miner's (a, p) and (a, n) pairs); see the function.
+        reducer: a `keras_dml.reducers.Reducer` of the per-element terms;
+            None keeps the reduction described above.
+        embedding_regularizer: a `keras_dml.regularizers` regularizer of
+            the embeddings, added to the loss.
         cross_replica: under `tf.distribute`, compare each sample with the
             batches of all replicas, so that the loss equals the one of the
             global batch (a no-op elsewhere). Defaults to `True`.
@@ -126,6 +147,9 @@ class ContrastiveLoss(MetricLoss):
         neg_margin: float = 1.0,
         squared: bool = False,
         distance: str = "euclidean",
+        miner=None,
+        reducer=None,
+        embedding_regularizer=None,
         cross_replica: bool = True,
         name: str = "contrastive_loss",
         reduction: str = "sum_over_batch_size",
@@ -141,4 +165,7 @@ class ContrastiveLoss(MetricLoss):
             neg_margin=neg_margin,
             squared=squared,
             distance=distance,
+            miner=miners_lib.get(miner),
+            reducer=reducers_lib.get(reducer),
+            embedding_regularizer=regularizers_lib.get(embedding_regularizer),
         )
