@@ -213,7 +213,8 @@ def test_hdc_miner_matches_reference_and_pml(distance, fraction):
         out = pml(torch.tensor(x), torch.tensor(labels.astype("int64")), torch.tensor(refs),
                   torch.tensor(ref_labels.astype("int64")))
         out = [o.tolist() for o in out]
-        assert ours == (set(zip(out[0], out[1], strict=True)), set(zip(out[2], out[3], strict=True)))
+        want = (set(zip(out[0], out[1], strict=True)), set(zip(out[2], out[3], strict=True)))
+        assert ours == want
 
 
 STRATEGIES = [
@@ -268,7 +269,8 @@ def test_batch_hard_miner_matches_reference_and_pml(distance):
         ours = our_triplets(miners.BatchHardMiner(distance=distance)(labels, x))
         if distance == "euclidean":
             assert ours == ref_batch_hard(labels, x)
-        assert ours == pml_mine(pml_miners.BatchHardMiner(distance=pml_distance(distance)), labels, x)
+        pml = pml_miners.BatchHardMiner(distance=pml_distance(distance))
+        assert ours == pml_mine(pml, labels, x)
 
 
 def test_batch_easy_hard_rejects_what_pml_rejects():
@@ -430,7 +432,8 @@ MINER_IDS = [type(m).__name__ for m in ALL_MINERS]
 
 
 def test_every_miner_is_covered():
-    public = {n for n in miners.__all__ if n.endswith("Miner") and n not in ("Miner", "DistanceMiner")}
+    bases = ("Miner", "DistanceMiner")
+    public = {n for n in miners.__all__ if n.endswith("Miner") and n not in bases}
     assert public == set(MINER_IDS)
 
 

@@ -240,7 +240,9 @@ class UniformHistogramMiner(DistanceMiner):
         width = ops.maximum((high - low) / self.num_bins, 1e-30)
         bins = ops.clip(ops.floor((values - low) / width), 0, self.num_bins - 1)
         # Sort by bin, then by a random key: a pair's rank inside its bin is uniform.
-        noise = keras.random.uniform(ops.shape(values), dtype=values.dtype, seed=self.seed_generator)
+        noise = keras.random.uniform(
+            ops.shape(values), dtype=values.dtype, seed=self.seed_generator
+        )
         keys = bins + noise * 0.5
         rank = _ranks(keys, mask)
         flat_sorted = ops.sort(ops.reshape(ops.where(mask, keys, ops.full_like(keys, _INF)), (-1,)))
