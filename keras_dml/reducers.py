@@ -152,7 +152,8 @@ class PerAnchorReducer(Reducer):
     An anchor without any selected element counts as 0 (PML's default
     aggregation), and `reducer` (default `MeanReducer()`) sees every anchor.
     PML supports pairs only; triplet losses are averaged over each anchor's
-    (positive, negative) entries here as well.
+    (positive, negative) entries here as well. Per-anchor losses `(B,)` go
+    to `reducer` as they are (with their mask).
 
     Args:
         reducer: the reducer applied to the `(B,)` per-anchor means.
