@@ -20,7 +20,7 @@ Example:
 0.1
 """
 
-from keras_dml.miners.base import DistanceMiner, Mined, Miner, get
+from keras_dml.miners.base import DistanceMiner, Mined, Miner, RandomMiner, get
 from keras_dml.miners.pairs import (
     BatchEasyHardMiner,
     BatchHardMiner,
@@ -42,6 +42,7 @@ __all__ = [
     "Miner",
     "MultiSimilarityMiner",
     "PairMarginMiner",
+    "RandomMiner",
     "TripletMarginMiner",
     "UniformHistogramMiner",
     "get",

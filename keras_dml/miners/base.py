@@ -177,3 +177,32 @@ def check_range(value, arg: str):
     if not low <= high:
         raise ValueError(f"`{arg}` must have low <= high, got {value!r}.")
     return [low, high]
+
+
+class RandomMiner(Miner):
+    """A miner that draws at random: `seed` fixes the draws, `random_seed` gives each call's seed.
+
+    Eagerly and in TensorFlow graphs a `keras.random.SeedGenerator(seed)`
+    advances at every call. A compiled JAX step cannot advance a generator
+    that its model does not track (a loss's miner), so under `jax.jit` the
+    key is `seed` folded with the bits of the batch's embeddings: the same
+    batch gives the same draws, a new batch new ones.
+    """
+
+    def __init__(self, seed: int | None = None):
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"`seed` must be an int or None, got {seed!r}.")
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def random_seed(self, embeddings):
+        if keras.backend.backend() == "jax":
+            import jax
+
+            if isinstance(embeddings, jax.core.Tracer):
+                bits = jax.lax.bitcast_convert_type(
+                    ops.sum(ops.cast(embeddings, "float32")), "uint32"
+                )
+                return jax.random.fold_in(jax.random.PRNGKey(self.seed or 0), bits)
+        return self.seed_generator
+

@@ -12,7 +12,7 @@ from keras import ops
 
 from keras_dml import ops as dml_ops
 from keras_dml._checks import check_positive_int
-from keras_dml.miners.base import DistanceMiner, Mined, check_choice, check_range
+from keras_dml.miners.base import DistanceMiner, Mined, RandomMiner, check_choice, check_range
 
 _INF = 1e30
 
@@ -181,7 +181,7 @@ class HDCMiner(DistanceMiner):
 
 
 @keras.saving.register_keras_serializable(package="keras_dml")
-class UniformHistogramMiner(DistanceMiner):
+class UniformHistogramMiner(DistanceMiner, RandomMiner):
     """Samples pairs uniformly over the range of their distances: a few pairs per histogram bin.
 
     The positive pairs' values are split into `num_bins` equal-width bins
@@ -193,10 +193,8 @@ class UniformHistogramMiner(DistanceMiner):
     bin *with* replacement (a pair can be drawn twice); a mask holds a pair
     once, so here they are drawn without replacement (a bin with fewer pairs
     keeps all of them). The random draws are seeded by `seed` (the same seed
-    gives the same pairs for the same batch and call count); they come from
-    `keras.random` with a `SeedGenerator`, so under JAX's `jit` run the miner
-    inside a loss of a `model.fit` (Keras then threads the generator's state)
-    or call it eagerly.
+    gives the same pairs for the same batches and calls; under JAX's `jit`,
+    the same pairs for the same batch, see `RandomMiner`).
 
     Args:
         num_bins: number of bins.
@@ -227,21 +225,20 @@ class UniformHistogramMiner(DistanceMiner):
         distance="euclidean",
         seed: int | None = None,
     ):
-        super().__init__(distance)
+        DistanceMiner.__init__(self, distance)
+        RandomMiner.__init__(self, seed)
         self.num_bins = check_positive_int(num_bins, "num_bins")
         self.pos_per_bin = check_positive_int(pos_per_bin, "pos_per_bin")
         self.neg_per_bin = check_positive_int(neg_per_bin, "neg_per_bin")
-        self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
 
-    def _sample(self, values, mask, per_bin):
+    def _sample(self, values, mask, per_bin, seed):
         low = dml_ops.masked_min(values, mask, axis=None)
         high = dml_ops.masked_max(values, mask, axis=None)
         width = ops.maximum((high - low) / self.num_bins, 1e-30)
         bins = ops.clip(ops.floor((values - low) / width), 0, self.num_bins - 1)
         # Sort by bin, then by a random key: a pair's rank inside its bin is uniform.
         noise = keras.random.uniform(
-            ops.shape(values), dtype=values.dtype, seed=self.seed_generator
+            ops.shape(values), dtype=values.dtype, seed=seed
         )
         keys = bins + noise * 0.5
         rank = _ranks(keys, mask)
@@ -253,9 +250,16 @@ class UniformHistogramMiner(DistanceMiner):
     def mine(self, labels, embeddings, references):
         values, _ = self.matrix(embeddings, references)
         positive, negative = references.masks(labels)
+        seed = self.random_seed(embeddings)
+        if not isinstance(seed, keras.random.SeedGenerator):
+            import jax
+
+            seed, negative_seed = jax.random.split(seed)
+        else:
+            negative_seed = seed
         return Mined(
-            positive=self._sample(values, positive, self.pos_per_bin),
-            negative=self._sample(values, negative, self.neg_per_bin),
+            positive=self._sample(values, positive, self.pos_per_bin, seed),
+            negative=self._sample(values, negative, self.neg_per_bin, negative_seed),
         )
 
     def get_config(self):

@@ -17,7 +17,7 @@ from keras import ops
 
 from keras_dml import distances as distances_lib
 from keras_dml._checks import check_non_negative, check_positive
-from keras_dml.miners.base import DistanceMiner, Mined, Miner, check_choice
+from keras_dml.miners.base import DistanceMiner, Mined, Miner, RandomMiner, check_choice
 
 _TRIPLET_TYPES = ("all", "hard", "semihard", "easy")
 
@@ -151,7 +151,7 @@ class AngularMiner(Miner):
 
 
 @keras.saving.register_keras_serializable(package="keras_dml")
-class DistanceWeightedMiner(Miner):
+class DistanceWeightedMiner(RandomMiner):
     """Distance-weighted sampling (Wu et al., ICCV 2017): negatives drawn by inverse density.
 
     On L2-normalised embeddings of dimension `D`, pairwise distances `d`
@@ -167,8 +167,8 @@ class DistanceWeightedMiner(Miner):
     used exactly once (a mask cannot hold a triplet twice). The draws come
     from `keras.random.categorical` with a `SeedGenerator(seed)`: a seed
     fixes the sequence of draws (same batches, same calls, same triplets),
-    None draws a fresh seed. Under JAX's `jit` the generator's state must
-    be threaded by Keras (the miner inside a loss in `model.fit`).
+    None draws a fresh seed. Under JAX's `jit` (`model.fit`) the key is the
+    seed folded with the batch (see `RandomMiner`).
 
     Args:
         cutoff: distances below it count as `cutoff` (0.5, the paper's).
@@ -193,8 +193,7 @@ class DistanceWeightedMiner(Miner):
     def __init__(self, cutoff: float = 0.5, nonzero_loss_cutoff: float = 1.4, seed=None):
         self.cutoff = check_non_negative(cutoff, "cutoff")
         self.nonzero_loss_cutoff = check_positive(nonzero_loss_cutoff, "nonzero_loss_cutoff")
-        self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
+        super().__init__(seed)
 
     def log_weights(self, labels, embeddings, references):
         """`(B, R)` log-probabilities (unnormalised) of drawing each reference as a negative.
@@ -223,7 +222,7 @@ class DistanceWeightedMiner(Miner):
         num_refs = ops.shape(log_w)[1]
         # One draw per (anchor, column); a row's draw is used at its positive columns.
         log_w = log_w - ops.max(log_w, axis=1, keepdims=True)
-        drawn = keras.random.categorical(log_w, num_refs, seed=self.seed_generator)
+        drawn = keras.random.categorical(log_w, num_refs, seed=self.random_seed(embeddings))
         one_hot = ops.cast(ops.one_hot(drawn, num_refs), "bool")  # [a, p, n]
         has = ops.expand_dims(ops.expand_dims(ops.any(eligible, axis=1), 1), 2)
         triplets = ops.logical_and(one_hot, ops.expand_dims(positive, 2))
