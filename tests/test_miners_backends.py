@@ -205,13 +205,12 @@ def test_regularizers_value_and_gradient_on_the_backend(reg, on_kernel, ref):
 @pytest.mark.parametrize(
     "loss",
     [
-        keras_dml.TripletLoss(miner=miners.BatchHardMiner()),
-        keras_dml.ContrastiveLoss(miner=miners.MultiSimilarityMiner(0.2, distance="euclidean")),
-        keras_dml.MultiSimilarityLoss(miner=miners.DistanceWeightedMiner(seed=1)),
+        keras_dml.TripletLoss(miner=miners.DistanceWeightedMiner(seed=1),
+                              reducer=reducers.PerAnchorReducer()),
         keras_dml.CircleLoss(miner=miners.UniformHistogramMiner(5, 3, 3, seed=1),
                              embedding_regularizer=regularizers.LpRegularizer(weight=0.1)),
     ],
-    ids=["triplet-batch-hard", "contrastive-ms", "ms-distance-weighted", "circle-histogram"],
+    ids=["triplet-distance-weighted", "circle-histogram"],
 )
 def test_fit_step_with_miner(loss):
     labels = np.repeat(np.arange(4), 4).astype("int32")
@@ -220,5 +219,5 @@ def test_fit_step_with_miner(loss):
         [keras.Input((6,)), keras.layers.Dense(4), keras.layers.UnitNormalization()]
     )
     model.compile(optimizer="adam", loss=loss)
-    history = model.fit(x, labels, batch_size=16, epochs=2, verbose=0)
+    history = model.fit(x, labels, batch_size=16, epochs=1, verbose=0)
     assert np.all(np.isfinite(history.history["loss"]))
