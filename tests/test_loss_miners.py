@@ -106,6 +106,13 @@ def test_triplet_loss_with_batch_hard_miner(distance):
     check(our_loss, pml_loss, pml_miners.BatchHardMiner(distance=pml_distance))
 
 
+def test_soft_margin_triplet_loss_with_a_pair_miner():
+    # The pair-miner path (batch-all on the mined masks) with the softplus term.
+    our_loss = losses.TripletLoss(soft_margin=True, miner=miners.PairMarginMiner(1.0, 2.5))
+    pml_loss = pml_losses.TripletMarginLoss(margin=0.0, smooth_loss=True, distance=euclid())
+    check(our_loss, pml_loss, pml_miners.PairMarginMiner(1.0, 2.5, distance=euclid()))
+
+
 def test_triplet_loss_with_a_pair_miner_forms_every_anchor_triplet():
     # A pair miner's positives and negatives of an anchor are combined, as PML's
     # convert_to_triplets does for a 4-tuple.

@@ -145,8 +145,10 @@ def triplet_loss(
         miner: a `keras_dml.miners.Miner` choosing the triplets instead of
             the string modes (which must then keep their defaults): the loss
             runs over the miner's triplets (`Mined.triplet_mask()`; a pair
-            miner's positives and negatives of each anchor are combined), a
-            `(B, R, R)` computation.
+            miner's positives and negatives of each anchor are combined). A
+            triplet miner, or a reducer other than `AvgNonZeroReducer`, makes
+            it a `(B, R, R)` computation; a pair miner (e.g.
+            `BatchHardMiner`) with the default reducer stays O(B·R log R).
         reducer: a `keras_dml.reducers.Reducer` for the per-element terms
             (per triplet with a miner or `negative_mining="all"`, else per
             (anchor, positive) pair). None: the reductions described under
@@ -191,10 +193,18 @@ def _triplet_loss(
         return ops.softplus(gap) if soft_margin else ops.maximum(gap + margin, 0.0)
 
     if miner is not None:
-        triplets = miner.mine(labels, embeddings, references).triplet_mask()
+        mined = miner.mine(labels, embeddings, references)
+        if mined.triplets is None and (
+            reducer is None or type(reducer) is reducers_lib.AvgNonZeroReducer
+        ):
+            # Pairs: every mined positive with every mined negative of its anchor, averaged
+            # over the non-zero terms, is batch-all mining on the mined masks: O(B·R log R)
+            # instead of the (B, R, R) terms.
+            positive, negative = mined.pairs()
+            return references.mean(*_batch_all(distances, positive, negative, margin, soft_margin))
         terms = term(ops.expand_dims(distances, 2), ops.expand_dims(distances, 1))
         reducer = reducers_lib.AvgNonZeroReducer() if reducer is None else reducer
-        return references.mean(*reducer.reduce(terms, triplets, labels))
+        return references.mean(*reducer.reduce(terms, mined.triplet_mask(), labels))
 
     positives, negatives = references.masks(labels)
     pairs = mining.select_positives(distances, positives, positive_mining)
