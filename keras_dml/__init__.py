@@ -16,7 +16,7 @@ import sys as _sys
 from keras_dml.version import __version__
 
 _SUBMODULES = ("callbacks", "distances", "evaluation", "heads", "index", "layers", "losses",
-               "mining", "models", "plots")
+               "mining", "models", "plots", "miners", "reducers", "regularizers")
 _LOSSES = ("CircleLoss", "ContrastiveLoss", "LiftedStructLoss", "MetricLoss",
            "MultiSimilarityLoss", "NPairsLoss", "NTXentLoss", "QuadrupletLoss", "SupConLoss",
            "TripletHardLoss", "TripletLoss", "TripletSemiHardLoss")
@@ -99,5 +99,8 @@ __all__ = [
     "losses",
     "mining",
     "models",
+    "miners",
+    "reducers",
+    "regularizers",
     "plots",
 ]

@@ -93,6 +93,9 @@ class CosineHead(keras.layers.Layer):
         num_classes: number of classes C (>= 2).
         centers_per_class: centres K per class (1 for a plain softmax head).
         kernel_initializer: initializer of `kernel`.
+        kernel_regularizer: optional regularizer of `kernel` (its loss is
+            added to the model's), e.g. `keras_dml.regularizers`'
+            `RegularFaceRegularizer`, which reads the columns as centres.
         **kwargs: `keras.layers.Layer` arguments (`name`, `dtype`, ...). Under
             a mixed-precision global policy the head defaults to float32.
 
@@ -115,6 +118,7 @@ class CosineHead(keras.layers.Layer):
         num_classes: int,
         centers_per_class: int = 1,
         kernel_initializer="glorot_uniform",
+        kernel_regularizer=None,
         **kwargs,
     ):
         kwargs["dtype"] = _float32_policy_under_mixed_precision(kwargs.get("dtype"))
@@ -129,6 +133,7 @@ class CosineHead(keras.layers.Layer):
             )
         self.centers_per_class = int(centers_per_class)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
 
     def build(self, embeddings_shape, labels_shape=None):
         if len(embeddings_shape) != 2 or embeddings_shape[-1] is None:
@@ -140,6 +145,7 @@ class CosineHead(keras.layers.Layer):
             name="kernel",
             shape=(int(embeddings_shape[-1]), self.num_classes * self.centers_per_class),
             initializer=self.kernel_initializer,
+            regularizer=self.kernel_regularizer,
         )
 
     def call(self, embeddings, labels=None, training=None):
@@ -192,6 +198,7 @@ class CosineHead(keras.layers.Layer):
                 "num_classes": self.num_classes,
                 "centers_per_class": self.centers_per_class,
                 "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+                "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
             }
         )
         return config

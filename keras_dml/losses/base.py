@@ -676,7 +676,23 @@ class MetricLoss(keras.losses.Loss):
 
     def get_config(self) -> dict:
         config = super().get_config()
-        config.update(self._options)
+        config.update({key: serialize_option(value) for key, value in self._options.items()})
         if self.cross_replica is not None:
             config["cross_replica"] = self.cross_replica
         return config
+
+
+def serialize_option(value):
+    """An option as it goes into a config: objects (a miner, a reducer, a regularizer) serialized.
+
+    Numbers, strings, lists and None are kept as they are; anything with a
+    `get_config` is written with `keras.saving.serialize_keras_object`, and
+    the loss's constructor turns the dict back into the object
+    (`keras_dml.miners.get`, `keras_dml.reducers.get`,
+    `keras_dml.regularizers.get`).
+    """
+    if value is None or isinstance(value, (bool, int, float, str, list, tuple, dict)):
+        return value
+    if hasattr(value, "get_config"):
+        return keras.saving.serialize_keras_object(value)
+    return value

@@ -6,7 +6,10 @@ import keras
 from keras import ops
 
 from keras_dml import distances
+from keras_dml import miners as miners_lib
 from keras_dml import ops as dml_ops
+from keras_dml import reducers as reducers_lib
+from keras_dml import regularizers as regularizers_lib
 from keras_dml.losses.base import MetricLoss, References, resolve_references
 
 
@@ -18,6 +21,9 @@ def circle_loss(
     gamma: float = 256.0,
     distance: str | distances.Distance = "cosine",
     references: References | None = None,
+    miner: miners_lib.Miner | None = None,
+    reducer: reducers_lib.Reducer | None = None,
+    embedding_regularizer=None,
 ):
     """Re-weights every similarity by its distance from its optimum, then applies a soft-plus.
 
@@ -43,13 +49,25 @@ def circle_loss(
         references: what the anchors are paired with; the batch itself by
             default. The mean runs over the contributing anchors of all
             queries (across replicas: of the global batch).
+        miner: a `keras_dml.miners.Miner` whose pairs replace the label
+            masks (a triplet miner's (a, p) and (a, n) pairs).
+        reducer: a `keras_dml.reducers.Reducer` of the `(B,)` per-anchor
+            terms over the anchors with a positive and a negative pair;
+            None: their mean (`MeanReducer()`; PML's default,
+            `AvgNonZeroReducer()`, gives the same value unless a term
+            underflows to 0).
+        embedding_regularizer: a regularizer of `keras_dml.regularizers`
+            whose value on `embeddings` is added to the loss.
 
     Returns:
         A scalar loss.
     """
     references = resolve_references(labels, embeddings, references)
     similarity = references.pairwise(embeddings, distance, kind="similarity")
-    positive_mask, negative_mask = references.masks(labels)
+    if miner is None:
+        positive_mask, negative_mask = references.masks(labels)
+    else:
+        positive_mask, negative_mask = miner.mine(labels, embeddings, references).pairs()
     alpha_positive = ops.stop_gradient(ops.relu(1.0 + margin - similarity))
     alpha_negative = ops.stop_gradient(ops.relu(similarity + margin))
     positive_logits = -gamma * alpha_positive * (similarity - (1.0 - margin))
@@ -61,9 +79,9 @@ def circle_loss(
         + dml_ops.masked_logsumexp(positive_logits, positive_mask)
     )
     has_pairs = ops.logical_and(ops.any(positive_mask, axis=1), ops.any(negative_mask, axis=1))
-    return references.mean(
-        dml_ops.masked_sum(per_anchor, has_pairs), dml_ops.masked_count(has_pairs)
-    )
+    reducer = reducers_lib.MeanReducer() if reducer is None else reducer
+    loss = references.mean(*reducer.reduce(per_anchor, has_pairs, labels))
+    return regularizers_lib.add_embedding_regularizer(loss, embeddings, embedding_regularizer)
 
 
 @keras.saving.register_keras_serializable(package="keras_dml")
@@ -87,6 +105,12 @@ class CircleLoss(MetricLoss):
         gamma: scale `gamma`. Defaults to `256.0`.
         distance: `"cosine"` (default) or `"dot"`; a distance such as
             `"euclidean"` is used as the similarity `-d`.
+        miner: a `keras_dml.miners.Miner` choosing the pairs (a triplet
+            miner's (a, p) and (a, n) pairs); see the function.
+        reducer: a `keras_dml.reducers.Reducer` of the per-element terms;
+            None keeps the reduction described above.
+        embedding_regularizer: a `keras_dml.regularizers` regularizer of
+            the embeddings, added to the loss.
         cross_replica: under `tf.distribute`, compare each sample with the
             batches of all replicas, so that the loss equals the one of the
             global batch (a no-op elsewhere). Defaults to `True`.
@@ -118,6 +142,9 @@ class CircleLoss(MetricLoss):
         margin: float = 0.25,
         gamma: float = 256.0,
         distance: str = "cosine",
+        miner=None,
+        reducer=None,
+        embedding_regularizer=None,
         cross_replica: bool = True,
         name: str = "circle_loss",
         reduction: str = "sum_over_batch_size",
@@ -134,4 +161,7 @@ class CircleLoss(MetricLoss):
             margin=margin,
             gamma=gamma,
             distance=distance,
+            miner=miners_lib.get(miner),
+            reducer=reducers_lib.get(reducer),
+            embedding_regularizer=regularizers_lib.get(embedding_regularizer),
         )

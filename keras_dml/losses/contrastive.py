@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_dml import distances
+from keras_dml import miners as miners_lib
 from keras_dml import ops as dml_ops
-from keras_dml.losses.base import MetricLoss, References, check_multi_label, resolve_references
+from keras_dml import reducers as reducers_lib
+from keras_dml import regularizers as regularizers_lib
+from keras_dml.losses.base import (
+    MetricLoss,
+    References,
+    check_multi_label,
+    resolve_references,
+)
 
 
 def contrastive_hinges(distances, pos_margin: float, neg_margin: float, squared: bool):
@@ -34,6 +43,9 @@ def contrastive_loss(
     distance: str | distances.Distance = "euclidean",
     references: References | None = None,
     multi_label: str = "any",
+    miner: miners_lib.Miner | None = None,
+    reducer: reducers_lib.Reducer | None = None,
+    embedding_regularizer=None,
 ):
     """Pulls same-label pairs within `pos_margin` and pushes other pairs beyond `neg_margin`.
 
@@ -65,16 +77,34 @@ def contrastive_loss(
             each positive pair's term by the Jaccard overlap of the two
             label sets (a weighted mean). Both equal the single-label loss
             for one label per sample.
+        miner: a `keras_dml.miners.Miner`: only its pairs are used (a
+            triplet miner's (a, p) and (a, n) pairs, each once; PML counts a
+            pair once per triplet it comes from).
+        reducer: a `keras_dml.reducers.Reducer` applied to the positive
+            pairs' terms and to the negative pairs' terms, the two results
+            added (PML's way); None: the two means above. PML's default is
+            `AvgNonZeroReducer()`.
+        embedding_regularizer: a regularizer of `keras_dml.regularizers`
+            whose value on `embeddings` is added to the loss.
 
     Returns:
         A scalar loss.
     """
+    if miner is not None and len(getattr(labels, "shape", np.shape(labels))) == 2:
+        raise ValueError(
+            "A `miner` mines single-label batches; multi-hot `(B, C)` labels are not supported "
+            "with one."
+        )
     references = resolve_references(labels, embeddings, references)
     distance_matrix = references.pairwise(embeddings, distance)
-    positive_mask, negative_mask = references.masks(labels)
+    if miner is None:
+        positive_mask, negative_mask = references.masks(labels)
+    else:
+        positive_mask, negative_mask = miner.mine(labels, embeddings, references).pairs()
     positive_terms, negative_terms = contrastive_hinges(
         distance_matrix, pos_margin, neg_margin, squared
     )
+    reducer = reducers_lib.MeanReducer() if reducer is None else reducer
     if check_multi_label(multi_label) == "jaccard":
         weights = references.jaccard(labels)
         positive_mean = references.weighted_mean(
@@ -82,13 +112,10 @@ def contrastive_loss(
             dml_ops.masked_sum(weights, positive_mask),
         )
     else:
-        positive_mean = references.mean(
-            dml_ops.masked_sum(positive_terms, positive_mask), dml_ops.masked_count(positive_mask)
-        )
-    negative_mean = references.mean(
-        dml_ops.masked_sum(negative_terms, negative_mask), dml_ops.masked_count(negative_mask)
-    )
-    return positive_mean + negative_mean
+        positive_mean = references.mean(*reducer.reduce(positive_terms, positive_mask, labels))
+    negative_mean = references.mean(*reducer.reduce(negative_terms, negative_mask, labels))
+    loss = positive_mean + negative_mean
+    return regularizers_lib.add_embedding_regularizer(loss, embeddings, embedding_regularizer)
 
 
 @keras.saving.register_keras_serializable(package="keras_dml")
@@ -111,6 +138,12 @@ class ContrastiveLoss(MetricLoss):
             (used as `1 - cos`), `"angular"` or `"dot"` (used as `-dot`).
         multi_label: `"any"` (default) or `"jaccard"`: how positive pairs of
             multi-hot `(B, C)` labels are weighted (see `contrastive_loss`).
+        miner: a `keras_dml.miners.Miner` choosing the pairs (a triplet
+            miner's (a, p) and (a, n) pairs); see the function.
+        reducer: a `keras_dml.reducers.Reducer` of the per-element terms;
+            None keeps the reduction described above.
+        embedding_regularizer: a `keras_dml.regularizers` regularizer of
+            the embeddings, added to the loss.
         cross_replica: under `tf.distribute`, compare each sample with the
             batches of all replicas, so that the loss equals the one of the
             global batch (a no-op elsewhere). Defaults to `True`.
@@ -144,6 +177,9 @@ class ContrastiveLoss(MetricLoss):
         squared: bool = False,
         distance: str = "euclidean",
         multi_label: str = "any",
+        miner=None,
+        reducer=None,
+        embedding_regularizer=None,
         cross_replica: bool = True,
         name: str = "contrastive_loss",
         reduction: str = "sum_over_batch_size",
@@ -161,4 +197,7 @@ class ContrastiveLoss(MetricLoss):
             squared=squared,
             distance=distance,
             multi_label=multi_label,
+            miner=miners_lib.get(miner),
+            reducer=reducers_lib.get(reducer),
+            embedding_regularizer=regularizers_lib.get(embedding_regularizer),
         )

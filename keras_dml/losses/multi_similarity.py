@@ -6,7 +6,10 @@ import keras
 from keras import ops
 
 from keras_dml import distances
+from keras_dml import miners as miners_lib
 from keras_dml import ops as dml_ops
+from keras_dml import reducers as reducers_lib
+from keras_dml import regularizers as regularizers_lib
 from keras_dml.losses.base import MetricLoss, References, resolve_references
 
 
@@ -20,6 +23,9 @@ def multi_similarity_loss(
     epsilon: float = 0.1,
     distance: str | distances.Distance = "cosine",
     references: References | None = None,
+    miner: miners_lib.Miner | None = None,
+    reducer: reducers_lib.Reducer | None = None,
+    embedding_regularizer=None,
 ):
     """Weights each anchor's informative pairs by their self- and relative similarities.
 
@@ -53,19 +59,37 @@ def multi_similarity_loss(
         references: what the anchors mine their pairs from; the batch itself
             by default. The sum runs over the anchors of all queries and is
             divided by their number (across replicas: the global batch size).
+        miner: a `keras_dml.miners.Miner` whose pairs replace the built-in
+            mining (then `epsilon` is unused). As in PML's
+            `MultiSimilarityLoss` with a miner, each term then counts
+            whenever its own pairs are non-empty (an anchor with mined
+            positives but no mined negative adds its positive term), still
+            divided by `B`.
+        reducer: a `keras_dml.reducers.Reducer` of the `(B,)` per-anchor
+            terms (0 for anchors that do not contribute); None: their sum
+            divided by `B` (`MeanReducer()`).
+        embedding_regularizer: a regularizer of `keras_dml.regularizers`
+            whose value on `embeddings` is added to the loss.
 
     Returns:
         A scalar loss.
     """
     references = resolve_references(labels, embeddings, references)
     similarity = references.pairwise(embeddings, distance, kind="similarity")
-    positive_mask, negative_mask = references.masks(labels)
-    # Mining only selects pairs, so its thresholds carry no gradient.
-    mining_similarity = ops.stop_gradient(similarity)
-    hardest_negative = dml_ops.masked_max(mining_similarity, negative_mask, keepdims=True)
-    hardest_positive = dml_ops.masked_min(mining_similarity, positive_mask, keepdims=True)
-    mined_positive = ops.logical_and(positive_mask, mining_similarity - epsilon < hardest_negative)
-    mined_negative = ops.logical_and(negative_mask, mining_similarity + epsilon > hardest_positive)
+    if miner is None:
+        positive_mask, negative_mask = references.masks(labels)
+        # Mining only selects pairs, so its thresholds carry no gradient.
+        mining_similarity = ops.stop_gradient(similarity)
+        hardest_negative = dml_ops.masked_max(mining_similarity, negative_mask, keepdims=True)
+        hardest_positive = dml_ops.masked_min(mining_similarity, positive_mask, keepdims=True)
+        mined_positive = ops.logical_and(
+            positive_mask, mining_similarity - epsilon < hardest_negative
+        )
+        mined_negative = ops.logical_and(
+            negative_mask, mining_similarity + epsilon > hardest_positive
+        )
+    else:
+        mined_positive, mined_negative = miner.mine(labels, embeddings, references).pairs()
 
     positive_term = (
         dml_ops.masked_logsumexp(-alpha * (similarity - base), mined_positive, add_one=True) / alpha
@@ -73,9 +97,16 @@ def multi_similarity_loss(
     negative_term = (
         dml_ops.masked_logsumexp(beta * (similarity - base), mined_negative, add_one=True) / beta
     )
-    contributes = ops.logical_and(ops.any(mined_positive, axis=1), ops.any(mined_negative, axis=1))
     per_anchor = positive_term + negative_term
-    return references.mean(dml_ops.masked_sum(per_anchor, contributes), ops.shape(per_anchor)[0])
+    if miner is None:
+        contributes = ops.logical_and(
+            ops.any(mined_positive, axis=1), ops.any(mined_negative, axis=1)
+        )
+        per_anchor = ops.where(contributes, per_anchor, ops.zeros_like(per_anchor))
+    reducer = reducers_lib.MeanReducer() if reducer is None else reducer
+    every_anchor = ops.ones(ops.shape(per_anchor), "bool")
+    loss = references.mean(*reducer.reduce(per_anchor, every_anchor, labels))
+    return regularizers_lib.add_embedding_regularizer(loss, embeddings, embedding_regularizer)
 
 
 @keras.saving.register_keras_serializable(package="keras_dml")
@@ -97,6 +128,12 @@ class MultiSimilarityLoss(MetricLoss):
         epsilon: mining margin. Defaults to `0.1`.
         distance: `"cosine"` (default) or `"dot"`; a distance such as
             `"euclidean"` is used as the similarity `-d`.
+        miner: a `keras_dml.miners.Miner` choosing the pairs (a triplet
+            miner's (a, p) and (a, n) pairs); see the function.
+        reducer: a `keras_dml.reducers.Reducer` of the per-element terms;
+            None keeps the reduction described above.
+        embedding_regularizer: a `keras_dml.regularizers` regularizer of
+            the embeddings, added to the loss.
         cross_replica: under `tf.distribute`, compare each sample with the
             batches of all replicas, so that the loss equals the one of the
             global batch (a no-op elsewhere). Defaults to `True`.
@@ -130,6 +167,9 @@ class MultiSimilarityLoss(MetricLoss):
         base: float = 0.5,
         epsilon: float = 0.1,
         distance: str = "cosine",
+        miner=None,
+        reducer=None,
+        embedding_regularizer=None,
         cross_replica: bool = True,
         name: str = "multi_similarity_loss",
         reduction: str = "sum_over_batch_size",
@@ -149,4 +189,7 @@ class MultiSimilarityLoss(MetricLoss):
             base=base,
             epsilon=epsilon,
             distance=distance,
+            miner=miners_lib.get(miner),
+            reducer=reducers_lib.get(reducer),
+            embedding_regularizer=regularizers_lib.get(embedding_regularizer),
         )

@@ -17,8 +17,11 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from keras_dml import miners as miners_lib
 from keras_dml import mining
 from keras_dml import ops as dml_ops
+from keras_dml import reducers as reducers_lib
+from keras_dml import regularizers as regularizers_lib
 from keras_dml.losses.base import MetricLoss, References, resolve_references
 
 _TFA_METRICS = {"L2": "euclidean", "squared-L2": "squared_euclidean", "angular": "angular"}
@@ -117,6 +120,9 @@ def triplet_loss(
     soft_margin: bool = False,
     distance: str = "euclidean",
     references: References | None = None,
+    miner: miners_lib.Miner | None = None,
+    reducer: reducers_lib.Reducer | None = None,
+    embedding_regularizer=None,
 ):
     """Triplet loss with a choice of positive and negative mining.
 
@@ -136,6 +142,20 @@ def triplet_loss(
             into distances (`1 - cos`, `-dot`).
         references: what the anchors mine their positives and negatives
             from; the batch itself by default.
+        miner: a `keras_dml.miners.Miner` choosing the triplets instead of
+            the string modes (which must then keep their defaults): the loss
+            runs over the miner's triplets (`Mined.triplet_mask()`; a pair
+            miner's positives and negatives of each anchor are combined). A
+            triplet miner, or a reducer other than `AvgNonZeroReducer`, makes
+            it a `(B, R, R)` computation; a pair miner (e.g.
+            `BatchHardMiner`) with the default reducer stays O(B·R log R).
+        reducer: a `keras_dml.reducers.Reducer` for the per-element terms
+            (per triplet with a miner or `negative_mining="all"`, else per
+            (anchor, positive) pair). None: the reductions described under
+            Returns; with a miner, `AvgNonZeroReducer()` (PML's
+            `TripletMarginLoss` default).
+        embedding_regularizer: a regularizer of `keras_dml.regularizers`
+            whose value on `embeddings` is added to the loss.
 
     Returns:
         A scalar: the mean over the selected (anchor, positive) pairs, or, for
@@ -144,25 +164,79 @@ def triplet_loss(
         without a positive or a negative are left out; a batch with no valid
         triplet gives 0.
     """
+    loss = _triplet_loss(
+        labels, embeddings, margin, negative_mining, positive_mining, soft_margin, distance,
+        references, miner, reducer,
+    )
+    return regularizers_lib.add_embedding_regularizer(loss, embeddings, embedding_regularizer)
+
+
+def _check_miner_modes(miner, negative_mining, positive_mining):
+    if miner is not None and (negative_mining, positive_mining) != ("semi-hard", "all"):
+        raise ValueError(
+            "With `miner=`, the miner chooses the triplets: leave `negative_mining` and "
+            f"`positive_mining` at their defaults, got {negative_mining!r} and {positive_mining!r}."
+        )
+
+
+def _triplet_loss(
+    labels, embeddings, margin, negative_mining, positive_mining, soft_margin, distance,
+    references, miner, reducer,
+):
     mining.check_modes(negative_mining, positive_mining)
+    _check_miner_modes(miner, negative_mining, positive_mining)
     references = resolve_references(labels, embeddings, references)
     distances = references.pairwise(embeddings, distance)
-    positives, negatives = references.masks(labels)
-    pairs = mining.select_positives(distances, positives, positive_mining)
-    pairs = ops.logical_and(pairs, ops.any(negatives, axis=1, keepdims=True))
-
-    if negative_mining == "all":
-        return references.mean(*_batch_all(distances, pairs, negatives, margin, soft_margin))
 
     def term(positive_distances, negative_distances):
         gap = positive_distances - negative_distances
         return ops.softplus(gap) if soft_margin else ops.maximum(gap + margin, 0.0)
+
+    if miner is not None:
+        mined = miner.mine(labels, embeddings, references)
+        if mined.triplets is None and (
+            reducer is None or type(reducer) is reducers_lib.AvgNonZeroReducer
+        ):
+            # Pairs: every mined positive with every mined negative of its anchor, averaged
+            # over the non-zero terms, is batch-all mining on the mined masks: O(B·R log R)
+            # instead of the (B, R, R) terms.
+            positive, negative = mined.pairs()
+            return references.mean(*_batch_all(distances, positive, negative, margin, soft_margin))
+        terms = term(ops.expand_dims(distances, 2), ops.expand_dims(distances, 1))
+        reducer = reducers_lib.AvgNonZeroReducer() if reducer is None else reducer
+        return references.mean(*reducer.reduce(terms, mined.triplet_mask(), labels))
+
+    positives, negatives = references.masks(labels)
+    pairs = mining.select_positives(distances, positives, positive_mining)
+    pairs = ops.logical_and(pairs, ops.any(negatives, axis=1, keepdims=True))
+
+    if reducer is not None:
+        return references.mean(
+            *_reduced_terms(distances, pairs, negatives, negative_mining, term, reducer, labels)
+        )
+
+    if negative_mining == "all":
+        return references.mean(*_batch_all(distances, pairs, negatives, margin, soft_margin))
 
     if negative_mining == "semi-hard":
         return references.mean(*mining.semi_hard_terms(distances, negatives, pairs, term))
     miner = mining.hardest_negative if negative_mining == "hard" else mining.easiest_negative
     per_pair = term(distances, ops.expand_dims(miner(distances, negatives)[0], 1))
     return references.mean(dml_ops.masked_sum(per_pair, pairs), dml_ops.masked_count(pairs))
+
+
+def _reduced_terms(distances, pairs, negatives, negative_mining, term, reducer, labels):
+    """`reducer`'s `(total, count)` of the per-triplet or per-(a, p) terms of a string mode."""
+    if negative_mining == "all":
+        triplets = ops.logical_and(ops.expand_dims(pairs, 2), ops.expand_dims(negatives, 1))
+        terms = term(ops.expand_dims(distances, 2), ops.expand_dims(distances, 1))
+        return reducer.reduce(terms, triplets, labels)
+    if negative_mining == "semi-hard":
+        chosen, _ = mining.semi_hard_negatives(distances, negatives, pairs)
+    else:
+        miner = mining.hardest_negative if negative_mining == "hard" else mining.easiest_negative
+        chosen = ops.expand_dims(miner(distances, negatives)[0], 1)
+    return reducer.reduce(term(distances, chosen), pairs, labels)
 
 
 def _batch_all(distances, pairs, negatives, margin, soft_margin):
@@ -201,6 +275,13 @@ class TripletLoss(MetricLoss):
         positive_mining: `"all"`, `"hard"` or `"easy"`.
         soft_margin: use `softplus(d(a, p) - d(a, n))` instead of the hinge.
         distance: a name from `keras_dml.distances` (`"euclidean"` default).
+        miner: a `keras_dml.miners.Miner` (e.g. `TripletMarginMiner`,
+            `BatchHardMiner`) choosing the triplets instead of the string
+            modes, which must then keep their defaults. See `triplet_loss`.
+        reducer: a `keras_dml.reducers.Reducer` of the per-element terms;
+            None keeps the reductions above (`AvgNonZeroReducer` with a miner).
+        embedding_regularizer: a `keras_dml.regularizers` regularizer of
+            the embeddings, added to the loss.
         cross_replica: under `tf.distribute`, mine among the batches of all
             replicas, so that the loss equals the one of the global batch
             (a no-op elsewhere). Defaults to `True`.
@@ -234,12 +315,17 @@ class TripletLoss(MetricLoss):
         positive_mining: str = "all",
         soft_margin: bool = False,
         distance: str = "euclidean",
+        miner=None,
+        reducer=None,
+        embedding_regularizer=None,
         cross_replica: bool = True,
         name: str = "triplet_loss",
         reduction: str = "sum_over_batch_size",
         dtype: str | None = None,
     ):
         mining.check_modes(negative_mining, positive_mining)
+        miner = miners_lib.get(miner)
+        _check_miner_modes(miner, negative_mining, positive_mining)
         super().__init__(
             triplet_loss,
             name=name,
@@ -251,6 +337,9 @@ class TripletLoss(MetricLoss):
             positive_mining=positive_mining,
             soft_margin=soft_margin,
             distance=distance,
+            miner=miner,
+            reducer=reducers_lib.get(reducer),
+            embedding_regularizer=regularizers_lib.get(embedding_regularizer),
         )
 
 

@@ -1,0 +1,208 @@
+"""What every miner shares: the `Mined` result (static-shape masks) and the `Miner` base class.
+
+pytorch-metric-learning's miners return index tuples, whose length depends on
+the data. Under `jit` (XLA, JAX) shapes must be static, so a keras-dml miner
+returns boolean masks over the anchor-to-reference matrix instead:
+
+- pair miners: a positive-pair mask and a negative-pair mask, both `(B, R)`;
+- triplet miners: a triplet mask `(B, R, R)`, True at `[a, p, n]`.
+
+A pair loss reads pairs (`Mined.pairs()`: a triplet's (a, p) and (a, n)) and
+a triplet loss reads triplets (`Mined.triplet_mask()`: every mined positive
+of an anchor with every mined negative of it, as PML's `convert_to_triplets`
+does), so any miner works with any pair or triplet loss.
+
+Example:
+
+>>> import numpy as np
+>>> from keras_dml.miners import PairMarginMiner
+>>> labels = np.array([0, 0, 1])
+>>> emb = np.array([[0.0, 0.0], [0.0, 0.5], [0.0, 0.6]], "float32")
+>>> mined = PairMarginMiner(pos_margin=0.2, neg_margin=0.55)(labels, emb)
+>>> np.asarray(mined.positive).astype(int).tolist()
+[[0, 1, 0], [1, 0, 0], [0, 0, 0]]
+>>> np.asarray(mined.negative).astype(int).tolist()
+[[0, 0, 0], [0, 0, 1], [0, 1, 0]]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import keras
+from keras import ops
+
+from keras_dml import distances as distances_lib
+from keras_dml.losses.base import References, resolve_references, validate_inputs
+
+
+@dataclasses.dataclass(frozen=True)
+class Mined:
+    """What a miner selected, as masks of static shape.
+
+    Attributes:
+        positive: `(B, R)` bool, the mined (anchor, positive) pairs; None for
+            a triplet miner.
+        negative: `(B, R)` bool, the mined (anchor, negative) pairs; None for
+            a triplet miner.
+        triplets: `(B, R, R)` bool, True at `[a, p, n]` for a mined triplet;
+            None for a pair miner.
+    """
+
+    positive: Any = None
+    negative: Any = None
+    triplets: Any = None
+
+    def pairs(self):
+        """`(positive, negative)` `(B, R)` masks; a triplet's (a, p) and (a, n) pairs.
+
+        A pair used by several triplets counts once here (PML's
+        `convert_to_pairs` repeats it once per triplet).
+        """
+        if self.triplets is None:
+            return self.positive, self.negative
+        return ops.any(self.triplets, axis=2), ops.any(self.triplets, axis=1)
+
+    def triplet_mask(self):
+        """`(B, R, R)` bool: the mined triplets, or each mined positive with each mined negative."""
+        if self.triplets is not None:
+            return self.triplets
+        return ops.logical_and(
+            ops.expand_dims(self.positive, 2), ops.expand_dims(self.negative, 1)
+        )
+
+
+class Miner:
+    """Base class: selects informative pairs or triplets of a batch, as masks.
+
+    Subclasses implement `mine(labels, embeddings, references)` on validated
+    inputs and list their constructor arguments in `get_config`. Mining
+    selects only: no gradient flows through a miner (as in PML, which mines
+    under `torch.no_grad()`).
+
+    A miner is called as `miner(labels, embeddings, references=None)` and
+    returns a `Mined`; a loss built with `miner=` calls it on every batch
+    (on the batch's own references: the batch itself, or all replicas'
+    batches under `cross_replica=True`).
+    """
+
+    def __call__(self, labels, embeddings, references: References | None = None) -> Mined:
+        """Mines the batch.
+
+        Args:
+            labels: `(B,)` integer labels.
+            embeddings: `(B, D)` float embeddings.
+            references: what the anchors mine from; the batch itself by default.
+
+        Returns:
+            A `Mined`.
+
+        Raises:
+            ValueError: for a wrong shape, non-integer labels, an empty batch
+                or NaN/Inf embeddings (the checks of the losses).
+        """
+        labels, embeddings = validate_inputs(labels, embeddings, "labels", "embeddings")
+        return self.mine(labels, embeddings, resolve_references(labels, embeddings, references))
+
+    def mine(self, labels, embeddings, references: References) -> Mined:
+        """Mines validated inputs; implemented by each miner."""
+        raise NotImplementedError
+
+    def get_config(self) -> dict:
+        return {}
+
+    @classmethod
+    def from_config(cls, config: dict):
+        return cls(**config)
+
+    def __repr__(self) -> str:
+        options = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({options})"
+
+
+class DistanceMiner(Miner):
+    """A miner that compares anchors and references with one measure of `keras_dml.distances`.
+
+    `matrix` gives the `(B, R)` values in the measure's own direction (a
+    similarity for `"cosine"` and `"dot"`, a distance otherwise), without
+    gradient, and whether larger means closer (PML's `is_inverted`).
+    """
+
+    def __init__(self, distance: str = "euclidean"):
+        self.distance = distances_lib.get(distance).name
+
+    def matrix(self, embeddings, references: References):
+        measure = distances_lib.get(self.distance)
+        kind = "similarity" if measure.is_similarity else "distance"
+        values = references.pairwise(embeddings, measure, kind)
+        return ops.stop_gradient(values), measure.is_similarity
+
+    def get_config(self) -> dict:
+        return {"distance": self.distance}
+
+
+def get(identifier) -> Miner | None:
+    """A `Miner` from a miner, its serialized config (`serialize_keras_object`) or None.
+
+    Raises:
+        ValueError: for anything else.
+    """
+    if identifier is None or isinstance(identifier, Miner):
+        return identifier
+    if isinstance(identifier, dict):
+        miner = keras.saving.deserialize_keras_object(identifier)
+        if isinstance(miner, Miner):
+            return miner
+    raise ValueError(
+        f"`miner` must be a keras_dml.miners.Miner (e.g. TripletMarginMiner()), its serialized "
+        f"config or None, got {identifier!r}."
+    )
+
+
+def check_choice(value, arg: str, allowed) -> str:
+    if value not in allowed:
+        raise ValueError(f"`{arg}` must be one of {tuple(allowed)}, got {value!r}.")
+    return value
+
+
+def check_range(value, arg: str):
+    """`None` or a `(low, high)` pair of numbers with low <= high, as a tuple."""
+    if value is None:
+        return None
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"`{arg}` must be None or a (low, high) pair, got {value!r}.") from None
+    if not low <= high:
+        raise ValueError(f"`{arg}` must have low <= high, got {value!r}.")
+    return [low, high]
+
+
+class RandomMiner(Miner):
+    """A miner that draws at random: `seed` fixes the draws, `random_seed` gives each call's seed.
+
+    Eagerly and in TensorFlow graphs a `keras.random.SeedGenerator(seed)`
+    advances at every call. A compiled JAX step cannot advance a generator
+    that its model does not track (a loss's miner), so under `jax.jit` the
+    key is `seed` folded with the bits of the batch's embeddings: the same
+    batch gives the same draws, a new batch new ones.
+    """
+
+    def __init__(self, seed: int | None = None):
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"`seed` must be an int or None, got {seed!r}.")
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def random_seed(self, embeddings):
+        if keras.backend.backend() == "jax":
+            import jax
+
+            if isinstance(embeddings, jax.core.Tracer):
+                bits = jax.lax.bitcast_convert_type(
+                    ops.sum(ops.cast(embeddings, "float32")), "uint32"
+                )
+                return jax.random.fold_in(jax.random.PRNGKey(self.seed or 0), bits)
+        return self.seed_generator
+
