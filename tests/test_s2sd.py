@@ -288,6 +288,7 @@ def test_loss_is_half_the_metric_losses_plus_weighted_distillations():
         feature_distillation=True,
         feature_distillation_weight=7.0,
         feature_distillation_delay=2,
+        distillation_warmup=0,  # γ at full weight from the first step: the formula below
     )
     loss_fn = keras_dml.TripletLoss(margin=0.2)
     model.compile(optimizer="sgd", loss=loss_fn)
@@ -334,7 +335,7 @@ def test_distillation_warmup_ramps_gamma_linearly_then_holds_it():
     model.compute_loss(x, y, outputs, training=False)
     assert int(np_(model._training_step)) == 6
     # No warm-up and no feature distillation: no step variable, the weights of old models.
-    plain = S2SD(make_backbone(), embedding_dim=4, target_dims=(8,))
+    plain = S2SD(make_backbone(), embedding_dim=4, target_dims=(8,), distillation_warmup=0)
     assert plain._training_step is None
 
 
@@ -562,7 +563,7 @@ MIRRORED_SCRIPT = textwrap.dedent(
         backbone = keras.Sequential([keras.Input((12,)), keras.layers.Dense(16, "relu")])
         return S2SD(backbone, embedding_dim=4, target_dims=(8, 16), distillation_weight=5.0,
                     feature_distillation=True, feature_distillation_delay=0,
-                    cross_replica=cross_replica)
+                    distillation_warmup=0, cross_replica=cross_replica)
 
     rng = np.random.default_rng(0)
     y = (np.arange(32) % 4).astype("int32")
