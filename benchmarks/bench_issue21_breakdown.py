@@ -5,8 +5,9 @@
    path (`mining._semi_hard_terms_bucketed`) timed alone on a fixed distance
    matrix: `top_k` of the positives, the batched `tf.searchsorted` of every
    entry into them, the segment minimum + suffix minimum over the buckets.
-2. `SubCenterArcFace` (K=3) at B=4096, C=256: the head as shipped against
-   variants of its centre reduction, patched into `CosineHead` for the
+2. `SubCenterArcFace` (K=3) at B=4096, C=256: the head as shipped (since the
+   issue-21 follow-up it clips after the max) against variants of the centre
+   reduction of `CosineHead`, patched into `CosineHead` for the
    measurement only: clip the cosine after the max over centres (on `(B, C)`
    instead of `(B, C·K)`), take the max by `argmax` + gather (gradient to one
    centre, as torch's `max` does), both; and `ArcFace` with C and 3·C classes.
