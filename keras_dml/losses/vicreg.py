@@ -62,7 +62,8 @@ def _covariance_term(x):
     dim = ops.shape(x)[1]
     centred = x - ops.mean(x, axis=0, keepdims=True)
     covariance = ops.matmul(ops.transpose(centred), centred) / (n - 1.0)
-    off_diagonal = covariance * (1.0 - ops.eye(dim, dtype=x.dtype))
+    # `where`, not a product with (1 - I): an overflowed (Inf) diagonal times 0 is NaN.
+    off_diagonal = ops.where(ops.eye(dim, dtype="bool"), ops.zeros_like(covariance), covariance)
     return ops.sum(ops.square(off_diagonal)) / ops.cast(dim, x.dtype)
 
 
