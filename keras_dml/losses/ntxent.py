@@ -215,26 +215,40 @@ class NTXentLoss(MetricLoss):
         )
 
     def call(self, y_true, y_pred):
-        y_true = ops.convert_to_tensor(y_true)
-        y_pred = ops.convert_to_tensor(y_pred)
-        n_true = y_true.shape[0] if len(y_true.shape) else None
-        n_pred = y_pred.shape[0] if len(y_pred.shape) else None
-        if n_pred is not None and n_pred % 2:
-            raise ValueError(
-                "`y_pred` must stack two views, concat([view_1, view_2]), so its batch size must "
-                f"be even; got {n_pred} rows."
-            )
-        if n_true is not None and n_pred is not None and n_true != n_pred:
-            if 2 * n_true != n_pred:
-                raise ValueError(
-                    f"`y_true` has {n_true} rows but `y_pred` has {n_pred}; with two stacked "
-                    f"views `y_true` must have {n_pred // 2} (one per input) or {n_pred} rows "
-                    "(one per view)."
-                )
-            # One label per input covers both of its views.
-            y_true = ops.concatenate([y_true, y_true], axis=0)
+        y_true, y_pred = stacked_views(y_true, y_pred)
         _, embeddings = validate_inputs(y_true, y_pred)
         # Rows i and i + N are one instance; these ids find the other view
         # among the gathered replica batches too.
         instance_ids = ops.tile(ops.arange(ops.shape(embeddings)[0] // 2, dtype="int32"), [2])
         return self.compute(instance_ids, embeddings, instance_labels=True)
+
+
+def stacked_views(y_true, y_pred):
+    """Checks `y_pred = concat([view_1, view_2])` and gives `y_true` one row per view.
+
+    `y_true` may have one row per input (it is repeated for the second view) or
+    one per view. Returns `(y_true, y_pred)` as tensors.
+
+    Raises:
+        ValueError: for an odd number of rows in `y_pred`, or a `y_true` with
+            neither `N` nor `2N` rows.
+    """
+    y_true = ops.convert_to_tensor(y_true)
+    y_pred = ops.convert_to_tensor(y_pred)
+    n_true = y_true.shape[0] if len(y_true.shape) else None
+    n_pred = y_pred.shape[0] if len(y_pred.shape) else None
+    if n_pred is not None and n_pred % 2:
+        raise ValueError(
+            "`y_pred` must stack two views, concat([view_1, view_2]), so its batch size must "
+            f"be even; got {n_pred} rows."
+        )
+    if n_true is not None and n_pred is not None and n_true != n_pred:
+        if 2 * n_true != n_pred:
+            raise ValueError(
+                f"`y_true` has {n_true} rows but `y_pred` has {n_pred}; with two stacked "
+                f"views `y_true` must have {n_pred // 2} (one per input) or {n_pred} rows "
+                "(one per view)."
+            )
+        # One label per input covers both of its views.
+        y_true = ops.concatenate([y_true, y_true], axis=0)
+    return y_true, y_pred

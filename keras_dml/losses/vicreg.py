@@ -15,6 +15,7 @@ from keras import ops
 
 from keras_dml._checks import check_non_negative, check_positive, concrete_value
 from keras_dml.losses.base import MetricLoss, validate_inputs
+from keras_dml.losses.ntxent import stacked_views
 
 
 def _as_views(embeddings_a, embeddings_b):
@@ -181,23 +182,7 @@ class VICRegLoss(MetricLoss):
         )
 
     def call(self, y_true, y_pred):
-        y_true = ops.convert_to_tensor(y_true)
-        y_pred = ops.convert_to_tensor(y_pred)
-        n_true = y_true.shape[0] if len(y_true.shape) else None
-        n_pred = y_pred.shape[0] if len(y_pred.shape) else None
-        if n_pred is not None and n_pred % 2:
-            raise ValueError(
-                "`y_pred` must stack two views, concat([view_1, view_2]), so its batch size must "
-                f"be even; got {n_pred} rows."
-            )
-        if n_true is not None and n_pred is not None and n_true != n_pred:
-            if 2 * n_true != n_pred:
-                raise ValueError(
-                    f"`y_true` has {n_true} rows but `y_pred` has {n_pred}; with two stacked "
-                    f"views `y_true` must have {n_pred // 2} (one per input) or {n_pred} rows "
-                    "(one per view)."
-                )
-            y_true = ops.concatenate([y_true, y_true], axis=0)
+        y_true, y_pred = stacked_views(y_true, y_pred)
         labels, embeddings = validate_inputs(y_true, y_pred)
         if embeddings.shape[0] is not None and embeddings.shape[0] < 4:
             raise ValueError(
