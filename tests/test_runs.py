@@ -58,7 +58,7 @@ def test_defaults_are_the_command_line_defaults():
     options = {key: value for key, value in vars(args).items() if key != "handler"}
     assert TrainConfig.from_dict(options) == TrainConfig(out="runs/x")
     # Every option of `keras-dml train` is a key of TrainConfig, and nothing else is.
-    assert set(options) == set(TrainConfig.keys()) - {
+    assert set(options) == set(TrainConfig.all_keys()) - {
         f.name for f in dataclasses.fields(TrainConfig) if f.metadata["run"]}
 
 
@@ -243,3 +243,13 @@ def test_train_run_refuses_a_bad_config_before_training(tmp_path):
     with pytest.raises(ValueError, match="unknown train config key"):
         train_run({"dataset": "digits", "epoch": 1}, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_the_command_line_reports_a_bad_option_as_one_usage_line(tmp_path, capsys):
+    from keras_dml.cli.main import main
+
+    code = main(["train", "--learning-rate", "0", "--out", str(tmp_path / "run")])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert err == "keras-dml train: error: `learning_rate` must be > 0.0, got 0.0.\n"
+    assert not (tmp_path / "run").exists()

@@ -220,7 +220,7 @@ class TrainConfig:
                              f"{self.dataset!r}.")
 
     @classmethod
-    def keys(cls) -> tuple[str, ...]:
+    def all_keys(cls) -> tuple[str, ...]:
         """Every key `from_dict` accepts, in the order `to_dict` writes them."""
         names = [field.name for field in dataclasses.fields(cls)]
         cut = names.index("out") + 1
@@ -240,7 +240,7 @@ class TrainConfig:
         """
         if not isinstance(config, Mapping):
             raise ValueError(f"a train config must be a dict, got {type(config).__name__}.")
-        known = cls.keys()
+        known = cls.all_keys()
         unknown = [key for key in config if key not in known]
         if unknown:
             raise ValueError(f"unknown train config key(s): {', '.join(map(str, unknown))}; "
@@ -262,7 +262,7 @@ class TrainConfig:
         """
         fields = {field.name: field for field in dataclasses.fields(self)}
         result: dict[str, Any] = {}
-        for key in self.keys():
+        for key in self.all_keys():
             if key in CLI_KEYS:
                 result[key] = list(CLI_KEYS[key]) if key == "pipeline_args" else CLI_KEYS[key]
                 continue
