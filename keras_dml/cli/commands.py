@@ -21,7 +21,7 @@ from keras_dml.runs.export import export_run
 from keras_dml.runs.metrics import format_metrics_table, transfer_note
 from keras_dml.runs.report import format_artefacts
 from keras_dml.runs.search import search_run
-from keras_dml.runs.train import require_tensorflow, train_run
+from keras_dml.runs.train import train_run
 
 keras_dml._load_all()  # registers the losses, heads and layers that saved models name
 
@@ -45,7 +45,6 @@ def _print_metrics(metrics: dict) -> None:
 
 def train(args) -> int:
     """`keras-dml train`: fit, then write model, exports, index, metrics and plots."""
-    require_tensorflow("keras-dml train")
     result = train_run(train_config(args), args.out, log=lambda line: print(line, flush=True))
     print()
     _print_metrics(result.metrics)
@@ -86,7 +85,6 @@ def search(args) -> int:
 
 def export(args) -> int:
     """`keras-dml export DIR --tflite int8`: TFLite (+ SavedModel) and agreement with Keras."""
-    require_tensorflow("keras-dml export")
     result = export_run(args.run_dir, args.tflite)
     print(f"wrote {result.path} ({args.tflite}, {result.size_kib:.0f} KiB) and "
           f"{result.saved_model}")
