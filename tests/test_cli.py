@@ -74,9 +74,9 @@ def test_exports_agree_with_the_keras_model(run_dir):
         "serving_default"]
     np.testing.assert_allclose(serve(inputs=tf.constant(x))["embeddings"].numpy(), expected,
                                atol=1e-5)
-    from keras_dml.cli.commands import _tflite_embed_fn
+    from keras_dml.runs.embed import tflite_embed_fn
 
-    tflite = _tflite_embed_fn(os.path.join(run_dir, "embedding.tflite"))(x)
+    tflite = tflite_embed_fn(os.path.join(run_dir, "embedding.tflite"))(x)
     np.testing.assert_allclose(tflite, expected, atol=1e-4)
     index = Index.load(os.path.join(run_dir, "index"))
     assert len(index) == 896 and type(index).__name__ == "ScaNNIndex"
@@ -176,7 +176,7 @@ def test_metrics_table_shows_the_features_column():
 @pytest.mark.parametrize("loss, s2sd", [("triplet", False), ("cosface", False),
                                         ("multisimilarity", True)])
 def test_one_backbone_pass_gives_the_embedding_and_the_features(loss, s2sd):
-    from keras_dml.cli.commands import build_training_model, embedding_and_features_model
+    from keras_dml.runs.build import build_training_model, embedding_and_features_model
 
     config = {"loss": loss, "backbone": "small_conv", "embedding_dim": 8, "learning_rate": 1e-3,
               "centers_lr_multiplier": 10.0, "s2sd": s2sd, "s2sd_target_dims": [16, 32]}

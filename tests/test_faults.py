@@ -386,11 +386,11 @@ def _one_line_error(code, err, *needles):
 
 @pytest.mark.parametrize("where", ["writing", "swap"])
 def test_an_interrupted_train_keeps_the_previous_run(run, monkeypatch, capsys, where):
-    from keras_dml.cli import commands
+    from keras_dml.runs import report
 
     before = _snapshot(run)
     if where == "writing":  # Ctrl-C while the plots are drawn, after the models were saved
-        monkeypatch.setattr(commands, "write_plots", _interrupt)
+        monkeypatch.setattr(report, "write_plots", _interrupt)
     else:  # Ctrl-C at the final rename
         monkeypatch.setattr(atomic, "exchange", _interrupt)
     code, _, err = _cli([*TINY_TRAIN, "--seed", "3", "--out", run], capsys)
@@ -425,7 +425,7 @@ def test_a_train_after_a_killed_train_removes_what_it_left(run, capsys):
 def test_an_interrupted_evaluate_keeps_every_file_whole(run, monkeypatch, capsys, where):
     import matplotlib.figure
 
-    from keras_dml.cli import commands
+    from keras_dml.runs import rundir
 
     before = _snapshot(run)
     if where == "metrics":
@@ -438,7 +438,7 @@ def test_an_interrupted_evaluate_keeps_every_file_whole(run, monkeypatch, capsys
 
         monkeypatch.setattr(matplotlib.figure.Figure, "savefig", half_then_interrupt)
     else:
-        real = commands.rundir.replace_file
+        real = rundir.replace_file
 
         def interrupted(path, write):
             def write_then_interrupt(tmp):
@@ -447,7 +447,7 @@ def test_an_interrupted_evaluate_keeps_every_file_whole(run, monkeypatch, capsys
 
             return real(path, write_then_interrupt)
 
-        monkeypatch.setattr(commands.rundir, "replace_file", interrupted)
+        monkeypatch.setattr(rundir, "replace_file", interrupted)
     code, _, err = _cli(["evaluate", run], capsys)
     assert code == 130 and "interrupted" in err
     after = _snapshot(run)

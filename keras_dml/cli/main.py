@@ -20,6 +20,7 @@ import sys
 
 from keras_dml.cli import registry, rundir
 from keras_dml.cli.errors import CommandError
+from keras_dml.runs.config import TrainConfig
 
 USAGE_ERROR = 2
 RUN_ERROR = 1
@@ -317,6 +318,9 @@ def _validate(args: argparse.Namespace) -> None:
                 raise ValueError("--max-classes applies to --dataset glyphs only")
             if args.max_classes is not None and args.max_classes < 2:
                 raise ValueError("--max-classes must be at least 2")
+            # Every option's type and range, as `train_run` will check them.
+            TrainConfig.from_dict({key: value for key, value in vars(args).items()
+                                   if key != "handler"})
             _check_out_dir(args.out)
         elif args.handler == "index":
             _check_index_args(args)
