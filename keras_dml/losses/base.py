@@ -29,9 +29,11 @@ from keras_dml import distributed
 
 # Re-exported: these checks lived here before `keras_dml._checks`.
 from keras_dml._checks import (  # noqa: F401
+    all_finite,
     check_labels_dtype,
     check_positive,
     concrete_value,
+    is_whole_number,
     labels_vector,
 )
 from keras_dml._checks import dtype_name as _dtype_name
@@ -88,14 +90,13 @@ def validate_inputs(
         # A loss class checked these values already (under its own argument names):
         # once per step, and under JAX no second callback racing the first.
         return ops.cast(labels, "int32"), embeddings
-    value = concrete_value(embeddings)
-    if value is not None:
-        if value.shape[0] == 0:
-            raise ValueError(_EMPTY_BATCH.format(arg=embeddings_arg))
-        if not np.all(np.isfinite(value)):
-            raise ValueError(_NON_FINITE.format(arg=embeddings_arg))
-    else:
+    # Eagerly one reduction, read as a scalar (no copy of the embeddings to the host);
+    # in a graph, assertion ops. The batch size is static eagerly: checked above.
+    finite = all_finite(embeddings)
+    if finite is None:
         labels, embeddings = _run_time_checks(labels, embeddings, labels_arg, embeddings_arg)
+    elif not finite:
+        raise ValueError(_NON_FINITE.format(arg=embeddings_arg))
     labels = ops.cast(labels, "int32")
     return labels, embeddings
 
@@ -160,7 +161,7 @@ _FRACTIONAL = "`{arg}` must hold integer class labels, got non-integer values."
 
 def _whole_numbers(labels):
     """Scalar bool: every (float) label is a finite whole number."""
-    return ops.all(ops.logical_and(ops.isfinite(labels), ops.equal(labels, ops.round(labels))))
+    return ops.all(is_whole_number(labels))
 
 
 def _raise_unless(finite, whole, labels_arg, embeddings_arg):
