@@ -105,13 +105,17 @@ def value_known(x) -> bool:
 def all_finite(x) -> bool | None:
     """Whether every value of `x` is finite (no NaN or Inf), or None when the values are unknown.
 
-    The reduction `ops.all(ops.isfinite(x))` runs where `x` lives; only its
-    scalar result is read on the host, not `x` itself, so the check costs one
-    fused reduction per call, not a copy of `x` (what matters on an
-    accelerator, where a copy also waits for the step). Values are unknown
-    inside `tf.function`, `jax.jit` or a symbolic Keras graph (None): checks
-    that must run there are graph ops (see `losses.base._run_time_checks`).
+    Runs where `x` lives and reads one scalar on the host, not `x` itself: a
+    NaN or Inf anywhere makes the sum of `x` NaN or Inf, so a finite sum
+    settles it with one reduction; only a non-finite sum (a NaN or Inf, or
+    finite values whose sum overflows) is re-checked elementwise. Values are
+    unknown inside `tf.function`, `jax.jit` or a symbolic Keras graph (None):
+    checks that must run there are graph ops (see
+    `losses.base._run_time_checks`). `benchmarks/bench_check_cost.py`
+    measures it against a copy to the host.
     """
+    if _holds_everywhere(x, lambda v: ops.isfinite(ops.sum(v))):
+        return True
     return _holds_everywhere(x, ops.isfinite)
 
 
@@ -121,11 +125,14 @@ def is_whole_number(x):
 
 
 def _holds_everywhere(x, elementwise) -> bool | None:
-    """`all(elementwise(x))` as a Python bool (one scalar read on the host), or None."""
+    """`all(elementwise(x))` as a Python bool (one scalar read on the host), or None.
+
+    None when the values of `x` are unknown now (see `value_known`).
+    """
     if not value_known(x):
         return None
     try:
-        return bool(ops.convert_to_numpy(ops.all(elementwise(ops.convert_to_tensor(x)))))
+        return bool(ops.all(elementwise(ops.stop_gradient(ops.convert_to_tensor(x)))))
     except (TypeError, ValueError, AttributeError, NotImplementedError, RuntimeError):
         return None
 
