@@ -71,14 +71,7 @@ def validate_inputs(
     """
     if not _LABELS_CHECKED.get():
         check_labels_dtype(labels, labels_arg)
-    embeddings = ops.convert_to_tensor(embeddings)
-    if ops.dtype(embeddings) in ("float16", "bfloat16") or "float" not in ops.dtype(embeddings):
-        embeddings = ops.cast(embeddings, "float32")
-    if len(embeddings.shape) != 2:
-        raise ValueError(
-            f"`{embeddings_arg}` must be embeddings of shape (batch, dim), got shape "
-            f"{tuple(embeddings.shape)}."
-        )
+    embeddings = embeddings_matrix(embeddings, embeddings_arg)
     n_embeddings = embeddings.shape[0]
     if is_multi_hot(labels):
         labels = multi_hot_matrix(labels, labels_arg, n_embeddings, embeddings_arg, multi_label)
@@ -99,6 +92,23 @@ def validate_inputs(
         raise ValueError(_NON_FINITE.format(arg=embeddings_arg))
     labels = ops.cast(labels, "int32")
     return labels, embeddings
+
+
+def embeddings_matrix(embeddings, arg: str = "y_pred"):
+    """`embeddings` as a float tensor of rank 2 (float32 for half-precision or integer inputs).
+
+    Raises:
+        ValueError: naming `arg`, unless the shape is `(batch, dim)`.
+    """
+    embeddings = ops.convert_to_tensor(embeddings)
+    if ops.dtype(embeddings) in ("float16", "bfloat16") or "float" not in ops.dtype(embeddings):
+        embeddings = ops.cast(embeddings, "float32")
+    if len(embeddings.shape) != 2:
+        raise ValueError(
+            f"`{arg}` must be embeddings of shape (batch, dim), got shape "
+            f"{tuple(embeddings.shape)}."
+        )
+    return embeddings
 
 
 def is_multi_hot(labels) -> bool:

@@ -19,6 +19,7 @@ from keras_dml._checks import all_finite, check_positive
 from keras_dml.losses.base import (
     MetricLoss,
     References,
+    embeddings_matrix,
     label_masks,
     validate_inputs,
 )
@@ -47,13 +48,7 @@ def checked_views(embeddings_a, embeddings_b, check_rows=None):
     check_rows = check_rows or _refuse_empty
     views = []
     for arg, x in (("embeddings_a", embeddings_a), ("embeddings_b", embeddings_b)):
-        x = ops.convert_to_tensor(x)
-        if ops.dtype(x) in ("float16", "bfloat16") or "float" not in ops.dtype(x):
-            x = ops.cast(x, "float32")
-        if len(x.shape) != 2:
-            raise ValueError(
-                f"`{arg}` must be embeddings of shape (batch, dim), got shape {tuple(x.shape)}."
-            )
+        x = embeddings_matrix(x, arg)
         check_rows(arg, x)
         if all_finite(x) is False:
             raise ValueError(f"`{arg}` contains NaN or Inf.")
