@@ -38,28 +38,23 @@ def test_all_finite_is_numpys_answer(values, want, as_tensor):
 
 def test_all_finite_is_unknown_inside_a_compiled_graph():
     backend = keras.backend.backend()
-    x = np.ones((3, 2), "float32")
-    seen = []
     if backend == "tensorflow":
         import tensorflow as tf
 
-        @tf.function
-        def step(v):
-            seen.append(_checks.all_finite(v))
-            return v
-
-        step(x)
+        compile_fn = tf.function
     elif backend == "jax":
         import jax
 
-        @jax.jit
-        def step(v):
-            seen.append(_checks.all_finite(v))
-            return v
-
-        step(x)
+        compile_fn = jax.jit
     else:
         pytest.skip(f"{backend} runs eagerly: values are always known")
+    seen = []
+
+    def step(v):
+        seen.append(_checks.all_finite(v))
+        return v
+
+    compile_fn(step)(np.ones((3, 2), "float32"))
     assert seen == [None]
 
 
