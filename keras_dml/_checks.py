@@ -80,6 +80,63 @@ def concrete_value(x) -> np.ndarray | None:
         return None
 
 
+def value_known(x) -> bool:
+    """Whether the values of tensor `x` can be read now (eagerly), without running a graph.
+
+    False for a symbolic Keras tensor, inside `tf.function` and for a JAX
+    tracer (`jax.jit`); True for NumPy values and eager tensors.
+    """
+    if isinstance(x, (np.ndarray, np.generic, list, tuple, int, float)):
+        return True
+    if isinstance(x, keras.KerasTensor):
+        return False
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.executing_eagerly()
+    if backend == "jax":
+        import jax
+
+        return not isinstance(x, jax.core.Tracer)
+    return True
+
+
+def all_finite(x) -> bool | None:
+    """Whether every value of `x` is finite (no NaN or Inf), or None when the values are unknown.
+
+    Runs where `x` lives and reads one scalar on the host, not `x` itself: a
+    NaN or Inf anywhere makes the sum of `x` NaN or Inf, so a finite sum
+    settles it with one reduction; only a non-finite sum (a NaN or Inf, or
+    finite values whose sum overflows) is re-checked elementwise. Values are
+    unknown inside `tf.function`, `jax.jit` or a symbolic Keras graph (None):
+    checks that must run there are graph ops (see
+    `losses.base._run_time_checks`). `benchmarks/bench_check_cost.py`
+    measures it against a copy to the host.
+    """
+    if _holds_everywhere(x, lambda v: ops.isfinite(ops.sum(v))):
+        return True
+    return _holds_everywhere(x, ops.isfinite)
+
+
+def is_whole_number(x):
+    """Elementwise: `x` is a finite whole number (a valid float class label)."""
+    return ops.logical_and(ops.isfinite(x), ops.equal(x, ops.round(x)))
+
+
+def _holds_everywhere(x, elementwise) -> bool | None:
+    """`all(elementwise(x))` as a Python bool (one scalar read on the host), or None.
+
+    None when the values of `x` are unknown now (see `value_known`).
+    """
+    if not value_known(x):
+        return None
+    try:
+        return bool(ops.all(elementwise(ops.stop_gradient(ops.convert_to_tensor(x)))))
+    except (TypeError, ValueError, AttributeError, NotImplementedError, RuntimeError):
+        return None
+
+
 def dtype_name(x) -> str:
     """The standard Keras name of `x`'s dtype (`"float32"`, `"int64"`, ...)."""
     dtype = getattr(x, "dtype", None)
@@ -103,9 +160,11 @@ def check_labels_dtype(labels, arg: str = "y_true", whole_floats: bool = True) -
         return
     if "float" not in dtype or not whole_floats:
         raise ValueError(f"`{arg}` must hold integer class labels, got dtype {dtype}.")
+    if _holds_everywhere(labels, is_whole_number) in (None, True):
+        return
+    # Only a failing batch is copied to the host, to name a value in the message.
     value = concrete_value(labels)
-    is_whole = np.isfinite(value) & (value == np.round(value)) if value is not None else None
-    if value is not None and value.size and not np.all(is_whole):
+    if value is not None and value.size:
         raise ValueError(
             f"`{arg}` must hold integer class labels, got non-integer values such as "
             f"{value[np.flatnonzero(value != np.round(value))[:1]].tolist()}."

@@ -31,9 +31,10 @@ from keras import ops
 
 from keras_dml import ops as dml_ops
 from keras_dml._checks import is_number
+from keras_dml._registry import ConfigObject, deserialize_as
 
 
-class Reducer:
+class Reducer(ConfigObject):
     """Base class: turns masked per-element losses into `(total, count)`.
 
     Subclasses implement `reduce(losses, mask, labels)` and `get_config`.
@@ -55,17 +56,6 @@ class Reducer:
         mask = ops.ones(ops.shape(losses), "bool") if mask is None else ops.cast(mask, "bool")
         total, count = self.reduce(losses, mask, labels)
         return total / ops.maximum(ops.cast(count, total.dtype), 1.0)
-
-    def get_config(self) -> dict:
-        return {}
-
-    @classmethod
-    def from_config(cls, config: dict):
-        return cls(**config)
-
-    def __repr__(self) -> str:
-        options = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
-        return f"{type(self).__name__}({options})"
 
 
 @keras.saving.register_keras_serializable(package="keras_dml")
@@ -232,15 +222,8 @@ def get(identifier) -> Reducer | None:
     Raises:
         ValueError: for anything else.
     """
-    if identifier is None or isinstance(identifier, Reducer):
-        return identifier
-    if isinstance(identifier, dict):
-        reducer = keras.saving.deserialize_keras_object(identifier)
-        if isinstance(reducer, Reducer):
-            return reducer
-    raise ValueError(
-        f"`reducer` must be a keras_dml.reducers.Reducer (e.g. AvgNonZeroReducer()), its "
-        f"serialized config or None, got {identifier!r}."
+    return deserialize_as(
+        identifier, Reducer, "reducer", "keras_dml.reducers.Reducer", "AvgNonZeroReducer()"
     )
 
 

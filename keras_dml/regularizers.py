@@ -35,7 +35,12 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_dml._checks import check_non_negative, check_positive, check_positive_int
+from keras_dml._checks import (
+    check_non_negative,
+    check_positive,
+    check_positive_int,
+)
+from keras_dml._registry import deserialize_as
 from keras_dml.distances import l2_normalize
 
 
@@ -266,15 +271,17 @@ class SparseCentersRegularizer(_Regularizer):
 
 
 def get(identifier):
-    """A regularizer from a regularizer, its serialized config or None."""
-    if identifier is None or isinstance(identifier, keras.regularizers.Regularizer):
-        return identifier
-    if isinstance(identifier, dict):
-        return keras.saving.deserialize_keras_object(identifier)
-    raise ValueError(
-        f"`embedding_regularizer` must be a keras.regularizers.Regularizer (e.g. "
-        f"keras_dml.regularizers.LpRegularizer()), its serialized config or None, got "
-        f"{identifier!r}."
+    """A regularizer from a regularizer, its serialized config or None.
+
+    Raises:
+        ValueError: for anything else.
+    """
+    return deserialize_as(
+        identifier,
+        keras.regularizers.Regularizer,
+        "embedding_regularizer",
+        "keras.regularizers.Regularizer",
+        "keras_dml.regularizers.LpRegularizer()",
     )
 
 

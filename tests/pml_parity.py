@@ -6,11 +6,13 @@ class weights of the heads). PML runs on torch, which does not depend on the
 Keras backend, so these tests run once, under TensorFlow (`requires_pml` where
 their file is also run under JAX and torch).
 
-The pair-loss helpers (first half) add NumPy pair measures in plain float64
-loops (obviously correct, slow) and test batches; the Keras loss is computed in
-float64 (`dtype="float64"`), its gradient taken on the active backend
-(`conftest.loss_gradient`). The second half serves the loss and head files
-(`keras_value_and_grads`, `head_parity`).
+One family of helpers takes values and gradients: `keras_value_and_grads`
+(TensorFlow, float64) and `pml_value_and_grads` (torch, float64), each
+`(value, [gradient per array])`, compared by `assert_parity` or
+`assert_same`; `pml_loss_fn` turns a PML loss object and labels (and
+constant references) into the torch function it takes. The pair-loss helpers
+add NumPy pair measures in plain float64 loops (obviously correct, slow) and
+test batches; `head_parity` serves the heads.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import math
 import keras
 import numpy as np
 import pytest
-from conftest import loss_gradient
 
 from keras_dml.losses.base import References
 
@@ -49,15 +50,40 @@ def m_per_class_batch(seed: int, classes: int = 6, per_class: int = 4, dim: int 
 
 
 def pml_value_and_grads(fn, *arrays):
-    """`(value, [d value / d array, ...])` of a torch function of float64 tensors."""
-    import torch
+    """`(value, [d value / d array, ...])` of a torch function of float64 tensors.
 
-    tensors = [torch.tensor(np.asarray(a), dtype=torch.float64, requires_grad=True)
-               for a in arrays]
+    A gradient is zeros where the value does not depend on that array (or on
+    none: a PML loss that returns a constant 0 for a batch without pairs).
+    """
+    torch = pytest.importorskip("torch")
+
+    tensors = [torch.tensor(np.asarray(a, np.float64), requires_grad=True) for a in arrays]
     value = fn(*tensors)
-    value.backward()
-    return value.item(), [t.grad.numpy() if t.grad is not None else np.zeros_like(a)
-                          for t, a in zip(tensors, arrays, strict=True)]
+    if value.requires_grad:
+        value.backward()
+    return value.item(), [t.grad.numpy() if t.grad is not None else np.zeros(t.shape)
+                          for t in tensors]
+
+
+def pml_loss_fn(pml_loss, labels, ref_labels=None, ref_x=None, normalize=False):
+    """`x -> pml_loss(x, labels[, ref_emb, ref_labels])` as a torch function of `x`.
+
+    With `normalize=True` the embeddings (and the constant references) are
+    L2-normalised first.
+    """
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("pytorch_metric_learning")
+    kwargs = {}
+    if ref_x is not None:
+        ref = torch.tensor(np.asarray(ref_x, np.float64))
+        kwargs = dict(ref_emb=torch.nn.functional.normalize(ref) if normalize else ref,
+                      ref_labels=torch.tensor(ref_labels))
+
+    def fn(x):
+        inputs = torch.nn.functional.normalize(x) if normalize else x
+        return pml_loss(inputs, torch.tensor(labels), **kwargs)
+
+    return fn
 
 
 def keras_value_and_grads(fn, *arrays, dtype: str = "float64"):
@@ -178,30 +204,6 @@ def batches():
 
 BATCHES = batches()
 BATCH_IDS = [name for name, _, _ in BATCHES]
-
-
-def keras_value_and_grad(fn, x):
-    """`(value, gradient)` of `fn(x)` on the active backend, float64."""
-    value, grad = loss_gradient(fn, np.asarray(x, np.float64))
-    return float(value), np.asarray(grad, np.float64)
-
-
-def pml_value_and_grad(pml_loss, labels, x, ref_labels=None, ref_x=None, normalize=False):
-    """`(value, d value / d x)` of a PML loss, float64 (refs are constants)."""
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("pytorch_metric_learning")
-    x_t = torch.tensor(np.asarray(x, np.float64), requires_grad=True)
-    inputs = torch.nn.functional.normalize(x_t) if normalize else x_t
-    kwargs = {}
-    if ref_x is not None:
-        ref = torch.tensor(np.asarray(ref_x, np.float64))
-        kwargs = dict(ref_emb=torch.nn.functional.normalize(ref) if normalize else ref,
-                      ref_labels=torch.tensor(ref_labels))
-    value = pml_loss(inputs, torch.tensor(labels), **kwargs)
-    if not value.requires_grad:
-        return value.item(), np.zeros_like(np.asarray(x, np.float64))
-    value.backward()
-    return value.item(), x_t.grad.numpy()
 
 
 def assert_same(got, want, rtol=1e-5, atol=1e-9):

@@ -467,3 +467,26 @@ def test_save_info_is_stored_in_the_checked_header(tmp_path):
         Index.saved_info(tmp_path / "a")
     with pytest.raises(TypeError, match="dict"):
         index.save(tmp_path / "c", info="abc")
+
+
+def test_an_index_may_own_search_without_a_search_hook():
+    # ShardedIndex and MilvusIndex override `search` whole: no `_search` stub needed.
+    class _SearchOnly(Index):
+        def search(self, queries, k=10):
+            return np.zeros((len(queries), k), np.int64), np.zeros((len(queries), k), "float32")
+
+    ids, _ = _SearchOnly().search(np.ones((2, 3), "float32"), k=1)
+    assert ids.shape == (2, 1)
+    with pytest.raises(NotImplementedError, match="_SearchOnly overrides `search`"):
+        _SearchOnly()._search(np.ones((1, 3), "float32"), 1)
+
+
+def test_an_index_must_implement_search_or_its_hook():
+    with pytest.raises(TypeError, match="must implement `_search"):
+
+        class _Neither(Index):
+            pass
+
+    assert "_Neither" not in Index._registry
+    with pytest.raises(TypeError, match="base class"):
+        Index()

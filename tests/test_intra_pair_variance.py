@@ -8,11 +8,12 @@ from pml_parity import (
     BATCH_IDS,
     BATCHES,
     assert_same,
-    keras_value_and_grad,
+    keras_value_and_grads,
     other_references,
     pair_value,
     pairs,
-    pml_value_and_grad,
+    pml_loss_fn,
+    pml_value_and_grads,
 )
 
 from keras_dml.losses.intra_pair_variance import IntraPairVarianceLoss, intra_pair_variance_loss
@@ -57,10 +58,11 @@ def test_matches_pml_value_and_gradient(case, distance):
     _, labels, x = case
     pml_distance = (pml_distances.CosineSimilarity() if distance == "cosine"
                     else pml_distances.LpDistance(normalize_embeddings=False))
-    want, want_grad = pml_value_and_grad(
-        pml_losses.IntraPairVarianceLoss(distance=pml_distance), labels, x)
+    want, (want_grad,) = pml_value_and_grads(
+        pml_loss_fn(pml_losses.IntraPairVarianceLoss(distance=pml_distance), labels), x
+    )
     loss = IntraPairVarianceLoss(distance=distance, dtype="float64")
-    got, grad = keras_value_and_grad(lambda v: loss(labels, v), x)
+    got, (grad,) = keras_value_and_grads(lambda v: loss(labels, v), x)
     assert_same(got, want)
     assert_same(grad, want_grad)
 
@@ -71,11 +73,13 @@ def test_references_match_reference_and_pml():
     _, labels, x = BATCHES[0]
     ref_labels, ref_x, references = other_references(np.random.default_rng(1))
     labels = labels.astype("int32")
-    got, grad = keras_value_and_grad(
-        lambda v: intra_pair_variance_loss(labels, v, references=references), x)
+    got, (grad,) = keras_value_and_grads(
+        lambda v: intra_pair_variance_loss(labels, v, references=references), x
+    )
     assert_same(got, ref_ipv(labels, x, ref_labels=ref_labels, ref_x=ref_x))
-    want, want_grad = pml_value_and_grad(pml_losses.IntraPairVarianceLoss(), labels, x,
-                                         ref_labels, ref_x)
+    want, (want_grad,) = pml_value_and_grads(
+        pml_loss_fn(pml_losses.IntraPairVarianceLoss(), labels, ref_labels, ref_x), x
+    )
     assert_same(got, want)
     assert_same(grad, want_grad)
 

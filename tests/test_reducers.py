@@ -5,6 +5,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
+from pml_parity import keras_value_and_grads, pml_loss_fn, pml_value_and_grads
 
 from keras_dml import losses, reducers
 
@@ -117,20 +118,15 @@ def batch(seed=0, n=12, dim=5, classes=3):
 
 
 def value_and_grad(loss, labels, x):
-    import tensorflow as tf
-
+    """`loss`, computed in float64, and its gradient w.r.t. `x` (TF)."""
     loss = type(loss).from_config({**loss.get_config(), "dtype": "float64"})
-    var = tf.Variable(x)
-    with tf.GradientTape() as tape:
-        value = loss(labels, var)
-    return float(value), tape.gradient(value, var).numpy()
+    value, (grad,) = keras_value_and_grads(lambda v: loss(labels, v), x)
+    return value, grad
 
 
 def pml_value_and_grad(loss, labels, x):
-    emb = torch.tensor(x, requires_grad=True)
-    value = loss(emb, torch.tensor(labels.astype("int64")))
-    value.backward()
-    return float(value.detach()), emb.grad.numpy()
+    value, (grad,) = pml_value_and_grads(pml_loss_fn(loss, labels.astype("int64")), x)
+    return value, grad
 
 
 def pml_reducer(reducer):

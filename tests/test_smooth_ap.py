@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 from conftest import loss_gradient
+from pml_parity import pml_loss_fn, pml_value_and_grads
 
 from keras_dml.losses import smooth_ap
 from keras_dml.losses.smooth_ap import SmoothAPLoss, smooth_ap_loss
@@ -50,13 +51,10 @@ def test_matches_loop_reference_on_any_batch(seed, temperature):
 
 
 def pml_value_and_grad(x, labels, **kwargs):
-    import torch
     from pytorch_metric_learning import losses
 
-    tx = torch.tensor(x, requires_grad=True)
-    value = losses.SmoothAPLoss(**kwargs)(tx, torch.tensor(labels))
-    value.backward()
-    return value.item(), tx.grad.numpy()
+    value, (grad,) = pml_value_and_grads(pml_loss_fn(losses.SmoothAPLoss(**kwargs), labels), x)
+    return value, grad
 
 
 @pytest.mark.parametrize("temperature", [0.01, 0.1])

@@ -8,10 +8,11 @@ from pml_parity import (
     BATCH_IDS,
     BATCHES,
     assert_same,
-    keras_value_and_grad,
+    keras_value_and_grads,
     other_references,
     pairs,
-    pml_value_and_grad,
+    pml_loss_fn,
+    pml_value_and_grads,
     unit,
 )
 
@@ -65,10 +66,11 @@ def test_matches_pml_value_and_gradient(case, margins):
     from pytorch_metric_learning import losses as pml_losses
 
     _, labels, x = case
-    want, want_grad = pml_value_and_grad(
-        pml_losses.SignalToNoiseRatioContrastiveLoss(**margins), labels, x)
+    want, (want_grad,) = pml_value_and_grads(
+        pml_loss_fn(pml_losses.SignalToNoiseRatioContrastiveLoss(**margins), labels), x
+    )
     loss = SignalToNoiseRatioContrastiveLoss(dtype="float64", **margins)
-    got, grad = keras_value_and_grad(lambda v: loss(labels, v), x)
+    got, (grad,) = keras_value_and_grads(lambda v: loss(labels, v), x)
     assert_same(got, want)
     assert_same(grad, want_grad)
 
@@ -79,11 +81,13 @@ def test_references_match_reference_and_pml():
     _, labels, x = BATCHES[0]
     ref_labels, ref_x, references = other_references(np.random.default_rng(1))
     labels = labels.astype("int32")
-    got, grad = keras_value_and_grad(
-        lambda v: snr_contrastive_loss(labels, v, references=references), x)
+    got, (grad,) = keras_value_and_grads(
+        lambda v: snr_contrastive_loss(labels, v, references=references), x
+    )
     assert_same(got, ref_snr_contrastive(labels, x, ref_labels=ref_labels, ref_x=ref_x))
-    want, want_grad = pml_value_and_grad(pml_losses.SignalToNoiseRatioContrastiveLoss(), labels,
-                                         x, ref_labels, ref_x)
+    want, (want_grad,) = pml_value_and_grads(
+        pml_loss_fn(pml_losses.SignalToNoiseRatioContrastiveLoss(), labels, ref_labels, ref_x), x
+    )
     assert_same(got, want)
     assert_same(grad, want_grad)
 

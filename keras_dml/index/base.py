@@ -3,7 +3,8 @@
 An index stores embeddings (one row per item) with an id and optional
 JSON-serialisable metadata per item, and answers `search(queries, k)` with the
 ids and scores of the `k` nearest items. Subclasses implement only
-`_search(queries, k)`, which works on stored row numbers.
+`_search(queries, k)`, which works on stored row numbers, or (an index that
+keeps its vectors elsewhere) override `search` whole.
 
 Persistence never uses pickle: a saved index is a directory holding
 
@@ -23,7 +24,6 @@ file is wrong.
 
 from __future__ import annotations
 
-import abc
 import hashlib
 import json
 import math
@@ -164,7 +164,7 @@ def check_metadata(metadata: Sequence[Any] | None, n: int) -> list[Any] | None:
     return metadata
 
 
-class Index(abc.ABC):
+class Index:
     """Base class of every index (`ExactIndex`, `ScaNNIndex`, ...): add, search, save, load.
 
     Use a subclass; `Index.load(directory)` loads a saved index of either kind.
@@ -188,9 +188,16 @@ class Index(abc.ABC):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        if cls._search is Index._search and cls.search is Index.search:
+            raise TypeError(
+                f"{cls.__name__} must implement `_search(queries, k)` (the base `search` "
+                "checks and normalises queries, then calls it) or override `search` whole."
+            )
         Index._registry[cls.__name__] = cls
 
     def __init__(self, distance: str = "dot", normalize: bool | None = None):
+        if type(self) is Index:
+            raise TypeError("`Index` is a base class; use a subclass such as `ExactIndex`.")
         name = _INDEX_NAMES.get(canonical_distance_name(distance))
         if name is None:
             raise ValueError(
@@ -439,9 +446,15 @@ class Index(abc.ABC):
             square_sums = np.array([square_sum], np.float32)
         return l2_normalize_rows(queries, square_sums)
 
-    @abc.abstractmethod
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Returns `(rows, scores)` of shape `(num_queries, k)` for checked queries."""
+        """Returns `(rows, scores)` of shape `(num_queries, k)` for checked queries.
+
+        The hook of the base `search`. An index that overrides `search` whole
+        (one that keeps no rows here: `ShardedIndex`, `MilvusIndex`) does not
+        implement it; a subclass must do one or the other (checked when the
+        class is defined).
+        """
+        raise NotImplementedError(f"{type(self).__name__} overrides `search`; it has no `_search`.")
 
     def get_metadata(self, ids) -> list[Any]:
         """Returns the metadata of `ids` (e.g. the ids returned by `search`).
@@ -554,11 +567,7 @@ class Index(abc.ABC):
             "has_metadata": self._metadata is not None,
             "files": dict(sorted(files.items())),
         }
-        if info is not None:
-            header["info"] = info
-        header["header_sha256"] = _header_digest(header)
-        with open(os.path.join(directory, _HEADER), "w") as f:
-            json.dump(header, f, indent=2)
+        write_header(directory, header, info)
 
     def _write_extra(self, directory: str) -> None:
         """Writes subclass files into the staging directory."""
@@ -698,6 +707,15 @@ def _read_header(directory: str) -> dict[str, Any]:
             "(its distance, config or sizes no longer describe the saved data)."
         )
     return header
+
+
+def write_header(directory: str, header: dict[str, Any], info: dict | None = None) -> None:
+    """Writes `index.json`: `header`, the caller's `info` if any, and the header's own digest."""
+    if info is not None:
+        header["info"] = info
+    header["header_sha256"] = _header_digest(header)
+    with open(os.path.join(directory, _HEADER), "w") as f:
+        json.dump(header, f, indent=2)
 
 
 def _header_digest(header: dict[str, Any]) -> str:

@@ -367,9 +367,6 @@ class MilvusIndex(Index):
             return ids[0], scores[0]
         return ids, scores
 
-    def _search(self, queries, k):  # pragma: no cover - `search` is overridden
-        raise NotImplementedError
-
     def get_metadata(self, ids) -> list[Any]:
         """Returns the metadata of `ids` (None where none was given), fetched from Milvus.
 

@@ -34,7 +34,6 @@ from keras_dml.index.base import (
     FORMAT_NAME,
     FORMAT_VERSION,
     Index,
-    _header_digest,
     _read_header,
     _sha256,
     check_k,
@@ -42,6 +41,7 @@ from keras_dml.index.base import (
     check_metadata,
     coerce_ids,
     map_ids,
+    write_header,
 )
 
 _SHARD_PREFIX = "shard-"
@@ -179,11 +179,7 @@ def write_manifest(
         # Each shard's own header: its checksums cover the shard's files.
         "files": dict(sorted(files.items())),
     }
-    if info is not None:
-        header["info"] = info
-    header["header_sha256"] = _header_digest(header)
-    with open(os.path.join(directory, _HEADER), "w") as f:
-        json.dump(header, f, indent=2)
+    write_header(directory, header, info)
 
 
 def _shard_class(name_or_class) -> type[Index]:
@@ -439,9 +435,6 @@ class ShardedIndex(Index):
         if single:
             return ids[0], scores[0]
         return ids, scores
-
-    def _search(self, queries, k):  # pragma: no cover - `search` is overridden
-        raise NotImplementedError
 
     def get_metadata(self, ids) -> list[Any]:
         """Returns the metadata of `ids`, looked up in whichever shard holds each."""

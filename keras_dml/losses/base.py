@@ -29,9 +29,11 @@ from keras_dml import distributed
 
 # Re-exported: these checks lived here before `keras_dml._checks`.
 from keras_dml._checks import (  # noqa: F401
+    all_finite,
     check_labels_dtype,
     check_positive,
     concrete_value,
+    is_whole_number,
     labels_vector,
 )
 from keras_dml._checks import dtype_name as _dtype_name
@@ -69,14 +71,7 @@ def validate_inputs(
     """
     if not _LABELS_CHECKED.get():
         check_labels_dtype(labels, labels_arg)
-    embeddings = ops.convert_to_tensor(embeddings)
-    if ops.dtype(embeddings) in ("float16", "bfloat16") or "float" not in ops.dtype(embeddings):
-        embeddings = ops.cast(embeddings, "float32")
-    if len(embeddings.shape) != 2:
-        raise ValueError(
-            f"`{embeddings_arg}` must be embeddings of shape (batch, dim), got shape "
-            f"{tuple(embeddings.shape)}."
-        )
+    embeddings = embeddings_matrix(embeddings, embeddings_arg)
     n_embeddings = embeddings.shape[0]
     if is_multi_hot(labels):
         labels = multi_hot_matrix(labels, labels_arg, n_embeddings, embeddings_arg, multi_label)
@@ -88,16 +83,32 @@ def validate_inputs(
         # A loss class checked these values already (under its own argument names):
         # once per step, and under JAX no second callback racing the first.
         return ops.cast(labels, "int32"), embeddings
-    value = concrete_value(embeddings)
-    if value is not None:
-        if value.shape[0] == 0:
-            raise ValueError(_EMPTY_BATCH.format(arg=embeddings_arg))
-        if not np.all(np.isfinite(value)):
-            raise ValueError(_NON_FINITE.format(arg=embeddings_arg))
-    else:
+    # Eagerly one reduction, read as a scalar (no copy of the embeddings to the host);
+    # in a graph, assertion ops. The batch size is static eagerly: checked above.
+    finite = all_finite(embeddings)
+    if finite is None:
         labels, embeddings = _run_time_checks(labels, embeddings, labels_arg, embeddings_arg)
+    elif not finite:
+        raise ValueError(_NON_FINITE.format(arg=embeddings_arg))
     labels = ops.cast(labels, "int32")
     return labels, embeddings
+
+
+def embeddings_matrix(embeddings, arg: str = "y_pred"):
+    """`embeddings` as a float tensor of rank 2 (float32 for half-precision or integer inputs).
+
+    Raises:
+        ValueError: naming `arg`, unless the shape is `(batch, dim)`.
+    """
+    embeddings = ops.convert_to_tensor(embeddings)
+    if ops.dtype(embeddings) in ("float16", "bfloat16") or "float" not in ops.dtype(embeddings):
+        embeddings = ops.cast(embeddings, "float32")
+    if len(embeddings.shape) != 2:
+        raise ValueError(
+            f"`{arg}` must be embeddings of shape (batch, dim), got shape "
+            f"{tuple(embeddings.shape)}."
+        )
+    return embeddings
 
 
 def is_multi_hot(labels) -> bool:
@@ -160,7 +171,7 @@ _FRACTIONAL = "`{arg}` must hold integer class labels, got non-integer values."
 
 def _whole_numbers(labels):
     """Scalar bool: every (float) label is a finite whole number."""
-    return ops.all(ops.logical_and(ops.isfinite(labels), ops.equal(labels, ops.round(labels))))
+    return ops.all(is_whole_number(labels))
 
 
 def _raise_unless(finite, whole, labels_arg, embeddings_arg):

@@ -11,39 +11,47 @@ instance ids). For custom training steps (e.g. LoCo's local units), call
 from __future__ import annotations
 
 import keras
-import numpy as np
 from keras import ops
 
 from keras_dml import distances
 from keras_dml import ops as dml_ops
-from keras_dml._checks import check_positive
+from keras_dml._checks import all_finite, check_positive
 from keras_dml.losses.base import (
     MetricLoss,
     References,
-    concrete_value,
+    embeddings_matrix,
     label_masks,
     validate_inputs,
 )
 from keras_dml.losses.supcon import supcon_loss
 
 
-def _as_views(embeddings_a, embeddings_b):
-    """Validates two `(N, D)` views and returns them as float tensors (float32 for half inputs)."""
+def checked_views(embeddings_a, embeddings_b, check_rows=None):
+    """Validates two `(N, D)` views of one batch; returns them as float tensors.
+
+    Half-precision and integer inputs become float32; `embeddings_b` takes
+    `embeddings_a`'s dtype. The one check of two views, shared by NT-Xent and
+    VICReg.
+
+    Args:
+        embeddings_a: the first view, `(N, D)`.
+        embeddings_b: the second view, same shape.
+        check_rows: `check_rows(arg, x)` raises `ValueError` for a view whose
+            number of rows the loss cannot use; by default an empty view is
+            refused.
+
+    Raises:
+        ValueError: for a wrong rank, different shapes, a batch size refused
+            by `check_rows`, or NaN/Inf values (eagerly; in a graph the
+            values are not checked).
+    """
+    check_rows = check_rows or _refuse_empty
     views = []
     for arg, x in (("embeddings_a", embeddings_a), ("embeddings_b", embeddings_b)):
-        x = ops.convert_to_tensor(x)
-        if ops.dtype(x) in ("float16", "bfloat16") or "float" not in ops.dtype(x):
-            x = ops.cast(x, "float32")
-        if len(x.shape) != 2:
-            raise ValueError(
-                f"`{arg}` must be embeddings of shape (batch, dim), got shape {tuple(x.shape)}."
-            )
-        value = concrete_value(x)
-        if value is not None:
-            if value.shape[0] == 0:
-                raise ValueError(f"`{arg}` is an empty batch; NT-Xent needs at least one pair.")
-            if not np.all(np.isfinite(value)):
-                raise ValueError(f"`{arg}` contains NaN or Inf.")
+        x = embeddings_matrix(x, arg)
+        check_rows(arg, x)
+        if all_finite(x) is False:
+            raise ValueError(f"`{arg}` contains NaN or Inf.")
         views.append(x)
     a, b = views
     if None not in a.shape and None not in b.shape and tuple(a.shape) != tuple(b.shape):
@@ -54,6 +62,11 @@ def _as_views(embeddings_a, embeddings_b):
     if a.dtype != b.dtype:
         b = ops.cast(b, a.dtype)
     return a, b
+
+
+def _refuse_empty(arg, x):
+    if x.shape[0] == 0:
+        raise ValueError(f"`{arg}` is an empty batch; NT-Xent needs at least one pair.")
 
 
 def nt_xent_loss(embeddings_a, embeddings_b, temperature: float = 0.1):
@@ -93,7 +106,7 @@ def nt_xent_loss(embeddings_a, embeddings_b, temperature: float = 0.1):
         Learning of Visual Representations", ICML 2020.
     """
     check_positive(temperature, "temperature")
-    a, b = _as_views(embeddings_a, embeddings_b)
+    a, b = checked_views(embeddings_a, embeddings_b)
     n = ops.shape(a)[0]
     logits = distances.cosine_similarity(ops.concatenate([a, b], axis=0)) / temperature
     # Rows i and i + N share an instance id, so the label masks mark exactly the other view.

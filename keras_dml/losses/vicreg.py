@@ -10,43 +10,19 @@ only has to have `N` or `2N` rows. For custom training steps call
 from __future__ import annotations
 
 import keras
-import numpy as np
 from keras import ops
 
-from keras_dml._checks import check_non_negative, check_positive, concrete_value
+from keras_dml._checks import check_non_negative, check_positive
 from keras_dml.losses.base import MetricLoss, validate_inputs
-from keras_dml.losses.ntxent import stacked_views
+from keras_dml.losses.ntxent import checked_views, stacked_views
 
 
-def _as_views(embeddings_a, embeddings_b):
-    """Validates two `(N, D)` views, `N >= 2`; returns float tensors (float32 for half inputs)."""
-    views = []
-    for arg, x in (("embeddings_a", embeddings_a), ("embeddings_b", embeddings_b)):
-        x = ops.convert_to_tensor(x)
-        if ops.dtype(x) in ("float16", "bfloat16") or "float" not in ops.dtype(x):
-            x = ops.cast(x, "float32")
-        if len(x.shape) != 2:
-            raise ValueError(
-                f"`{arg}` must be embeddings of shape (batch, dim), got shape {tuple(x.shape)}."
-            )
-        if x.shape[0] is not None and x.shape[0] < 2:
-            raise ValueError(
-                f"`{arg}` has {x.shape[0]} rows; VICReg's variance and covariance need a batch "
-                "of at least 2."
-            )
-        value = concrete_value(x)
-        if value is not None and not np.all(np.isfinite(value)):
-            raise ValueError(f"`{arg}` contains NaN or Inf.")
-        views.append(x)
-    a, b = views
-    if None not in a.shape and None not in b.shape and tuple(a.shape) != tuple(b.shape):
+def _at_least_two_rows(arg, x):
+    if x.shape[0] is not None and x.shape[0] < 2:
         raise ValueError(
-            "`embeddings_a` and `embeddings_b` must be two views of the same batch with the "
-            f"same shape, got {tuple(a.shape)} and {tuple(b.shape)}."
+            f"`{arg}` has {x.shape[0]} rows; VICReg's variance and covariance need a batch "
+            "of at least 2."
         )
-    if a.dtype != b.dtype:
-        b = ops.cast(b, a.dtype)
-    return a, b
 
 
 def _variance_term(x, epsilon):
@@ -107,7 +83,7 @@ def vicreg_loss(embeddings_a, embeddings_b, invariance_lambda: float = 25.0,
         Bardes, Ponce & LeCun, "VICReg: Variance-Invariance-Covariance
         Regularization for Self-Supervised Learning", ICLR 2022.
     """
-    a, b = _as_views(embeddings_a, embeddings_b)
+    a, b = checked_views(embeddings_a, embeddings_b, _at_least_two_rows)
     invariance = ops.mean(ops.square(a - b))
     variance = _variance_term(a, epsilon) + _variance_term(b, epsilon)
     covariance = _covariance_term(a) + _covariance_term(b)

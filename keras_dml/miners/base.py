@@ -34,6 +34,7 @@ import keras
 from keras import ops
 
 from keras_dml import distances as distances_lib
+from keras_dml._registry import ConfigObject, deserialize_as
 from keras_dml.losses.base import References, resolve_references, validate_inputs
 
 
@@ -73,7 +74,7 @@ class Mined:
         )
 
 
-class Miner:
+class Miner(ConfigObject):
     """Base class: selects informative pairs or triplets of a batch, as masks.
 
     Subclasses implement `mine(labels, embeddings, references)` on validated
@@ -109,17 +110,6 @@ class Miner:
         """Mines validated inputs; implemented by each miner."""
         raise NotImplementedError
 
-    def get_config(self) -> dict:
-        return {}
-
-    @classmethod
-    def from_config(cls, config: dict):
-        return cls(**config)
-
-    def __repr__(self) -> str:
-        options = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
-        return f"{type(self).__name__}({options})"
-
 
 class DistanceMiner(Miner):
     """A miner that compares anchors and references with one measure of `keras_dml.distances`.
@@ -148,15 +138,8 @@ def get(identifier) -> Miner | None:
     Raises:
         ValueError: for anything else.
     """
-    if identifier is None or isinstance(identifier, Miner):
-        return identifier
-    if isinstance(identifier, dict):
-        miner = keras.saving.deserialize_keras_object(identifier)
-        if isinstance(miner, Miner):
-            return miner
-    raise ValueError(
-        f"`miner` must be a keras_dml.miners.Miner (e.g. TripletMarginMiner()), its serialized "
-        f"config or None, got {identifier!r}."
+    return deserialize_as(
+        identifier, Miner, "miner", "keras_dml.miners.Miner", "TripletMarginMiner()"
     )
 
 

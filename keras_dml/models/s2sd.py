@@ -415,8 +415,7 @@ class S2SD(BackboneModel):
                 "`backbone` must output features of shape (batch, F) with a known F (pool "
                 f"feature maps first), got shape {feature_shape}."
             )
-        if self._targets_into_backbone is None:
-            self._targets_into_backbone = feature_shape[-1] >= max(self.target_dims, default=0)
+        self._targets_into_backbone = self._resolve_targets_into_backbone(feature_shape[-1])
         for layer in (self.embedding_head, *self.target_heads):
             if not layer.built:
                 layer.build(feature_shape)
@@ -428,6 +427,17 @@ class S2SD(BackboneModel):
             for head, dim in zip(heads, (self.embedding_dim, *self.target_dims), strict=True):
                 if not head.built:
                     head.build((feature_shape[0], dim))
+
+    def _resolve_targets_into_backbone(self, feature_dim) -> bool:
+        """`targets_into_backbone` as a bool, for features φ that are `feature_dim` wide.
+
+        "auto" is True when φ is at least as wide as the widest target head. The one
+        place of that rule: `build` stores the answer; a loss computed before `build`
+        asks here.
+        """
+        if self._targets_into_backbone is not None:
+            return self._targets_into_backbone
+        return feature_dim >= max(self.target_dims, default=0)
 
     # -- forward ----------------------------------------------------------------
 
@@ -466,9 +476,7 @@ class S2SD(BackboneModel):
         terms = {"base_loss": self._branch_loss(labels, embeddings, self.base_head, training)}
         # With `targets_into_backbone=False` the target heads see φ held
         # constant: their metric losses train their own weights only.
-        into = self.targets_into_backbone_resolved
-        if into is None:  # not built yet (a direct call): resolve from φ now
-            into = features.shape[-1] >= max(self.target_dims, default=0)
+        into = self._resolve_targets_into_backbone(features.shape[-1])
         target_inputs = features if into else ops.stop_gradient(features)
         target_embeddings = [head(target_inputs, training=training) for head in self.target_heads]
         margin_heads = self.target_margin_heads or [None] * len(self.target_heads)
