@@ -259,6 +259,80 @@ def test_bad_items_go_to_the_dead_letter_and_the_pipeline_finishes(
     assert len(index) == 37 and not {3, 7} & set(index.ids.tolist())
 
 
+def test_a_failing_batch_dead_letters_only_its_bad_item(tmp_path, model_path, monkeypatch):
+    from keras_dml.beam import model_handler
+
+    x, _ = clustered(40, DIM_IN, seed=1)
+    x[29, 0] = -999.0  # the model "crashes" on any batch holding this item (below)
+    ids = np.arange(500, 540)
+    write_tfrecord(str(tmp_path / "items.tfrecord"), ids, x)
+    embed = model_handler._KerasEmbedder.__call__
+    calls = []
+
+    def crashing(self, batch):
+        bad = bool(np.any(batch[:, 0] == -999.0))
+        calls.append((len(batch), bad))
+        if bad:
+            raise RuntimeError("the model crashed on this batch")
+        return embed(self, batch)
+
+    monkeypatch.setattr(model_handler._KerasEmbedder, "__call__", crashing)
+    out = str(tmp_path / "out")
+    summary = build_index("tfrecord:" + str(tmp_path / "items.tfrecord"), model_path, out,
+                          batch_size=16)
+    assert max(size for size, bad in calls if bad) > 1  # the bad item shared a batch
+    assert summary["read"] == 40 and summary["indexed"] == 39
+    assert summary["dead_letter_embed"] == 1 and summary["embed_batches_split"] >= 1
+    [line] = _dead_lines(out)
+    assert line["stage"] == "embed" and line["id"] == 529
+    assert line["error"] == "RuntimeError: the model crashed on this batch"
+    got_ids, embeddings, _ = read_embeddings(out)
+    order = np.argsort(got_ids)
+    good = ids != 529
+    np.testing.assert_array_equal(got_ids[order], ids[good])
+    want = keras.saving.load_model(model_path, compile=False).predict(x[good], verbose=0)
+    np.testing.assert_allclose(embeddings[order], want, rtol=1e-5, atol=1e-6)
+    assert len(Index.load(os.path.join(out, "index"))) == 39
+
+
+def test_model_handler_bisects_a_failing_batch(model_path):
+    from keras_dml.beam.model_handler import EmbedFailure, load_embedder
+
+    handler = KerasModelHandler(model_path)
+    model = load_embedder(model_path)
+    sizes = []
+
+    class Flaky:
+        input_shape = model.input_shape
+
+        def __call__(self, batch):
+            sizes.append(len(batch))
+            if np.any(batch[:, 0] == -999.0):
+                raise ValueError("bad row")
+            return model(batch)
+
+    x, _ = clustered(16, DIM_IN, seed=2)
+    x[5, 0] = -999.0
+    results = handler.run_inference(list(x), Flaky())
+    assert [isinstance(r.inference, EmbedFailure) for r in results] == [
+        row == 5 for row in range(16)
+    ]
+    assert results[5].inference.error == "ValueError: bad row"
+    good = np.stack([r.inference for row, r in enumerate(results) if row != 5])
+    np.testing.assert_allclose(good, model(np.delete(x, 5, axis=0)), rtol=1e-5, atol=1e-6)
+    # Halving: rows 0-15 fail, 0-7 fail, 0-3 pass, 4-7 fail, 4-5 fail, 4 passes, 5 fails,
+    # 6-7 pass, 8-15 pass: 9 calls for 16 items, not 16 one-item calls after the batch.
+    assert sizes == [16, 8, 4, 4, 2, 1, 1, 2, 8]
+
+    class WrongCount(Flaky):
+        def __call__(self, batch):
+            return model(batch)[:1]
+
+    results = handler.run_inference(list(x[:2]), WrongCount())
+    assert [r.inference is not None for r in results] == [True, True]
+    assert not any(isinstance(r.inference, EmbedFailure) for r in results)  # singles fit
+
+
 def test_output_dir_refused_unless_overwrite(tmp_path, model_path, gallery):
     out = str(tmp_path / "out")
     build_index(gallery["source"], model_path, out, num_shards=2)

@@ -13,7 +13,10 @@ that fail go, one JSON line each (`source`, `id`, `stage`, `error`), to
 `out/dead_letter/`, and are counted in the Beam metrics
 (`keras_dml.beam.index` namespace, counters `dead_letter_decode`,
 `dead_letter_embed`, `dead_letter_index`, and `indexed`); the pipeline
-finishes. `out/pipeline.json` records the options and counts.
+finishes. A batch that fails to embed is bisected and retried by
+`KerasModelHandler`, so only the items that fail on their own go to the dead
+letter (`embed_batches_split` in the summary counts the splits).
+`out/pipeline.json` records the options and counts.
 
 The local runner is Beam's in-process `FnApiRunner` (what `DirectRunner` uses
 for batch pipelines, without first trying to start Prism, which needs a
@@ -45,7 +48,13 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from keras_dml.beam.checks import OUTPUT_ENTRIES, check_output_dir, parse_source
-from keras_dml.beam.model_handler import KerasModelHandler, fit_image, load_embedder
+from keras_dml.beam.model_handler import (
+    METRICS_NAMESPACE,
+    EmbedFailure,
+    KerasModelHandler,
+    fit_image,
+    load_embedder,
+)
 from keras_dml.index import ExactIndex, Index, ScaNNIndex
 from keras_dml.index.sharded import shard_name, shard_of_ids, write_manifest
 
@@ -169,7 +178,8 @@ class _Decode(beam.DoFn):
 
 
 def _dead_record(source, item_id, stage: str, error) -> str:
-    message = " ".join(f"{type(error).__name__}: {error}".split())
+    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    message = " ".join(text.split())
     if isinstance(item_id, np.generic):
         item_id = item_id.item()
     if item_id is not None and not isinstance(item_id, (int, str)):
@@ -211,13 +221,19 @@ def _read_source(pipeline, kind: str, rest: str, data_dir: str | None):
 
 
 class _CheckEmbedding(beam.DoFn):
-    """(key, PredictionResult) -> (id, embedding, metadata); NaN/Inf to the dead letter."""
+    """(key, PredictionResult) -> (id, embedding, metadata); failures, NaN to the dead letter."""
 
     def __init__(self):
         self._dead = Metrics.counter(NAMESPACE, "dead_letter_embed")
 
     def process(self, element):
         (item_id, metadata_json), result = element
+        if isinstance(result.inference, EmbedFailure):  # failed alone, after bisection
+            self._dead.inc()
+            yield beam.pvalue.TaggedOutput(
+                _DEAD, _dead_record("model", item_id, "embed", result.inference.error)
+            )
+            return
         embedding = np.asarray(result.inference, np.float32).reshape(-1)
         if not np.all(np.isfinite(embedding)):
             self._dead.inc()
@@ -230,7 +246,11 @@ class _CheckEmbedding(beam.DoFn):
 
 
 class _FailedBatch(beam.DoFn):
-    """A batch RunInference could not embed -> one dead-letter line per item."""
+    """A batch RunInference could not embed -> one dead-letter line per item.
+
+    `KerasModelHandler` bisects a failing batch itself, so only what escapes
+    it (e.g. the model fails to load) reaches this.
+    """
 
     def __init__(self):
         self._dead = Metrics.counter(NAMESPACE, "dead_letter_embed")
@@ -292,6 +312,25 @@ def _hash_shard(item_id, num_shards: int) -> int:
     return int(shard_of_ids(np.asarray([item_id]), num_shards)[0])
 
 
+def _pack(item):
+    """(id, embedding, metadata) -> (id, float32 bytes, metadata), before any shuffle.
+
+    NumPy arrays cross Beam's shuffles pickled (`FastPrimitivesCoder`'s
+    fallback). On the local runner with `direct_running_mode=multi_threading`
+    (gRPC data plane) a GroupByKey of ~100k+ pickled float32 arrays came out
+    corrupt (Beam 2.77: `Invalid PaneInfoEncoding`, `None` items, or the
+    process growing past 7 GB while decoding garbage lengths), while the same
+    data as `bytes` went through; see BENCHMARKS.md. Bytes are also smaller
+    and cheaper to encode than pickles.
+    """
+    item_id, embedding, metadata = item
+    return item_id, np.asarray(embedding, "<f4").reshape(-1).tobytes(), metadata
+
+
+def _unpack(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, "<f4")
+
+
 class _BuildShard(beam.DoFn):
     """(shard, items) -> writes the shard's embeddings file and saved index; yields its number."""
 
@@ -332,8 +371,18 @@ class _BuildShard(beam.DoFn):
                 )
             kept = [i for i in kept if isinstance(i[0], str) == kind]
         ids = np.asarray([item[0] for item in kept])
-        embeddings = np.stack([item[1] for item in kept]).astype(np.float32)
+        sizes = {len(item[1]) for item in kept}
+        if len(sizes) > 1:
+            raise ValueError(
+                f"shard {number} got embeddings of different dimensions "
+                f"{sorted(size // 4 for size in sizes)}"
+            )
+        count = len(kept)
+        embeddings = np.empty((count, sizes.pop() // 4 if count else 0), np.float32)
+        for row, item in enumerate(kept):
+            embeddings[row] = _unpack(item[1])
         metadata = [item[2] for item in kept]
+        del items, kept  # the packed bytes; the index needs only `embeddings`
         name = shard_name(number, self._num_shards)
         _write_embeddings(self._out, name, ids, embeddings, metadata)
         index = _new_index(self._index_kind, self._distance, self._shard_config)
@@ -343,7 +392,7 @@ class _BuildShard(beam.DoFn):
             index.add(embeddings, ids=ids, metadata=metadata)
             index.save(os.path.join(self._out, "index", name), overwrite=True)
             del index
-        self._indexed.inc(len(kept))
+        self._indexed.inc(count)
         yield number
 
 
@@ -447,6 +496,7 @@ class IndexEmbeddings(beam.PTransform):
 
     def expand(self, items):
         num_shards, normalize = self._num_shards, self._normalize
+        items = items | "Pack" >> beam.Map(_pack)
         if self._shard_by == "hash":
             keyed_by_shard = items | "HashShard" >> beam.Map(
                 lambda item: (_hash_shard(item[0], num_shards), item)
@@ -456,11 +506,13 @@ class IndexEmbeddings(beam.PTransform):
                 items
                 | "Sample" >> beam.combiners.Sample.FixedSizeGlobally(self._sample_size)
                 | "KMeans" >> beam.Map(
-                    lambda sample: train_kmeans([s[1] for s in sample], num_shards, normalize)
+                    lambda sample: train_kmeans(
+                        [_unpack(s[1]) for s in sample], num_shards, normalize
+                    )
                 )
             )
             keyed_by_shard = items | "NearestCentre" >> beam.Map(
-                lambda item, c: (_nearest_centre(item[1], c, normalize), item),
+                lambda item, c: (_nearest_centre(_unpack(item[1]), c, normalize), item),
                 c=beam.pvalue.AsSingleton(centres),
             )
         built = (
@@ -637,13 +689,14 @@ def build_index(
 
 
 def _counters(result) -> dict[str, int]:
-    counts = dict.fromkeys(COUNTERS, 0)
-    query = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
-    for counter in query["counters"]:
-        name = counter.key.metric.name
-        if name in counts:
-            value = counter.committed if counter.committed is not None else counter.attempted
-            counts[name] += int(value or 0)
+    counts = dict.fromkeys((*COUNTERS, "embed_batches_split"), 0)
+    for namespace, prefix in ((NAMESPACE, ""), (METRICS_NAMESPACE, "embed_")):
+        query = result.metrics().query(MetricsFilter().with_namespace(namespace))
+        for counter in query["counters"]:
+            name = prefix + counter.key.metric.name
+            if name in counts:
+                value = counter.committed if counter.committed is not None else counter.attempted
+                counts[name] += int(value or 0)
     return counts
 
 
