@@ -180,6 +180,11 @@ def test_digits_tfrecords_through_run_inference_equal_model_predict(tmp_path, di
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="exports an embedding SavedModel, which traces the model with TensorFlow "
+    "(keras_dml.export refuses other backends by design)",
+)
 def test_digits_png_files_and_savedmodel_equal_model_predict(tmp_path, digits_model):
     from PIL import Image
 
@@ -479,6 +484,11 @@ def _readme_section():
     return readme[start:readme.index("\n### ", start + 10)]
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="exports per-shard retrieval SavedModels, which trace with TensorFlow "
+    "(keras_dml.export refuses other backends by design)",
+)
 def test_readme_commands_and_fan_out_merge(tmp_path, digits_model, monkeypatch, capsys):
     """Runs the README's `keras-dml index` commands and its per-shard SavedModel fan-out."""
     import re

@@ -13,6 +13,7 @@ the model's input shape and returns one `PredictionResult` per element whose
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -102,6 +103,16 @@ class _SavedModelEmbedder:
 
 
 class _KerasEmbedder:
+    """Calls a `.keras` model's `predict_on_batch`, one call at a time.
+
+    Beam shares one loaded model between the threads of a worker
+    (`direct_running_mode=multi_threading`, or a runner's SDK harness
+    threads). Under JAX, Keras's compiled predict step donates the model's
+    state buffers, so two threads predicting at once fail with "Buffer has
+    been deleted or donated" (their batches then went to the dead letter);
+    the lock serialises the calls on every backend.
+    """
+
     def __init__(self, path: str):
         import keras
 
@@ -110,9 +121,11 @@ class _KerasEmbedder:
         keras_dml._load_all()  # registers the layers and losses a saved model names
         self._model = keras.saving.load_model(path, compile=False)
         self.input_shape = tuple(self._model.input_shape[1:])
+        self._lock = threading.Lock()
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return np.asarray(self._model.predict_on_batch(batch))
+        with self._lock:
+            return np.asarray(self._model.predict_on_batch(batch))
 
 
 def load_embedder(path: str):
