@@ -20,7 +20,8 @@ letter (`embed_batches_split` in the summary counts the splits).
 
 The local runner is Beam's in-process `FnApiRunner` (what `DirectRunner` uses
 for batch pipelines, without first trying to start Prism, which needs a
-download); `direct_num_workers` sets its parallelism. Any other runner is
+download); `direct_num_workers` with `direct_running_mode=multi_processing`
+sets its parallelism (`multi_threading` is refused: `refuse_multi_threading`). Any other runner is
 chosen by standard Beam pipeline options, e.g.
 `["--runner=DataflowRunner", "--project=...", "--region=...",
 "--temp_location=gs://..."]`, `["--runner=FlinkRunner", "--flink_master=..."]`
@@ -308,6 +309,27 @@ def _nearest_centre(embedding: np.ndarray, centres: np.ndarray, normalize: bool)
     return int(np.argmin(((centres - x[None]) ** 2).sum(-1)))
 
 
+def refuse_multi_threading(options: PipelineOptions) -> None:
+    """Raises if the options pick the local runner's `multi_threading` mode.
+
+    On Beam 2.77, `direct_running_mode=multi_threading` (any
+    `direct_num_workers`) silently dropped items between a FlatMap and a
+    GroupByKey: 509 of 200,000 and 11,899 of 1,000,000 in plain Beam, no
+    error raised (`benchmarks/repro_beam_multithreading.py`, BENCHMARKS.md).
+    A gallery index that silently misses items is worse than a slow one, so
+    this pipeline refuses that mode.
+
+    Raises:
+        ValueError: naming the safe modes.
+    """
+    if options.get_all_options().get("direct_running_mode") == "multi_threading":
+        raise ValueError(
+            "direct_running_mode=multi_threading is refused: on Beam 2.77 it silently "
+            "dropped items before a GroupByKey (see BENCHMARKS.md); use in_memory (the "
+            "default) or multi_processing (--workers N)"
+        )
+
+
 def _hash_shard(item_id, num_shards: int) -> int:
     return int(shard_of_ids(np.asarray([item_id]), num_shards)[0])
 
@@ -317,11 +339,12 @@ def _pack(item):
 
     NumPy arrays cross Beam's shuffles pickled (`FastPrimitivesCoder`'s
     fallback). On the local runner with `direct_running_mode=multi_threading`
-    (gRPC data plane) a GroupByKey of ~100k+ pickled float32 arrays came out
-    corrupt (Beam 2.77: `Invalid PaneInfoEncoding`, `None` items, or the
-    process growing past 7 GB while decoding garbage lengths), while the same
-    data as `bytes` went through; see BENCHMARKS.md. Bytes are also smaller
-    and cheaper to encode than pickles.
+    a GroupByKey of ~50k+ pickled float32 arrays came out corrupt (Beam 2.77:
+    `Invalid PaneInfoEncoding`, `None` items, or the process growing past
+    5-7 GB while decoding garbage lengths), while the same data as `bytes`
+    went through (that mode still drops items, so `build_index` refuses it;
+    see `refuse_multi_threading`). Bytes are also smaller and cheaper to
+    encode than pickles.
     """
     item_id, embedding, metadata = item
     return item_id, np.asarray(embedding, "<f4").reshape(-1).tobytes(), metadata
@@ -495,6 +518,7 @@ class IndexEmbeddings(beam.PTransform):
         self._info = dict(info or {})
 
     def expand(self, items):
+        refuse_multi_threading(items.pipeline.options)
         num_shards, normalize = self._num_shards, self._normalize
         items = items | "Pack" >> beam.Map(_pack)
         if self._shard_by == "hash":
@@ -619,6 +643,8 @@ def build_index(
         raise ValueError(f"`num_shards` must be a positive integer, got {num_shards!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}")
+    options = PipelineOptions(list(pipeline_args or []))
+    refuse_multi_threading(options)
     shard_config = dict(shard_config or {})
     _new_index(index, distance, shard_config)  # a bad distance or shard config fails here
     out = os.path.abspath(out)
@@ -640,7 +666,6 @@ def build_index(
     }
     _write_json(os.path.join(out, "pipeline.json"), {"status": "running", **settings})
 
-    options = PipelineOptions(list(pipeline_args or []))
     runner = None
     if options.get_all_options().get("runner") is None:
         from apache_beam.runners.portability.fn_api_runner import FnApiRunner
