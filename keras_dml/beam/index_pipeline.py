@@ -409,8 +409,10 @@ class _BuildShard(beam.DoFn):
         name = shard_name(number, self._num_shards)
         _write_embeddings(self._out, name, ids, embeddings, metadata)
         index = _new_index(self._index_kind, self._distance, self._shard_config)
-        # One build at a time per process: two ScaNN builds in threads of one process
-        # (direct_running_mode=multi_threading) corrupted memory; a build uses every core anyway.
+        # One build at a time per process (a build uses every core anyway). Two ScaNN builds
+        # in threads once "corrupted memory" under direct_running_mode=multi_threading, which
+        # later proved to corrupt data by itself (refuse_multi_threading); kept for SDK
+        # harnesses that run bundles in threads.
         with _BUILD_LOCK:
             index.add(embeddings, ids=ids, metadata=metadata)
             index.save(os.path.join(self._out, "index", name), overwrite=True)
