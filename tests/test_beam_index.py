@@ -180,6 +180,11 @@ def test_digits_tfrecords_through_run_inference_equal_model_predict(tmp_path, di
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="exports an embedding SavedModel, which traces the model with TensorFlow "
+    "(keras_dml.export refuses other backends by design)",
+)
 def test_digits_png_files_and_savedmodel_equal_model_predict(tmp_path, digits_model):
     from PIL import Image
 
@@ -259,6 +264,80 @@ def test_bad_items_go_to_the_dead_letter_and_the_pipeline_finishes(
     assert len(index) == 37 and not {3, 7} & set(index.ids.tolist())
 
 
+def test_a_failing_batch_dead_letters_only_its_bad_item(tmp_path, model_path, monkeypatch):
+    from keras_dml.beam import model_handler
+
+    x, _ = clustered(40, DIM_IN, seed=1)
+    x[29, 0] = -999.0  # the model "crashes" on any batch holding this item (below)
+    ids = np.arange(500, 540)
+    write_tfrecord(str(tmp_path / "items.tfrecord"), ids, x)
+    embed = model_handler._KerasEmbedder.__call__
+    calls = []
+
+    def crashing(self, batch):
+        bad = bool(np.any(batch[:, 0] == -999.0))
+        calls.append((len(batch), bad))
+        if bad:
+            raise RuntimeError("the model crashed on this batch")
+        return embed(self, batch)
+
+    monkeypatch.setattr(model_handler._KerasEmbedder, "__call__", crashing)
+    out = str(tmp_path / "out")
+    summary = build_index("tfrecord:" + str(tmp_path / "items.tfrecord"), model_path, out,
+                          batch_size=16)
+    assert max(size for size, bad in calls if bad) > 1  # the bad item shared a batch
+    assert summary["read"] == 40 and summary["indexed"] == 39
+    assert summary["dead_letter_embed"] == 1 and summary["embed_batches_split"] >= 1
+    [line] = _dead_lines(out)
+    assert line["stage"] == "embed" and line["id"] == 529
+    assert line["error"] == "RuntimeError: the model crashed on this batch"
+    got_ids, embeddings, _ = read_embeddings(out)
+    order = np.argsort(got_ids)
+    good = ids != 529
+    np.testing.assert_array_equal(got_ids[order], ids[good])
+    want = keras.saving.load_model(model_path, compile=False).predict(x[good], verbose=0)
+    np.testing.assert_allclose(embeddings[order], want, rtol=1e-5, atol=1e-6)
+    assert len(Index.load(os.path.join(out, "index"))) == 39
+
+
+def test_model_handler_bisects_a_failing_batch(model_path):
+    from keras_dml.beam.model_handler import EmbedFailure, load_embedder
+
+    handler = KerasModelHandler(model_path)
+    model = load_embedder(model_path)
+    sizes = []
+
+    class Flaky:
+        input_shape = model.input_shape
+
+        def __call__(self, batch):
+            sizes.append(len(batch))
+            if np.any(batch[:, 0] == -999.0):
+                raise ValueError("bad row")
+            return model(batch)
+
+    x, _ = clustered(16, DIM_IN, seed=2)
+    x[5, 0] = -999.0
+    results = handler.run_inference(list(x), Flaky())
+    assert [isinstance(r.inference, EmbedFailure) for r in results] == [
+        row == 5 for row in range(16)
+    ]
+    assert results[5].inference.error == "ValueError: bad row"
+    good = np.stack([r.inference for row, r in enumerate(results) if row != 5])
+    np.testing.assert_allclose(good, model(np.delete(x, 5, axis=0)), rtol=1e-5, atol=1e-6)
+    # Halving: rows 0-15 fail, 0-7 fail, 0-3 pass, 4-7 fail, 4-5 fail, 4 passes, 5 fails,
+    # 6-7 pass, 8-15 pass: 9 calls for 16 items, not 16 one-item calls after the batch.
+    assert sizes == [16, 8, 4, 4, 2, 1, 1, 2, 8]
+
+    class WrongCount(Flaky):
+        def __call__(self, batch):
+            return model(batch)[:1]
+
+    results = handler.run_inference(list(x[:2]), WrongCount())
+    assert [r.inference is not None for r in results] == [True, True]
+    assert not any(isinstance(r.inference, EmbedFailure) for r in results)  # singles fit
+
+
 def test_output_dir_refused_unless_overwrite(tmp_path, model_path, gallery):
     out = str(tmp_path / "out")
     build_index(gallery["source"], model_path, out, num_shards=2)
@@ -290,7 +369,19 @@ def test_bad_arguments(tmp_path, model_path, gallery):
         build_index(gallery["source"], model_path, out, shard_by="random")
     with pytest.raises(ValueError, match="not a .keras model"):
         build_index(gallery["source"], str(tmp_path), out)
+    with pytest.raises(ValueError, match="multi_threading is refused"):
+        build_index(gallery["source"], model_path, out,
+                    pipeline_args=["--direct_running_mode=multi_threading"])
     assert not os.path.exists(out)
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from keras_dml.beam import IndexEmbeddings
+
+    options = PipelineOptions(["--direct_num_workers=2", "--direct_running_mode=multi_threading"])
+    with pytest.raises(ValueError, match="multi_threading is refused"):
+        pipeline = beam.Pipeline(options=options)
+        _ = pipeline | beam.Create([(1, np.ones(4, "float32"), {})]) | IndexEmbeddings(out)
 
 
 def test_cli_index_command(tmp_path, model_path, gallery, capsys, monkeypatch):
@@ -307,8 +398,10 @@ def test_cli_index_command(tmp_path, model_path, gallery, capsys, monkeypatch):
     err = capsys.readouterr().err.strip()
     assert err.startswith("keras-dml index: error: --out:") and "--overwrite" in err
     assert "\n" not in err
+    # multi_threading is refused (Beam 2.77 dropped items in it), before anything runs.
     assert main(argv + ["--overwrite", "--", "--direct_num_workers=2",
-                        "--direct_running_mode=multi_threading"]) == 0
+                        "--direct_running_mode=multi_threading"]) == 1
+    assert "multi_threading is refused" in capsys.readouterr().err
     assert len(Index.load(os.path.join(out, "index"))) == 200
     # --workers N: N local worker processes (run once by hand, 50 s here: too slow to repeat).
     seen = {}
@@ -405,6 +498,11 @@ def _readme_section():
     return readme[start:readme.index("\n### ", start + 10)]
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="exports per-shard retrieval SavedModels, which trace with TensorFlow "
+    "(keras_dml.export refuses other backends by design)",
+)
 def test_readme_commands_and_fan_out_merge(tmp_path, digits_model, monkeypatch, capsys):
     """Runs the README's `keras-dml index` commands and its per-shard SavedModel fan-out."""
     import re

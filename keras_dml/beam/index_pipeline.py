@@ -13,11 +13,15 @@ that fail go, one JSON line each (`source`, `id`, `stage`, `error`), to
 `out/dead_letter/`, and are counted in the Beam metrics
 (`keras_dml.beam.index` namespace, counters `dead_letter_decode`,
 `dead_letter_embed`, `dead_letter_index`, and `indexed`); the pipeline
-finishes. `out/pipeline.json` records the options and counts.
+finishes. A batch that fails to embed is bisected and retried by
+`KerasModelHandler`, so only the items that fail on their own go to the dead
+letter (`embed_batches_split` in the summary counts the splits).
+`out/pipeline.json` records the options and counts.
 
 The local runner is Beam's in-process `FnApiRunner` (what `DirectRunner` uses
 for batch pipelines, without first trying to start Prism, which needs a
-download); `direct_num_workers` sets its parallelism. Any other runner is
+download); `direct_num_workers` with `direct_running_mode=multi_processing`
+sets its parallelism (`multi_threading` is refused: `refuse_multi_threading`). Any other runner is
 chosen by standard Beam pipeline options, e.g.
 `["--runner=DataflowRunner", "--project=...", "--region=...",
 "--temp_location=gs://..."]`, `["--runner=FlinkRunner", "--flink_master=..."]`
@@ -45,7 +49,13 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from keras_dml.beam.checks import OUTPUT_ENTRIES, check_output_dir, parse_source
-from keras_dml.beam.model_handler import KerasModelHandler, fit_image, load_embedder
+from keras_dml.beam.model_handler import (
+    METRICS_NAMESPACE,
+    EmbedFailure,
+    KerasModelHandler,
+    fit_image,
+    load_embedder,
+)
 from keras_dml.index import ExactIndex, Index, ScaNNIndex
 from keras_dml.index.sharded import shard_name, shard_of_ids, write_manifest
 
@@ -169,7 +179,8 @@ class _Decode(beam.DoFn):
 
 
 def _dead_record(source, item_id, stage: str, error) -> str:
-    message = " ".join(f"{type(error).__name__}: {error}".split())
+    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    message = " ".join(text.split())
     if isinstance(item_id, np.generic):
         item_id = item_id.item()
     if item_id is not None and not isinstance(item_id, (int, str)):
@@ -211,13 +222,19 @@ def _read_source(pipeline, kind: str, rest: str, data_dir: str | None):
 
 
 class _CheckEmbedding(beam.DoFn):
-    """(key, PredictionResult) -> (id, embedding, metadata); NaN/Inf to the dead letter."""
+    """(key, PredictionResult) -> (id, embedding, metadata); failures, NaN to the dead letter."""
 
     def __init__(self):
         self._dead = Metrics.counter(NAMESPACE, "dead_letter_embed")
 
     def process(self, element):
         (item_id, metadata_json), result = element
+        if isinstance(result.inference, EmbedFailure):  # failed alone, after bisection
+            self._dead.inc()
+            yield beam.pvalue.TaggedOutput(
+                _DEAD, _dead_record("model", item_id, "embed", result.inference.error)
+            )
+            return
         embedding = np.asarray(result.inference, np.float32).reshape(-1)
         if not np.all(np.isfinite(embedding)):
             self._dead.inc()
@@ -230,7 +247,11 @@ class _CheckEmbedding(beam.DoFn):
 
 
 class _FailedBatch(beam.DoFn):
-    """A batch RunInference could not embed -> one dead-letter line per item."""
+    """A batch RunInference could not embed -> one dead-letter line per item.
+
+    `KerasModelHandler` bisects a failing batch itself, so only what escapes
+    it (e.g. the model fails to load) reaches this.
+    """
 
     def __init__(self):
         self._dead = Metrics.counter(NAMESPACE, "dead_letter_embed")
@@ -288,8 +309,49 @@ def _nearest_centre(embedding: np.ndarray, centres: np.ndarray, normalize: bool)
     return int(np.argmin(((centres - x[None]) ** 2).sum(-1)))
 
 
+def refuse_multi_threading(options: PipelineOptions) -> None:
+    """Raises if the options pick the local runner's `multi_threading` mode.
+
+    On Beam 2.77, `direct_running_mode=multi_threading` (any
+    `direct_num_workers`) silently dropped items between a FlatMap and a
+    GroupByKey: 509 of 200,000 and 11,899 of 1,000,000 in plain Beam, no
+    error raised (`benchmarks/repro_beam_multithreading.py`, BENCHMARKS.md).
+    A gallery index that silently misses items is worse than a slow one, so
+    this pipeline refuses that mode.
+
+    Raises:
+        ValueError: naming the safe modes.
+    """
+    if options.get_all_options().get("direct_running_mode") == "multi_threading":
+        raise ValueError(
+            "direct_running_mode=multi_threading is refused: on Beam 2.77 it silently "
+            "dropped items before a GroupByKey (see BENCHMARKS.md); use in_memory (the "
+            "default) or multi_processing (--workers N)"
+        )
+
+
 def _hash_shard(item_id, num_shards: int) -> int:
     return int(shard_of_ids(np.asarray([item_id]), num_shards)[0])
+
+
+def _pack(item):
+    """(id, embedding, metadata) -> (id, float32 bytes, metadata), before any shuffle.
+
+    NumPy arrays cross Beam's shuffles pickled (`FastPrimitivesCoder`'s
+    fallback). On the local runner with `direct_running_mode=multi_threading`
+    a GroupByKey of ~50k+ pickled float32 arrays came out corrupt (Beam 2.77:
+    `Invalid PaneInfoEncoding`, `None` items, or the process growing past
+    5-7 GB while decoding garbage lengths), while the same data as `bytes`
+    went through (that mode still drops items, so `build_index` refuses it;
+    see `refuse_multi_threading`). Bytes are also smaller and cheaper to
+    encode than pickles.
+    """
+    item_id, embedding, metadata = item
+    return item_id, np.asarray(embedding, "<f4").reshape(-1).tobytes(), metadata
+
+
+def _unpack(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, "<f4")
 
 
 class _BuildShard(beam.DoFn):
@@ -332,18 +394,30 @@ class _BuildShard(beam.DoFn):
                 )
             kept = [i for i in kept if isinstance(i[0], str) == kind]
         ids = np.asarray([item[0] for item in kept])
-        embeddings = np.stack([item[1] for item in kept]).astype(np.float32)
+        sizes = {len(item[1]) for item in kept}
+        if len(sizes) > 1:
+            raise ValueError(
+                f"shard {number} got embeddings of different dimensions "
+                f"{sorted(size // 4 for size in sizes)}"
+            )
+        count = len(kept)
+        embeddings = np.empty((count, sizes.pop() // 4 if count else 0), np.float32)
+        for row, item in enumerate(kept):
+            embeddings[row] = _unpack(item[1])
         metadata = [item[2] for item in kept]
+        del items, kept  # the packed bytes; the index needs only `embeddings`
         name = shard_name(number, self._num_shards)
         _write_embeddings(self._out, name, ids, embeddings, metadata)
         index = _new_index(self._index_kind, self._distance, self._shard_config)
-        # One build at a time per process: two ScaNN builds in threads of one process
-        # (direct_running_mode=multi_threading) corrupted memory; a build uses every core anyway.
+        # One build at a time per process (a build uses every core anyway). Two ScaNN builds
+        # in threads once "corrupted memory" under direct_running_mode=multi_threading, which
+        # later proved to corrupt data by itself (refuse_multi_threading); kept for SDK
+        # harnesses that run bundles in threads.
         with _BUILD_LOCK:
             index.add(embeddings, ids=ids, metadata=metadata)
             index.save(os.path.join(self._out, "index", name), overwrite=True)
             del index
-        self._indexed.inc(len(kept))
+        self._indexed.inc(count)
         yield number
 
 
@@ -446,7 +520,9 @@ class IndexEmbeddings(beam.PTransform):
         self._info = dict(info or {})
 
     def expand(self, items):
+        refuse_multi_threading(items.pipeline.options)
         num_shards, normalize = self._num_shards, self._normalize
+        items = items | "Pack" >> beam.Map(_pack)
         if self._shard_by == "hash":
             keyed_by_shard = items | "HashShard" >> beam.Map(
                 lambda item: (_hash_shard(item[0], num_shards), item)
@@ -456,11 +532,13 @@ class IndexEmbeddings(beam.PTransform):
                 items
                 | "Sample" >> beam.combiners.Sample.FixedSizeGlobally(self._sample_size)
                 | "KMeans" >> beam.Map(
-                    lambda sample: train_kmeans([s[1] for s in sample], num_shards, normalize)
+                    lambda sample: train_kmeans(
+                        [_unpack(s[1]) for s in sample], num_shards, normalize
+                    )
                 )
             )
             keyed_by_shard = items | "NearestCentre" >> beam.Map(
-                lambda item, c: (_nearest_centre(item[1], c, normalize), item),
+                lambda item, c: (_nearest_centre(_unpack(item[1]), c, normalize), item),
                 c=beam.pvalue.AsSingleton(centres),
             )
         built = (
@@ -567,6 +645,8 @@ def build_index(
         raise ValueError(f"`num_shards` must be a positive integer, got {num_shards!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}")
+    options = PipelineOptions(list(pipeline_args or []))
+    refuse_multi_threading(options)
     shard_config = dict(shard_config or {})
     _new_index(index, distance, shard_config)  # a bad distance or shard config fails here
     out = os.path.abspath(out)
@@ -588,7 +668,6 @@ def build_index(
     }
     _write_json(os.path.join(out, "pipeline.json"), {"status": "running", **settings})
 
-    options = PipelineOptions(list(pipeline_args or []))
     runner = None
     if options.get_all_options().get("runner") is None:
         from apache_beam.runners.portability.fn_api_runner import FnApiRunner
@@ -637,13 +716,14 @@ def build_index(
 
 
 def _counters(result) -> dict[str, int]:
-    counts = dict.fromkeys(COUNTERS, 0)
-    query = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
-    for counter in query["counters"]:
-        name = counter.key.metric.name
-        if name in counts:
-            value = counter.committed if counter.committed is not None else counter.attempted
-            counts[name] += int(value or 0)
+    counts = dict.fromkeys((*COUNTERS, "embed_batches_split"), 0)
+    for namespace, prefix in ((NAMESPACE, ""), (METRICS_NAMESPACE, "embed_")):
+        query = result.metrics().query(MetricsFilter().with_namespace(namespace))
+        for counter in query["counters"]:
+            name = prefix + counter.key.metric.name
+            if name in counts:
+                value = counter.committed if counter.committed is not None else counter.attempted
+                counts[name] += int(value or 0)
     return counts
 
 

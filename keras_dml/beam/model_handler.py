@@ -13,11 +13,14 @@ the model's input shape and returns one `PredictionResult` per element whose
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
+
+METRICS_NAMESPACE = "keras_dml_KerasModelHandler"
 
 
 def fit_image(image: np.ndarray, input_shape: Sequence[int | None]) -> np.ndarray:
@@ -100,6 +103,16 @@ class _SavedModelEmbedder:
 
 
 class _KerasEmbedder:
+    """Calls a `.keras` model's `predict_on_batch`, one call at a time.
+
+    Beam shares one loaded model between the threads of a worker
+    (`direct_running_mode=multi_threading`, or a runner's SDK harness
+    threads). Under JAX, Keras's compiled predict step donates the model's
+    state buffers, so two threads predicting at once fail with "Buffer has
+    been deleted or donated" (their batches then went to the dead letter);
+    the lock serialises the calls on every backend.
+    """
+
     def __init__(self, path: str):
         import keras
 
@@ -108,9 +121,11 @@ class _KerasEmbedder:
         keras_dml._load_all()  # registers the layers and losses a saved model names
         self._model = keras.saving.load_model(path, compile=False)
         self.input_shape = tuple(self._model.input_shape[1:])
+        self._lock = threading.Lock()
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return np.asarray(self._model.predict_on_batch(batch))
+        with self._lock:
+            return np.asarray(self._model.predict_on_batch(batch))
 
 
 def load_embedder(path: str):
@@ -130,6 +145,22 @@ def load_embedder(path: str):
     )
 
 
+class EmbedFailure:
+    """The `inference` of a `PredictionResult` whose item could not be embedded on its own.
+
+    Attributes:
+        error: `"ExceptionType: message"` of the exception the item raised.
+    """
+
+    def __init__(self, error: BaseException | str):
+        if isinstance(error, BaseException):
+            error = f"{type(error).__name__}: {error}"
+        self.error = " ".join(str(error).split())
+
+    def __repr__(self) -> str:
+        return f"EmbedFailure({self.error!r})"
+
+
 class KerasModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
     """Embeds NumPy inputs with a `.keras` model or a SavedModel, in batches, for `RunInference`.
 
@@ -144,9 +175,12 @@ class KerasModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
 
     Each element is fitted to the model's input shape (`fit_image`: uint8
     scaled to [0, 1], resized, channels converted) before the batch is
-    stacked, so images of different sizes can share a batch. An element that
-    cannot be fitted fails its batch; `RunInference(...).with_exception_handling()`
-    sends such batches to its dead-letter output.
+    stacked, so images of different sizes can share a batch. If a batch
+    fails (an element cannot be fitted, the model raises), the batch is
+    bisected and retried (`run_inference`): the elements that fail on their
+    own come back with an `EmbedFailure` (the error) as their `inference`, the
+    others with their embeddings. `build_index` sends the failures to its
+    dead letter, one line per item.
 
     Example:
 
@@ -186,15 +220,49 @@ class KerasModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
         model,
         inference_args: dict[str, Any] | None = None,
     ) -> Iterable[PredictionResult]:
+        """Embeds `batch`; items that fail alone get an `EmbedFailure` as their inference.
+
+        The whole batch is tried first. If it raises, it is split in halves and
+        each half is tried again (recursively), so one bad item among `n`
+        costs about `2 * log2(n)` extra calls and only the items that fail on
+        their own are marked failed; the others keep their embeddings. Each
+        split is counted in the Beam counter `batches_split` of
+        `get_metrics_namespace()`.
+        """
+        results: list[PredictionResult | None] = [None] * len(batch)
+        self._embed_or_split(list(batch), list(range(len(batch))), model, results)
+        return results
+
+    def _embed_or_split(self, items: list, rows: list[int], model, results: list) -> None:
+        try:
+            embeddings = self.embed_batch(items, model)
+            if len(embeddings) != len(items):
+                raise ValueError(
+                    f"the model returned {len(embeddings)} embeddings for {len(items)} inputs"
+                )
+        except Exception as error:  # noqa: BLE001 - isolate the items that fail
+            if len(items) == 1:
+                results[rows[0]] = PredictionResult(
+                    items[0], EmbedFailure(error), self._model_path
+                )
+                return
+            from apache_beam.metrics import Metrics
+
+            Metrics.counter(self.get_metrics_namespace(), "batches_split").inc()
+            half = len(items) // 2
+            self._embed_or_split(items[:half], rows[:half], model, results)
+            self._embed_or_split(items[half:], rows[half:], model, results)
+            return
+        for row, item, embedding in zip(rows, items, embeddings, strict=True):
+            results[row] = PredictionResult(item, embedding, self._model_path)
+
+    def embed_batch(self, batch: Sequence[np.ndarray], model) -> np.ndarray:
+        """Fits each input to the model, stacks them and returns the float32 embeddings."""
         stacked = np.stack([fit_image(x, model.input_shape) for x in batch])
-        embeddings = np.asarray(model(stacked), np.float32)
-        return [
-            PredictionResult(example, embedding, self._model_path)
-            for example, embedding in zip(batch, embeddings, strict=True)
-        ]
+        return np.asarray(model(stacked), np.float32)
 
     def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
         return sum(np.asarray(x).nbytes for x in batch)
 
     def get_metrics_namespace(self) -> str:
-        return "keras_dml_KerasModelHandler"
+        return METRICS_NAMESPACE

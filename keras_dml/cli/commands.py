@@ -103,7 +103,7 @@ def index(args) -> int:
     if args.workers is not None:
         pipeline_args.append(f"--direct_num_workers={args.workers}")
         if not any(arg.startswith("--direct_running_mode") for arg in pipeline_args):
-            # Not multi_threading: at 200k items it grew past 7 GB (BENCHMARKS.md).
+            # Not multi_threading: Beam 2.77 dropped items in that mode (BENCHMARKS.md).
             pipeline_args.append("--direct_running_mode=multi_processing")
     try:
         summary = build_index(
