@@ -22,6 +22,9 @@ among them), keras-dml only unless `--pml-references`.
     python benchmarks/bench_retrieval_metrics.py                          # 100k, 1 round
     python benchmarks/bench_retrieval_metrics.py --rounds 2 --references 1000000 --queries 10000
     python benchmarks/bench_retrieval_metrics.py --n 20000 --classes 200 --only PML
+    python benchmarks/bench_retrieval_metrics.py --rounds 2 --only "keras-dml nmi=True" \
+        "PML+NMI faiss" "keras-dml nmi=False" "keras-dml nmi=False faiss" \
+        --references 1000000 --queries 10000                          # issue 21, third pass
 """
 
 from __future__ import annotations
@@ -37,9 +40,14 @@ import sys
 import time
 
 CONFIGS = ("keras-dml nmi=False", "keras-dml nmi=True", "PML")
-# Not run by default: the full k-means of before issue 21 (`--only "keras-dml nmi=exact"`).
-EXTRA = ("keras-dml nmi=exact",)
-NMI = {"keras-dml nmi=False": False, "keras-dml nmi=True": True, "keras-dml nmi=exact": "exact"}
+# Not run by default: the full k-means of before issue 21 (`--only "keras-dml nmi=exact"`);
+# keras-dml's faiss backend (`backend="faiss"`); PML with faiss (its default `FaissKNN`),
+# for P@1 + MAP@R and with NMI (its default `FaissKMeans`).
+EXTRA = ("keras-dml nmi=exact", "keras-dml nmi=False faiss", "PML faiss", "PML+NMI faiss")
+NMI = {"keras-dml nmi=False": False, "keras-dml nmi=True": True, "keras-dml nmi=exact": "exact",
+       "keras-dml nmi=False faiss": False}
+# Rows that also run on the `--references` set.
+REFERENCE_ROWS = ("keras-dml nmi=False", "keras-dml nmi=False faiss")
 
 
 def make_data(n: int, dim: int, classes: int):
@@ -80,15 +88,18 @@ def run_one(config: str, n: int, dim: int, classes: int, references: int,
     ref_x = ref_y = None
     if references:
         x, y, ref_x, ref_y = x[:n], y[:n], x[n:], y[n:]
-    if config == "PML":
+    if config.startswith("PML"):
         import torch
         from pytorch_metric_learning.distances import CosineSimilarity
         from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
         from pytorch_metric_learning.utils.inference import CustomKNN
 
-        calculator = AccuracyCalculator(
-            include=("precision_at_1", "mean_average_precision_at_r"), k="max_bin_count",
-            knn_func=CustomKNN(CosineSimilarity(), batch_size=pml_batch))
+        include = ("precision_at_1", "mean_average_precision_at_r")
+        if config == "PML+NMI faiss":
+            include += ("NMI",)
+        knn = {} if "faiss" in config else {
+            "knn_func": CustomKNN(CosineSimilarity(), batch_size=pml_batch)}
+        calculator = AccuracyCalculator(include=include, k="max_bin_count", **knn)
         tensors = [torch.from_numpy(x), torch.from_numpy(y)]
         if references:
             tensors += [torch.from_numpy(ref_x), torch.from_numpy(ref_y)]
@@ -96,12 +107,14 @@ def run_one(config: str, n: int, dim: int, classes: int, references: int,
         def call():
             out = calculator.get_accuracy(*tensors)
             return {"precision_at_1": out["precision_at_1"],
-                    "map_at_r": out["mean_average_precision_at_r"]}
+                    "map_at_r": out["mean_average_precision_at_r"], "nmi": out.get("NMI")}
     else:
         from keras_dml.evaluation import retrieval_metrics
 
+        backend = "faiss" if config.endswith("faiss") else "numpy"
+
         def call():
-            return retrieval_metrics(x, y, ref_x, ref_y, nmi=NMI[config])
+            return retrieval_metrics(x, y, ref_x, ref_y, nmi=NMI[config], backend=backend)
 
     gc.collect()
     reset = _reset_peak()
@@ -144,7 +157,7 @@ def main() -> None:
     jobs = [(c, args.n, 0) for c in args.only]
     if args.references:
         jobs += [(c, args.queries, args.references) for c in args.only
-                 if c == "keras-dml nmi=False" or (c == "PML" and args.pml_references)]
+                 if c in REFERENCE_ROWS or (c.startswith("PML") and args.pml_references)]
     rows = []
     for round_ in range(args.rounds):
         for job in jobs:

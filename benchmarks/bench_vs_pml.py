@@ -68,6 +68,8 @@ class Entry:
         views: two-view self-supervised loss: PML gets instance ids as labels.
         pml_max_batch: largest B at which PML is run (memory).
         semi_hard_sort: force keras-dml's sorting semi-hard path (before issue 21).
+        semi_hard_bucketed: force the bucketed path (issue 21's second pass), not
+            the compiled masked minimum (third pass) that few positives now take.
         note: printed under the table.
     """
 
@@ -77,6 +79,7 @@ class Entry:
     views: bool = False
     pml_max_batch: int | None = None
     semi_hard_sort: bool = False
+    semi_hard_bucketed: bool = False
     note: str = ""
 
 
@@ -128,6 +131,10 @@ REGISTRY: dict[str, Entry] = {
     "TripletSemiHardLoss[sort]": Entry(
         lambda: _k().TripletSemiHardLoss(), semi_hard_sort=True,
         note="keras-dml's sorting semi-hard path (every batch before issue 21)."),
+    "TripletSemiHardLoss[bucketed]": Entry(
+        lambda: _k().TripletSemiHardLoss(), semi_hard_bucketed=True,
+        note="keras-dml's bucketed semi-hard path (issue 21's second pass; now above 16 "
+             "positives per anchor)."),
     "TripletHardLoss": Entry(
         lambda: _k().TripletHardLoss(), _pml_batch_hard,
         note="PML: BatchHardMiner + TripletMarginLoss(margin=1, MeanReducer): same loss."),
@@ -233,6 +240,7 @@ def keras_objective(entry: Entry, batch: int):
     from keras_dml import mining
 
     mining.SEMI_HARD_MAX_QUERIES = 0 if entry.semi_hard_sort else 64
+    mining.SEMI_HARD_FUSED_QUERIES = 0 if entry.semi_hard_sort or entry.semi_hard_bucketed else 16
     if not entry.head:
         return entry.keras(), []
     cls, kwargs, loss = entry.keras()

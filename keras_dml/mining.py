@@ -7,7 +7,8 @@ built: batch-all mining sorts each anchor's negatives once and binary-searches
 the positives, O(B·R log R) time and O(B·R) memory; semi-hard mining
 (`semi_hard_terms`) does the same for anchors with many positives and, in
 M-per-class batches (few positives per anchor), buckets the negatives between
-the positives' distances instead of sorting, O(B·R log P).
+the positives' distances instead of sorting, O(B·R log P), or on TensorFlow
+with at most 16 positives takes an XLA-fused masked minimum, O(B·R·P).
 
 Example:
 
@@ -168,6 +169,11 @@ def sum_of_hinges_over_negatives(distances, negative_mask, thresholds):
 # Largest number of queries (positives) per anchor for which `semi_hard_terms`
 # uses bucketed segment minima instead of sorting every row of the distance matrix.
 SEMI_HARD_MAX_QUERIES = 64
+# Largest number of queries per anchor for which `semi_hard_terms` picks the
+# semi-hard negatives by a compiled (XLA) masked minimum over (B, R, K) on
+# TensorFlow, instead of bucketing; 0 turns it off. (On JAX the same masked
+# minimum was slower than bucketing at B=1024, so JAX always buckets.)
+SEMI_HARD_FUSED_QUERIES = 16
 
 
 def semi_hard_terms(distances, negative_mask, query_mask, term, max_queries=None):
@@ -184,8 +190,13 @@ def semi_hard_terms(distances, negative_mask, query_mask, term, max_queries=None
     distances (a search in K values), and a segment minimum per bucket plus a
     suffix minimum over the K + 1 buckets give every query its semi-hard
     negative: O(B·R log K) time, O(B·R) memory. Otherwise each row's negatives
-    are sorted (`semi_hard_negatives`). The choice is made at run time
-    (`ops.cond`) from the batch's largest query count.
+    are sorted (`semi_hard_negatives`). On TensorFlow, when every anchor has
+    at most `SEMI_HARD_FUSED_QUERIES` queries, the semi-hard columns come
+    instead from one masked minimum over `(B, R, K)` compiled by XLA (fused
+    into loops, nothing of that size is built; no gradient is needed for an
+    index), and the loss gathers the chosen distances as in the other paths.
+    The choice is made at run time (`ops.cond`) from the batch's largest
+    query count.
 
     Args:
         distances: `(B, R)` anchor-to-reference distances.
@@ -219,7 +230,85 @@ def semi_hard_terms(distances, negative_mask, query_mask, term, max_queries=None
         return _semi_hard_terms_bucketed(distances, negative_mask, query_mask, term, k, static_k)
 
     most_queries = ops.max(ops.sum(ops.cast(query_mask, "int32"), axis=1))
-    return ops.cond(most_queries <= k, bucket_path, sorted_path)
+    fused_k = min(SEMI_HARD_FUSED_QUERIES, static_k)
+    if fused_k < 1 or keras.backend.backend() != "tensorflow":
+        return ops.cond(most_queries <= k, bucket_path, sorted_path)
+
+    def fused_path():
+        return _semi_hard_terms_fused(distances, negative_mask, query_mask, term, fused_k)
+
+    return ops.cond(
+        most_queries <= fused_k,
+        fused_path,
+        lambda: ops.cond(most_queries <= k, bucket_path, sorted_path),
+    )
+
+
+def _semi_hard_terms_fused(distances, negative_mask, query_mask, term, k):
+    """`semi_hard_terms` for at most `k` (a Python int) queries per anchor, by a masked minimum.
+
+    Only the chosen columns come from the compiled selection (no gradient
+    there); the loss then gathers `d(a, p)` and `d(a, n*)` exactly as the
+    bucketed path does, so values and gradients are the same.
+    """
+    sd = ops.stop_gradient(distances)
+    filler = ops.stop_gradient(_filler(distances))
+    width = ops.shape(distances)[1]
+    static = distances.shape[1] is not None
+    top, query_columns = ops.top_k(
+        ops.where(query_mask, -sd, -filler), k if static else ops.minimum(k, width)
+    )
+    query_sorted = -top
+    if not static:  # pad to k columns: padded queries are invalid and find no negative
+        pad = k - ops.shape(top)[1]
+        query_sorted = ops.pad(query_sorted, [[0, 0], [0, pad]], constant_values=filler)
+        query_columns = ops.pad(query_columns, [[0, 0], [0, pad]])
+    valid = ops.logical_and(
+        ops.take_along_axis(query_mask, query_columns, axis=1), query_sorted < filler
+    )
+    has_semi_hard, column = _xla_masked_minimum()(sd, query_sorted, negative_mask)
+    chosen = (query_columns, valid, has_semi_hard, column)
+    return _chosen_terms(distances, negative_mask, chosen, term)
+
+
+def _masked_minimum(sd, query_sorted, negative_mask):
+    """Per (anchor a, rank r): the lowest column of the smallest negative farther than query r.
+
+    Two reductions over `(B, R, K)` (value, then lowest column holding it),
+    which XLA fuses into loops without building that tensor.
+
+    Returns:
+        `(has_semi_hard (B, K) bool, column (B, K) int32)`, column 0 where none.
+    """
+    num_refs = ops.shape(sd)[1]
+    farther = ops.logical_and(
+        ops.expand_dims(negative_mask, 2),
+        ops.expand_dims(sd, 2) > ops.expand_dims(query_sorted, 1),
+    )
+    values = ops.expand_dims(sd, 2)
+    inf = ops.convert_to_tensor(float("inf"), sd.dtype)
+    minimum = ops.min(ops.where(farther, values, inf), axis=1)  # (B, K)
+    columns = ops.reshape(ops.arange(num_refs, dtype="int32"), (1, -1, 1))
+    is_min = ops.logical_and(farther, values == ops.expand_dims(minimum, 1))
+    column = ops.min(ops.where(is_min, columns, num_refs), axis=1)
+    has_semi_hard = column < num_refs
+    return has_semi_hard, ops.where(has_semi_hard, column, 0)
+
+
+_COMPILED = []
+
+
+def _xla_masked_minimum():
+    """`_masked_minimum` as a TensorFlow function compiled by XLA (built once).
+
+    It has no gradient to compile (its outputs are indices), so it compiles
+    even where the loss as a whole does not (its `ops.cond` gradient).
+    """
+    if not _COMPILED:
+        import tensorflow as tf
+
+        _COMPILED.append(tf.function(_masked_minimum, jit_compile=True, reduce_retracing=True))
+    return _COMPILED[0]
 
 
 def _semi_hard_terms_bucketed(distances, negative_mask, query_mask, term, k, static_k):
@@ -249,6 +338,20 @@ def _semi_hard_terms_bucketed(distances, negative_mask, query_mask, term, k, sta
         has_semi_hard, column = _bucket_minima(
             sd, negative_mask, filler, segment, num_segments, k, static_k
         )
+    chosen = (query_columns, valid, has_semi_hard, column)
+    return _chosen_terms(distances, negative_mask, chosen, term)
+
+
+def _chosen_terms(distances, negative_mask, chosen, term):
+    """`(sum, count)` of `term` over the valid (anchor, query rank) slots, given the chosen columns.
+
+    `chosen` is `(query_columns, valid, has_semi_hard, column)`, each `(B, K)`.
+
+    The gradient reaches `d(a, p)` and `d(a, n*)` through gathers only; a slot
+    without a semi-hard negative takes the anchor's farthest negative, else
+    its row minimum (tensorflow-addons' empty masked maximum).
+    """
+    query_columns, valid, has_semi_hard, column = chosen
     semi_hard = ops.take_along_axis(distances, column, axis=1)
     easiest, has_negative = easiest_negative(distances, negative_mask)
     fallback = ops.where(has_negative, easiest, ops.min(distances, axis=1))

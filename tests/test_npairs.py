@@ -404,3 +404,42 @@ def test_one_per_class_config_and_bad_options():
     with pytest.raises(ValueError, match="references"):
         npairs_loss(labels, x, pairs="one_per_class",
                     references=References.of_batch(labels.astype("int32"), x))
+
+
+@pytest.mark.parametrize("classes", [3, 12, 40])  # C pairs fill B // 16, B // 4, B // 2 slots
+def test_one_per_class_every_slot_size_matches_reference_and_pml(classes):
+    """Pairs from segment minima over label ids, in `B // 16`, `B // 4` or `B // 2` slots."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("pytorch_metric_learning")
+    from pytorch_metric_learning import distances as pml_distances
+    from pytorch_metric_learning import losses as pml_losses
+
+    rng = np.random.default_rng(24 + classes)
+    n = 96
+    labels = rng.permutation(np.arange(n) % classes)
+    if classes == 40:
+        labels[rng.choice(n, 5, replace=False)] = 1000 + np.arange(5)  # singletons
+    labels = (labels * 7919 - 5000).astype("int64")  # sparse, negative label values
+    x = rng.normal(size=(n, 6)).astype("float32")
+    loss = NPairsLoss(l2_reg=0.0, distance="dot", pairs="one_per_class")
+    value, grad = loss_gradient(lambda v: loss(labels, v) + 0.0 * keras.ops.sum(v), x)
+    np.testing.assert_allclose(value, ref_one_per_class(labels, x), rtol=1e-5)
+    x_torch = torch.tensor(x, requires_grad=True)
+    dot = pml_distances.DotProductSimilarity(normalize_embeddings=False)
+    pml = pml_losses.NPairsLoss(distance=dot)
+    expected = pml(x_torch, torch.tensor(labels))
+    expected.backward()
+    np.testing.assert_allclose(value, expected.item(), rtol=1e-5)
+    np.testing.assert_allclose(grad, x_torch.grad.numpy(), rtol=1e-4, atol=1e-6)
+    got = run_compiled(lambda y, v: loss(y, v), labels, x)  # TF: batch size unknown
+    np.testing.assert_allclose(got, ref_one_per_class(labels, x), rtol=1e-5)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="XLA on TensorFlow")
+def test_one_per_class_compiles_with_xla():
+    import tensorflow as tf
+
+    labels, x = batch(np.random.default_rng(25), n=32, classes=5)
+    loss = NPairsLoss(l2_reg=0.01, pairs="one_per_class")
+    got = tf.function(lambda y, v: loss(y, v), jit_compile=True)(labels.astype("int32"), x)
+    np.testing.assert_allclose(float(got), ref_one_per_class(labels, x, 0.01), rtol=1e-5)

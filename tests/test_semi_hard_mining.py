@@ -1,4 +1,8 @@
-"""`mining.semi_hard_terms`: the bucketed path against a NumPy reference and the sorting path."""
+"""`mining.semi_hard_terms`: the fused, bucketed and sorting paths against a NumPy reference.
+
+`max_queries=None` takes the XLA masked minimum on TensorFlow for at most
+`SEMI_HARD_FUSED_QUERIES` queries per anchor; `fused=0` turns it off.
+"""
 
 from __future__ import annotations
 
@@ -34,11 +38,13 @@ def _case(rng, n, classes, ties):
     return d, negatives, queries
 
 
+@pytest.mark.parametrize("fused", [16, 0])  # SEMI_HARD_FUSED_QUERIES (TensorFlow only)
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("max_queries", [None, 0, 3])  # bucketed, sorted, bucketed or sorted
 @pytest.mark.parametrize("offset", [0.0, -1.5])  # negative "distances", as -dot gives
-def test_matches_numpy_reference(ties, seed, max_queries, offset):
+def test_matches_numpy_reference(ties, seed, max_queries, offset, fused, monkeypatch):
+    monkeypatch.setattr(mining, "SEMI_HARD_FUSED_QUERIES", fused)
     rng = np.random.default_rng(seed)
     d, negatives, queries = _case(rng, n=13, classes=4, ties=ties)
     d = d + np.float32(offset)
@@ -53,16 +59,48 @@ def test_matches_numpy_reference(ties, seed, max_queries, offset):
 
 
 @pytest.mark.parametrize("ties", [False, True])
-def test_bucketed_and_sorted_paths_give_the_same_gradient(ties):
+def test_fused_bucketed_and_sorted_paths_give_the_same_gradient(ties, monkeypatch):
     rng = np.random.default_rng(7)
     d, negatives, queries = _case(rng, n=12, classes=3, ties=ties)
+    negatives[1] = False  # no negative: row minimum
+    d[2, negatives[2]] = d[2].min()  # no farther negative: the farthest one
     grads = []
-    for max_queries in (None, 0):
+    for fused, max_queries in ((16, None), (0, None), (0, 0)):
+        monkeypatch.setattr(mining, "SEMI_HARD_FUSED_QUERIES", fused)
         value, grad = loss_gradient(
             lambda v, k=max_queries: _terms(v * 1.0, negatives, queries, 1.0, k)[0], d
         )
         grads.append(grad)
+    assert np.any(grads[0] != 0)
     np.testing.assert_array_equal(grads[0], grads[1])
+    np.testing.assert_array_equal(grads[0], grads[2])
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="the XLA path is TF-only")
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_xla_masked_minimum_picks_the_bucketed_columns(ties, seed):
+    """Same (has a semi-hard negative, column) for every (anchor, query rank), ties included."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    d, negatives, queries = _case(rng, n=29, classes=4, ties=ties)
+    d[3, negatives[3]] = d[3].min()  # no negative farther than any query
+    negatives[4] = False
+    k, n = 16, len(d)
+    filler = float(d.max()) + 1.0
+    query_sorted = np.sort(np.where(queries, d, filler), axis=1)[:, :k].astype("float32")
+    count = np.where(negatives, (query_sorted[:, None, :] < d[:, :, None]).sum(-1), 0)
+    segment = (np.arange(n)[:, None] * (k + 1) + count).reshape(-1).astype("int32")
+    want_has, want_col = mining._tf_bucket_minima(
+        tf.constant(d), tf.constant(negatives), tf.constant(segment), n * (k + 1), k, k
+    )
+    has, col = mining._xla_masked_minimum()(
+        tf.constant(d), tf.constant(query_sorted), tf.constant(negatives)
+    )
+    assert np.any(want_has) and not np.all(want_has)
+    np.testing.assert_array_equal(has.numpy(), want_has.numpy())
+    np.testing.assert_array_equal(col.numpy(), want_col.numpy())
 
 
 def test_no_query_and_no_negative_batches():

@@ -150,11 +150,17 @@ class _Scorer:
     the named measure. Other `Distance` objects score with backend ops.
     """
 
-    def __init__(self, references: np.ndarray, distance):
+    def __init__(self, references: np.ndarray, distance, backend: str = "numpy"):
         self.distance = distances_lib.get(distance)
         name = self.distance.name
         self.builtin = distances_lib.is_builtin(self.distance)
-        self.on_backend = not self.builtin or _backend_has_accelerator()
+        self.faiss = _faiss_module() if backend == "faiss" else None
+        if self.faiss is not None and not self.builtin:
+            raise ValueError(
+                'backend="faiss" takes the built-in distances only (cosine, euclidean, '
+                f"squared_euclidean, dot, angular), got {self.distance!r}."
+            )
+        self.on_backend = self.faiss is None and (not self.builtin or _backend_has_accelerator())
         if self.builtin and self.distance.unit_inputs:
             references = _l2_normalize(references)
         self.bias = None
@@ -165,6 +171,12 @@ class _Scorer:
         # (N, D) as given: NumPy's matmul hands `references.T` to BLAS as a
         # transposed operand, without a copy.
         self.references = references
+        if self.faiss is not None:
+            # faiss ranks by inner product; for euclidean one more column carries
+            # -|r|^2 (and a 1 on the query side), so the product is the score itself.
+            if self.bias is not None:
+                references = np.hstack([references, self.bias.T])
+            self.references = np.ascontiguousarray(references, dtype="float32")
         if self.on_backend:
             self.references = ops.convert_to_tensor(references)
             if self.bias is not None:
@@ -176,6 +188,23 @@ class _Scorer:
         if self.bias is not None:
             return 2.0 * queries
         return queries
+
+    def top_k(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """`(scores, indices)` of the `k` best references of `prepare`d queries, best first.
+
+        Ties go to the lower index; with faiss, among the k returned (faiss
+        may pick a different reference tied at the k-th place).
+        """
+        if self.faiss is None:
+            return _top_k(self.scores(queries), k)
+        if self.bias is not None:
+            queries = np.hstack([queries, np.ones((len(queries), 1), "float32")])
+        values, indices = self.faiss.knn(
+            np.ascontiguousarray(queries, dtype="float32"), self.references, k,
+            metric=self.faiss.METRIC_INNER_PRODUCT,
+        )
+        order = np.lexsort((indices, -values), axis=1)
+        return np.take_along_axis(values, order, 1), np.take_along_axis(indices, order, 1)
 
     def scores(self, queries: np.ndarray) -> np.ndarray:
         """`(len(queries), N)` float32 NumPy scores of `prepare`d queries."""
@@ -231,6 +260,28 @@ def _backend_has_accelerator() -> bool:
 def _check_batch_size(batch_size) -> None:
     if batch_size is not None:
         check_positive_int(batch_size, "batch_size")
+
+
+BACKENDS = ("numpy", "faiss")
+# Queries per `faiss.knn` call: faiss builds no (queries, N) matrix (it blocks the
+# search into 4096 x 1024 tiles), so a chunk holds only its k results.
+_FAISS_CHUNK = 4096
+
+
+def _check_backend(backend) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}.")
+
+
+def _faiss_module():
+    """faiss, imported on first use (optional: `pip install faiss-cpu`)."""
+    try:
+        import faiss
+    except ImportError as error:
+        raise ImportError(
+            'backend="faiss" needs the faiss package (pip install faiss-cpu).'
+        ) from error
+    return faiss
 
 
 # Columns per group in `_top_k` (at most; fewer when k is large against N).
@@ -361,7 +412,9 @@ def _top_k_chunks(
     start = 0
     while start < len(query_ids):
         rows = _chunk_rows(batch_size, n_references, _round_k(ks[start], available))
-        if batch_size is None:
+        if scorer.faiss is not None:  # no score matrix here: faiss blocks the search itself
+            rows = batch_size or _FAISS_CHUNK
+        elif batch_size is None:
             # `ks` ascends: size the chunk again for the k of its last query.
             last = min(start + rows, len(query_ids)) - 1
             rows = _chunk_rows(None, n_references, _round_k(ks[last], available))
@@ -373,7 +426,7 @@ def _top_k_chunks(
         # Asking for one more and dropping the query itself (or, when it is not
         # among them, the last) gives the k nearest others without masking the
         # diagonal of the chunk.
-        values, indices = _top_k(scorer.scores(chunk), k + int(exclude_self))
+        values, indices = scorer.top_k(chunk, k + int(exclude_self))
         values = values if with_scores else None
         if exclude_self:
             keep = indices != ids[:, None]
@@ -389,6 +442,7 @@ def nearest_neighbors(
     k: int = 10,
     distance="cosine",
     batch_size: int | None = None,
+    backend: str = "numpy",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Finds the `k` nearest references of each query, exactly, in chunks.
 
@@ -403,6 +457,12 @@ def nearest_neighbors(
             `keras_dml.distances.Distance`.
         batch_size: queries scored at once; by default as many as keep a
             chunk's working memory near 256 MiB.
+        backend: `"numpy"` (default): one BLAS matmul per chunk and an exact
+            top-k, ties to the lower index (or the Keras backend's matmul on
+            a GPU/TPU). `"faiss"`: faiss's brute-force search
+            (`faiss.knn`, inner product; needs `faiss-cpu`, imported only
+            then), built-in distances only; a tie at the k-th place may go to
+            another reference.
 
     Returns:
         `(indices, distances)`, both `(Q, k)`, nearest first: int64 reference
@@ -425,7 +485,8 @@ def nearest_neighbors(
     if not is_integer(k) or not 1 <= k <= available:
         raise ValueError(f"`k` must be an integer in [1, {available}], got {k!r}.")
     _check_batch_size(batch_size)
-    scorer = _Scorer(references, distance)
+    _check_backend(backend)
+    scorer = _Scorer(references, distance, backend)
     n = len(queries)
     out_indices = np.empty((n, k), "int64")
     out_distances = np.empty((n, k), "float32")
@@ -493,6 +554,7 @@ def retrieval_metrics(
     nmi: bool | str = True,
     batch_size: int | None = None,
     seed: int = 0,
+    backend: str = "numpy",
 ) -> dict[str, float]:
     """Scores how well embeddings retrieve their own class: P@1, Recall@K, R-Precision, MAP@R, NMI.
 
@@ -546,6 +608,8 @@ def retrieval_metrics(
         batch_size: queries scored at once; by default as many as keep a
             chunk's working memory near 256 MiB.
         seed: k-means seed, so that NMI is reproducible.
+        backend: the nearest-neighbour search, `"numpy"` (default) or
+            `"faiss"`, as in `nearest_neighbors`.
 
     Returns:
         A dict of Python floats, in this order: `precision_at_1`,
@@ -603,6 +667,7 @@ def retrieval_metrics(
             )
     distances_lib.get(distance)  # an unknown name fails before any work
     _check_batch_size(batch_size)
+    _check_backend(backend)
     if not (isinstance(nmi, (bool, np.bool_)) or (isinstance(nmi, str) and nmi == "exact")):
         raise ValueError(f'`nmi` must be True, False or "exact", got {nmi!r}.')
 
@@ -644,7 +709,7 @@ def retrieval_metrics(
         n_available = len(references) - int(leave_one_out)
         wanted = np.minimum(np.maximum(relevant[scored], max(ks)), n_available)
         chunks = _top_k_chunks(
-            _Scorer(references, distance), queries, scored, wanted, len(references),
+            _Scorer(references, distance, backend), queries, scored, wanted, len(references),
             leave_one_out, batch_size,
         )
         with _full_precision_matmul():

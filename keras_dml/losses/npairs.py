@@ -119,31 +119,54 @@ def npairs_loss(
 def _one_pair_per_class_loss(labels, embeddings, distance):
     """Cross-entropy of the `C x C` anchor-by-positive similarities, one pair per class.
 
-    Static shapes for every backend: the anchors (first sample of a class
-    that has a second) are gathered, in batch order, into `B // 2` slots (no
-    batch has more such classes), the unused slots masked out.
+    The pairs are found without any `(B, B)` tensor: each sample's class is
+    named by the first position of its label in the sorted labels, and a
+    segment minimum of the batch positions per class gives its first sample
+    (the anchor), a second one its next sample (the positive). Static shapes
+    for every backend (and XLA): the anchors, in batch order, fill `S` slots
+    where `S` is the smallest of `B // 16`, `B // 4`, `B // 2` that holds the
+    batch's C pairs (chosen at run time by `ops.switch`; no batch has more
+    than `B // 2`), the unused slots masked out, so an M-per-class batch
+    costs a `C x C` softmax, as in pytorch-metric-learning.
     """
     n = ops.shape(labels)[0]
-    index = ops.arange(n)
-    same = ops.equal(ops.expand_dims(labels, 1), ops.expand_dims(labels, 0))
-    earlier = ops.less(ops.expand_dims(index, 0), ops.expand_dims(index, 1))
-    later_same = ops.logical_and(same, ops.greater(ops.expand_dims(index, 0),
-                                                   ops.expand_dims(index, 1)))
-    is_first = ops.logical_not(ops.any(ops.logical_and(same, earlier), axis=1))
-    is_anchor = ops.logical_and(is_first, ops.any(later_same, axis=1))
-    second = ops.argmax(ops.cast(later_same, "int32"), axis=1)  # first later same-label sample
-    slots = max(n // 2, 1) if isinstance(n, int) else ops.maximum(n // 2, 1)
-    # Anchors first, in batch order: the largest keys are -i for anchors.
-    key = ops.cast(ops.where(is_anchor, -index, -index - n), "float32")
-    _, chosen = ops.top_k(key, slots)
-    valid = ops.take(is_anchor, chosen)
-    anchors = ops.take(embeddings, chosen, axis=0)
-    positives = ops.take(embeddings, ops.take(second, chosen), axis=0)
-    logits = distances.get(distance).similarity(anchors, positives)
-    columns = ops.logical_and(ops.expand_dims(valid, 0), ops.ones_like(logits, dtype="bool"))
-    per_anchor = dml_ops.masked_logsumexp(logits, columns, axis=1) - ops.diagonal(logits)
-    total = dml_ops.masked_sum(per_anchor, valid)
-    return total / ops.maximum(dml_ops.masked_count(valid, dtype=total.dtype), 1.0)
+    position = ops.arange(n, dtype="int32")
+    klass = ops.cast(ops.searchsorted(ops.sort(labels), labels, side="left"), "int32")
+    size = ops.segment_sum(ops.ones_like(position), klass, num_segments=n)
+    has_pair = size >= 2  # classes are named by ids in [0, n); most ids are unused
+    first = ops.segment_min(position, klass, num_segments=n)
+    first = ops.where(has_pair, first, 0)
+    is_first = ops.equal(position, ops.take(first, klass))
+    second = ops.segment_min(ops.where(is_first, n, position), klass, num_segments=n)
+    second = ops.where(has_pair, second, 0)
+    # Classes with a pair first, in the batch order of their anchors.
+    key = ops.cast(ops.where(has_pair, -first, -n - position), "float32")
+    num_pairs = ops.sum(ops.cast(has_pair, "int32"))
+
+    def loss_with(slots):
+        def branch():
+            _, chosen = ops.top_k(key, slots)
+            valid = ops.take(has_pair, chosen)
+            anchors = ops.take(embeddings, ops.take(first, chosen), axis=0)
+            positives = ops.take(embeddings, ops.take(second, chosen), axis=0)
+            logits = distances.get(distance).similarity(anchors, positives)
+            columns = ops.logical_and(
+                ops.expand_dims(valid, 0), ops.ones_like(logits, dtype="bool")
+            )
+            per_anchor = dml_ops.masked_logsumexp(logits, columns, axis=1) - ops.diagonal(logits)
+            total = dml_ops.masked_sum(per_anchor, valid)
+            return total / ops.maximum(dml_ops.masked_count(valid, dtype=total.dtype), 1.0)
+
+        return branch
+
+    if isinstance(n, int):
+        sizes = sorted({max(n // 16, 1), max(n // 4, 1), max(n // 2, 1)})
+    else:
+        sizes = [ops.maximum(n // d, 1) for d in (16, 4, 2)]
+    if len(sizes) == 1:
+        return loss_with(sizes[0])()
+    index = sum(ops.cast(num_pairs > size, "int32") for size in sizes[:-1])
+    return ops.switch(index, [loss_with(size) for size in sizes])
 
 
 @keras.saving.register_keras_serializable(package="keras_dml")
