@@ -116,6 +116,17 @@ def _pml_multi_similarity():
     return lambda x, y: loss(x, y, miner(x, y))
 
 
+def _pml_dynamic_soft_margin():
+    loss = _pml()[1].DynamicSoftMarginLoss()
+
+    def step(x, y):
+        value = loss(x, y)
+        loss.hist_ = loss.hist_.detach()
+        return value
+
+    return step
+
+
 def _pml_npairs():
     return _pml()[1].NPairsLoss()
 
@@ -192,6 +203,11 @@ REGISTRY: dict[str, Entry] = {
         lambda: (_k().heads.ProxyNCA, {"temperature": 1.0}, None),
         lambda c, d: _pml()[1].ProxyNCALoss(c, d), head=True,
         note="temperature 1 (PML's softmax_scale=1)."),
+    "DynamicSoftMarginLoss": Entry(
+        lambda: _k().DynamicSoftMarginLoss(), _pml_dynamic_soft_margin, pml_max_batch=1024,
+        note="same loss and running histogram (momentum 0.01); PML's histogram is detached "
+             "after each call (its own keeps the graph, and the second backward() fails). Both "
+             "form every triplet: keras-dml as (B, B, B) tensors (run it at B <= 512)."),
 }
 
 

@@ -26,6 +26,7 @@ _LOSSES += ("AngularLoss", "GeneralizedLiftedStructureLoss", "InstanceLoss",
             "SignalToNoiseRatioContrastiveLoss", "ThresholdConsistentMarginLoss",
             "TupletMarginLoss")
 _LOSSES += ("FastAPLoss", "HistogramLoss", "PNPLoss", "SmoothAPLoss", "VICRegLoss")
+_LOSSES += ("DynamicSoftMarginLoss",)
 
 
 def _load_all() -> None:
@@ -89,6 +90,7 @@ __all__ = [
     "PNPLoss",
     "SmoothAPLoss",
     "VICRegLoss",
+    "DynamicSoftMarginLoss",
     "__version__",
     "callbacks",
     "distances",

@@ -4,6 +4,7 @@ from keras_dml.losses.angular import AngularLoss, angular_loss
 from keras_dml.losses.base import MetricLoss, multi_hot
 from keras_dml.losses.circle import CircleLoss, circle_loss
 from keras_dml.losses.contrastive import ContrastiveLoss, contrastive_loss
+from keras_dml.losses.dynamic_soft_margin import DynamicSoftMarginLoss, dynamic_soft_margin_loss
 from keras_dml.losses.fast_ap import FastAPLoss, fast_ap_loss
 from keras_dml.losses.generalized_lifted_structure import (
     GeneralizedLiftedStructureLoss,
@@ -96,4 +97,6 @@ __all__ = [
     "smooth_ap_loss",
     "vicreg_loss",
     "multi_hot",
+    "DynamicSoftMarginLoss",
+    "dynamic_soft_margin_loss",
 ]
