@@ -26,7 +26,7 @@ _LOSSES += ("AngularLoss", "GeneralizedLiftedStructureLoss", "InstanceLoss",
             "SignalToNoiseRatioContrastiveLoss", "ThresholdConsistentMarginLoss",
             "TupletMarginLoss")
 _LOSSES += ("FastAPLoss", "HistogramLoss", "PNPLoss", "SmoothAPLoss", "VICRegLoss")
-_LOSSES += ("DynamicSoftMarginLoss",)
+_LOSSES += ("DynamicSoftMarginLoss", "MultipleLosses")
 
 
 def _load_all() -> None:
@@ -91,6 +91,7 @@ __all__ = [
     "SmoothAPLoss",
     "VICRegLoss",
     "DynamicSoftMarginLoss",
+    "MultipleLosses",
     "__version__",
     "callbacks",
     "distances",

@@ -57,3 +57,22 @@ def test_fit_with_a_miner_and_a_reducer(name):
     model.compile(optimizer="sgd", loss=LOSSES[name](**options))
     history = model.fit(x, labels, batch_size=12, epochs=1, verbose=0, shuffle=False)
     assert np.all(np.isfinite(history.history["loss"]))
+
+
+def test_multiple_losses_is_the_weighted_sum_and_trains():
+    labels, x = batch()
+    parts = [keras_dml.ContrastiveLoss(miner=miners.PairMarginMiner(0.5, 1.5)),
+             keras_dml.MarginLoss()]
+    total, grad = loss_gradient(
+        lambda v: keras_dml.MultipleLosses(parts, weights=[1.0, 0.5])(labels, v), x)
+    want = float(parts[0](labels, x)) + 0.5 * float(parts[1](labels, x))
+    np.testing.assert_allclose(float(total), want, rtol=1e-5)
+    assert np.all(np.isfinite(grad)) and np.any(grad != 0)
+
+
+def test_docstring_examples():
+    import doctest
+
+    from keras_dml.losses import multiple
+
+    assert doctest.testmod(multiple).failed == 0

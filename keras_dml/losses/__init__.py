@@ -16,6 +16,7 @@ from keras_dml.losses.intra_pair_variance import IntraPairVarianceLoss, intra_pa
 from keras_dml.losses.lifted_struct import LiftedStructLoss, lifted_struct_loss
 from keras_dml.losses.margin import MarginLoss, margin_loss
 from keras_dml.losses.multi_similarity import MultiSimilarityLoss, multi_similarity_loss
+from keras_dml.losses.multiple import MultipleLosses
 from keras_dml.losses.nca import NCALoss, nca_loss
 from keras_dml.losses.npairs import NPairsLoss, npairs_loss, npairs_loss_from_similarity
 from keras_dml.losses.ntxent import NTXentLoss, nt_xent_loss
@@ -99,4 +100,5 @@ __all__ = [
     "multi_hot",
     "DynamicSoftMarginLoss",
     "dynamic_soft_margin_loss",
+    "MultipleLosses",
 ]
