@@ -37,6 +37,9 @@ CASES = {
     "margin+batch_hard": lambda: keras_dml.MarginLoss(miner=miners.BatchHardMiner()),
     "generalized_lifted+pair_margin": lambda: keras_dml.GeneralizedLiftedStructureLoss(
         miner=miners.PairMarginMiner(0.5, 1.5)),
+    # Needs each reference row's own (mined) negatives: gathered from the other replica.
+    "lifted_struct+pair_margin": lambda: keras_dml.LiftedStructLoss(
+        miner=miners.PairMarginMiner(0.5, 1.2)),
 }
 
 rng = np.random.default_rng(0)

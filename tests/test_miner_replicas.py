@@ -27,7 +27,7 @@ def test_mirrored_strategy_with_miners_equals_one_device():
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULTS ")]
     assert lines, result.stdout[-2000:] + result.stderr[-4000:]
     results = json.loads(lines[-1][len("RESULTS "):])
-    assert len(results) == 5
+    assert len(results) == 6
     for name, diff in results.items():
         assert diff["nonzero_loss"], name
         assert diff["loss"] < 1e-5, (name, diff)

@@ -1,4 +1,4 @@
-"""Cross-batch memory with losses that take `miner=`, against PML's `CrossBatchMemory(loss, miner=)`.
+"""Cross-batch memory with miners, against PML's `CrossBatchMemory(loss, miner=)`.
 
 PML's wrapper mines the batch (queries) against the whole memory
 (`miner(embeddings, labels, E_mem, L_mem)`), removes each query's pairs with
@@ -93,3 +93,4 @@ def test_matches_pml_cross_batch_memory_with_a_miner(case):
         assert int(memory.pointer.numpy()) == pml_xbm.queue_idx
         nonzero += float(value) != 0
     assert nonzero >= 3
+

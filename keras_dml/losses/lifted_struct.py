@@ -67,8 +67,10 @@ def lifted_struct_loss(
     # A positive pair neither of whose members has a (mined) negative has an empty sum,
     # which counts 0 (PML's `logsumexp`); without any negative pair the loss is 0.
     row_empty = ops.logical_not(ops.any(negative_mask, axis=1))
+    # Gathered across replicas as numbers (the collective takes no booleans).
+    reference_empty = references.gather_rows(ops.cast(row_empty, "float32")) > 0
     both_empty = ops.logical_and(
-        ops.expand_dims(row_empty, 1), ops.expand_dims(references.gather_rows(row_empty), 0)
+        ops.expand_dims(row_empty, 1), ops.expand_dims(reference_empty, 0)
     )
     pair_lse = ops.where(both_empty, ops.zeros_like(pair_lse), pair_lse)
     negatives = dml_ops.masked_count(negative_mask)
