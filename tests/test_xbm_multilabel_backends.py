@@ -42,14 +42,13 @@ def ref_contrastive(labels, x, ref_labels, refs, valid, self_slots, weights=None
     return (pos_sum / pos_weight if pos_weight else 0.0) + (neg_sum / neg_count if neg_count else 0)
 
 
-def test_memory_references_value_and_gradient():
-    rng = np.random.default_rng(0)
-    memory = CrossBatchMemory(M, D)
+def check_memory_against_ring_buffer(memory, draw_labels, label_shape, rng):
+    """Three writes of 5 into 12 slots (wraps): loss vs the loop reference, then the contents."""
     loss = keras_dml.ContrastiveLoss()
-    stored_x, stored_y = np.zeros((M, D)), np.zeros(M, "int64")
+    stored_x, stored_y = np.zeros((M, D)), np.zeros((M, *label_shape), "int64")
     pointer = filled = 0
-    for _ in range(3):  # 15 writes into 12 slots: wraps
-        y = rng.integers(0, 3, 5)
+    for _ in range(3):
+        y = draw_labels()
         x = rng.normal(size=(5, D)).astype("float32")
         refs = memory.enqueue(y, x)
         slots = [(pointer + i) % M for i in range(5)]
@@ -64,6 +63,12 @@ def test_memory_references_value_and_gradient():
     np.testing.assert_array_equal(numpy(memory.labels), stored_y)
     np.testing.assert_allclose(numpy(memory.embeddings), stored_x, rtol=1e-6)
     assert int(numpy(memory.pointer)) == pointer
+
+
+def test_memory_references_value_and_gradient():
+    rng = np.random.default_rng(0)
+    check_memory_against_ring_buffer(CrossBatchMemory(M, D), lambda: rng.integers(0, 3, 5), (),
+                                     rng)
 
 
 def test_xbm_model_fit_step():
@@ -119,23 +124,7 @@ def multi_hot_sets(rng, rows, classes=4):
 def test_memory_stores_multi_hot_labels():
     rng = np.random.default_rng(3)
     memory = CrossBatchMemory(M, D, num_classes=4)
-    loss = keras_dml.ContrastiveLoss()
-    stored_x, stored_y = np.zeros((M, D)), np.zeros((M, 4), "int32")
-    pointer = filled = 0
-    for _ in range(3):  # 15 writes into 12 slots: wraps
-        y = multi_hot_sets(rng, 5)
-        x = rng.normal(size=(5, D)).astype("float32")
-        refs = memory.enqueue(y, x)
-        slots = [(pointer + i) % M for i in range(5)]
-        stored_x[slots], stored_y[slots] = x, y
-        pointer, filled = (pointer + 5) % M, min(filled + 5, M)
-        value, grad = loss_gradient(
-            lambda v, y=y, refs=refs: loss.compute(keras.ops.convert_to_tensor(y, "int32"), v,
-                                                   references=refs), x)
-        expected = ref_contrastive(y, x, stored_y, stored_x, np.arange(M) < filled, slots)
-        np.testing.assert_allclose(float(value), expected, rtol=1e-5)
-        assert np.all(np.isfinite(grad)) and np.any(grad)
-    np.testing.assert_array_equal(numpy(memory.labels), stored_y)
+    check_memory_against_ring_buffer(memory, lambda: multi_hot_sets(rng, 5), (4,), rng)
     clone = CrossBatchMemory.from_config(memory.get_config())
     assert clone.num_classes == 4 and tuple(clone.labels.shape) == (M, 4)
 
