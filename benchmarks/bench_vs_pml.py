@@ -119,6 +119,29 @@ def _pml_multi_similarity():
     return lambda x, y: loss(x, y, miner(x, y))
 
 
+def _pml_dynamic_soft_margin():
+    loss = _pml()[1].DynamicSoftMarginLoss()
+
+    def step(x, y):
+        value = loss(x, y)
+        loss.hist_ = loss.hist_.detach()
+        return value
+
+    return step
+
+
+def _pair_margin_miner():
+    return _k().miners.PairMarginMiner(1.40, 1.42)
+
+
+def _pml_pair_margin_miner():
+    return _pml()[2].PairMarginMiner(1.40, 1.42, distance=_pml_l2())
+
+
+def _pml_mined(loss, miner):
+    return lambda x, y: loss(x, y, miner(x, y))
+
+
 def _pml_npairs():
     return _pml()[1].NPairsLoss()
 
@@ -199,6 +222,53 @@ REGISTRY: dict[str, Entry] = {
         lambda: (_k().heads.ProxyNCA, {"temperature": 1.0}, None),
         lambda c, d: _pml()[1].ProxyNCALoss(c, d), head=True,
         note="temperature 1 (PML's softmax_scale=1)."),
+    "DynamicSoftMarginLoss": Entry(
+        lambda: _k().DynamicSoftMarginLoss(), _pml_dynamic_soft_margin, pml_max_batch=1024,
+        note="same loss and running histogram (momentum 0.01); PML's histogram is detached "
+             "after each call (its own keeps the graph, and the second backward() fails). Both "
+             "form every triplet: keras-dml as (B, B, B) tensors (run it at B <= 512)."),
+    # Issue 19: the catalogue's pair and triplet losses with miner objects (PML's
+    # indices_tuple). PairMarginMiner(1.40, 1.42): on these random unit vectors (distances
+    # near sqrt 2) it keeps about half of the positive and of the negative pairs.
+    "GeneralizedLiftedStructureLoss+PairMarginMiner": Entry(
+        lambda: _k().GeneralizedLiftedStructureLoss(miner=_pair_margin_miner()),
+        lambda: _pml_mined(_pml()[1].GeneralizedLiftedStructureLoss(distance=_pml_l2()),
+                           _pml_pair_margin_miner()),
+        note="same loss and miner (tests/test_catalogue_loss_miners.py)."),
+    "LiftedStructLoss+PairMarginMiner": Entry(
+        lambda: _k().LiftedStructLoss(miner=_pair_margin_miner()),
+        lambda: _pml_mined(_pml()[1].LiftedStructureLoss(distance=_pml_l2()),
+                           _pml_pair_margin_miner()), pml_max_batch=256,
+        note="same loss and miner; PML builds a (mined positive pairs x mined negative pairs) "
+             "matrix, ~3.9 k x 2.6e5 at B=1024, so it runs at B=256 only."),
+    "TupletMarginLoss+MultiSimilarityMiner": Entry(
+        lambda: _k().TupletMarginLoss(miner=_k().miners.MultiSimilarityMiner(0.1)),
+        lambda: _pml_mined(_pml()[1].TupletMarginLoss(), _pml()[2].MultiSimilarityMiner(0.1)),
+        pml_max_batch=256,
+        note="same loss and miner; PML repeats the negative pairs for every positive pair "
+             "(a positive pairs x negative pairs matrix: 63 GB at B=1024), so it runs at "
+             "B=256 only."),
+    "IntraPairVarianceLoss+PairMarginMiner": Entry(
+        lambda: _k().IntraPairVarianceLoss(miner=_pair_margin_miner()),
+        lambda: _pml_mined(_pml()[1].IntraPairVarianceLoss(), _pml_pair_margin_miner()),
+        note="same loss and miner."),
+    "SignalToNoiseRatioContrastiveLoss+PairMarginMiner": Entry(
+        lambda: _k().SignalToNoiseRatioContrastiveLoss(miner=_pair_margin_miner()),
+        lambda: _pml_mined(_pml()[1].SignalToNoiseRatioContrastiveLoss(),
+                           _pml_pair_margin_miner()),
+        note="same loss and miner."),
+    "AngularLoss+MultiSimilarityMiner": Entry(
+        lambda: _k().AngularLoss(miner=_k().miners.MultiSimilarityMiner(0.1)),
+        lambda: _pml_mined(_pml()[1].AngularLoss(), _pml()[2].MultiSimilarityMiner(0.1)),
+        note="same loss and miner (unit-norm inputs)."),
+    "MarginLoss+PairMarginMiner": Entry(
+        lambda: _k().MarginLoss(miner=_pair_margin_miner()),
+        lambda: _pml_mined(_pml()[1].MarginLoss(distance=_pml_l2()), _pml_pair_margin_miner()),
+        pml_max_batch=256,
+        note="same loss; the pair miner's positives x negatives per anchor are the triplets "
+             "(PML's convert_to_triplets compares every mined positive pair with every mined "
+             "negative pair: ~9 k x 5.6e5 at B=1024, so PML runs at B=256 only; keras-dml "
+             "weighs the pair terms by their triplet counts, O(B^2))."),
 }
 
 

@@ -26,6 +26,7 @@ _LOSSES += ("AngularLoss", "GeneralizedLiftedStructureLoss", "InstanceLoss",
             "SignalToNoiseRatioContrastiveLoss", "ThresholdConsistentMarginLoss",
             "TupletMarginLoss")
 _LOSSES += ("FastAPLoss", "HistogramLoss", "PNPLoss", "SmoothAPLoss", "VICRegLoss")
+_LOSSES += ("DynamicSoftMarginLoss", "MultipleLosses")
 
 
 def _load_all() -> None:
@@ -89,6 +90,8 @@ __all__ = [
     "PNPLoss",
     "SmoothAPLoss",
     "VICRegLoss",
+    "DynamicSoftMarginLoss",
+    "MultipleLosses",
     "__version__",
     "callbacks",
     "distances",

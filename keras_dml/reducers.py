@@ -1,7 +1,9 @@
 """Reducers: how a loss's per-element terms (per pair, triplet or anchor) become one number.
 
 A loss that forms per-element losses (`TripletLoss`, `ContrastiveLoss`,
-`MultiSimilarityLoss`, `CircleLoss`) takes `reducer=`; left None, each keeps
+`MultiSimilarityLoss`, `CircleLoss`, `LiftedStructLoss`,
+`GeneralizedLiftedStructureLoss`, `TupletMarginLoss`, `IntraPairVarianceLoss`,
+`SignalToNoiseRatioContrastiveLoss`, `AngularLoss`) takes `reducer=`; left None, each keeps
 its documented reduction. A reducer is called on a tensor of losses whose
 first axis is the anchor (`(B,)` per anchor, `(B, R)` per pair, `(B, R, R)`
 per triplet), a boolean mask of the same shape saying which entries exist,

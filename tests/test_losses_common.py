@@ -35,6 +35,9 @@ ALL_LOSSES = [
     keras_dml.PNPLoss(),
     keras_dml.HistogramLoss(),
     keras_dml.VICRegLoss(),
+    # momentum=1.0: a compiled JAX fit cannot carry the running histogram (see its docstring).
+    keras_dml.DynamicSoftMarginLoss(momentum=1.0),
+    keras_dml.MultipleLosses([keras_dml.ContrastiveLoss(), keras_dml.TripletLoss()], [1.0, 0.5]),
 ]
 IDS = [type(loss).__name__ for loss in ALL_LOSSES]
 

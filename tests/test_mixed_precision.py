@@ -73,6 +73,9 @@ def make_losses():
         "PNPLoss": keras_dml.PNPLoss(),
         "HistogramLoss": keras_dml.HistogramLoss(),
         "VICRegLoss": keras_dml.VICRegLoss(),
+        "DynamicSoftMarginLoss": keras_dml.DynamicSoftMarginLoss(momentum=1.0),  # stateless
+        "MultipleLosses": keras_dml.MultipleLosses([keras_dml.ContrastiveLoss(),
+                                                    keras_dml.CircleLoss()]),
     }
 
 

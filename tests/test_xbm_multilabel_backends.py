@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+import pytest
 from conftest import loss_gradient
 
 import keras_dml
@@ -41,14 +42,13 @@ def ref_contrastive(labels, x, ref_labels, refs, valid, self_slots, weights=None
     return (pos_sum / pos_weight if pos_weight else 0.0) + (neg_sum / neg_count if neg_count else 0)
 
 
-def test_memory_references_value_and_gradient():
-    rng = np.random.default_rng(0)
-    memory = CrossBatchMemory(M, D)
+def check_memory_against_ring_buffer(memory, draw_labels, label_shape, rng):
+    """Three writes of 5 into 12 slots (wraps): loss vs the loop reference, then the contents."""
     loss = keras_dml.ContrastiveLoss()
-    stored_x, stored_y = np.zeros((M, D)), np.zeros(M, "int64")
+    stored_x, stored_y = np.zeros((M, D)), np.zeros((M, *label_shape), "int64")
     pointer = filled = 0
-    for _ in range(3):  # 15 writes into 12 slots: wraps
-        y = rng.integers(0, 3, 5)
+    for _ in range(3):
+        y = draw_labels()
         x = rng.normal(size=(5, D)).astype("float32")
         refs = memory.enqueue(y, x)
         slots = [(pointer + i) % M for i in range(5)]
@@ -63,6 +63,12 @@ def test_memory_references_value_and_gradient():
     np.testing.assert_array_equal(numpy(memory.labels), stored_y)
     np.testing.assert_allclose(numpy(memory.embeddings), stored_x, rtol=1e-6)
     assert int(numpy(memory.pointer)) == pointer
+
+
+def test_memory_references_value_and_gradient():
+    rng = np.random.default_rng(0)
+    check_memory_against_ring_buffer(CrossBatchMemory(M, D), lambda: rng.integers(0, 3, 5), (),
+                                     rng)
 
 
 def test_xbm_model_fit_step():
@@ -107,3 +113,46 @@ def test_multi_label_jaccard_value_gradient_and_fit():
     model.compile(optimizer="sgd", loss=keras_dml.SupConLoss(multi_label="jaccard"))
     history = model.fit(x, sets, batch_size=10, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])
+
+
+def multi_hot_sets(rng, rows, classes=4):
+    sets = (rng.random((rows, classes)) < 0.3).astype("int32")
+    sets[np.arange(rows), rng.integers(0, classes, rows)] = 1
+    return sets
+
+
+def test_memory_stores_multi_hot_labels():
+    rng = np.random.default_rng(3)
+    memory = CrossBatchMemory(M, D, num_classes=4)
+    check_memory_against_ring_buffer(memory, lambda: multi_hot_sets(rng, 5), (4,), rng)
+    clone = CrossBatchMemory.from_config(memory.get_config())
+    assert clone.num_classes == 4 and tuple(clone.labels.shape) == (M, 4)
+
+
+def test_multi_hot_label_errors():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(5, D)).astype("float32")
+    sets = multi_hot_sets(rng, 5)
+    with pytest.raises(ValueError, match="num_classes"):
+        CrossBatchMemory(M, D).enqueue(sets, x)
+    with pytest.raises(ValueError, match="multi-hot labels of width 4"):
+        CrossBatchMemory(M, D, num_classes=4).enqueue(np.arange(5), x)
+    model = XBMModel(keras.Sequential([keras.Input((D,)), keras.layers.Dense(3)]),
+                     memory_size=M, num_classes=4)
+    model.compile(optimizer="sgd", loss=keras_dml.GeneralizedLiftedStructureLoss())
+    with pytest.raises(ValueError, match="does not take multi-hot labels"):
+        model.fit(x, sets, batch_size=5, verbose=0)
+
+
+def test_xbm_model_fit_with_multi_hot_labels():
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(16, 5)).astype("float32")
+    y = multi_hot_sets(rng, 16)
+    model = XBMModel(keras.Sequential([keras.Input((5,)), keras.layers.Dense(D)]),
+                     memory_size=M + 4, num_classes=4)
+    model.compile(optimizer="sgd", loss=keras_dml.ContrastiveLoss(multi_label="jaccard"))
+    history = model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    np.testing.assert_array_equal(numpy(model.memory.labels)[:16], y)
+    assert XBMModel.from_config(model.get_config()).memory.num_classes == 4

@@ -39,11 +39,19 @@ class CrossBatchMemory(keras.layers.Layer):
     number of filled slots, number of writes and of calls), also under a mixed-precision
     policy: a half-precision batch is stored in float32.
 
+    Multi-label batches: with `num_classes=C` the memory stores multi-hot
+    `(B, C)` label sets (`labels` is `(M, C)`), and a loss that supports them
+    (`ContrastiveLoss`, `MultiSimilarityLoss`, `CircleLoss`, `SupConLoss`,
+    `TripletLoss`) pairs a query with every stored sample sharing one of its
+    labels. PML's `CrossBatchMemory` stores one label per sample.
+
     Args:
         memory_size: number of stored embeddings `M`; must be at least the
             (global) batch size.
         embedding_dim: embedding dimension `D`; when None it is taken from
             the first `build` (the embeddings' shape).
+        num_classes: None (default): one class label per sample; an int
+            `C`: multi-hot `(B, C)` labels are stored.
         **kwargs: `keras.layers.Layer` arguments (`name`, ...).
 
     Example:
@@ -64,14 +72,23 @@ class CrossBatchMemory(keras.layers.Layer):
     (6, 2)
     """
 
-    def __init__(self, memory_size: int, embedding_dim: int | None = None, **kwargs):
+    def __init__(
+        self,
+        memory_size: int,
+        embedding_dim: int | None = None,
+        num_classes: int | None = None,
+        **kwargs,
+    ):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         memory_size = check_positive_int(memory_size, "memory_size")
         if embedding_dim is not None:
             embedding_dim = check_positive_int(embedding_dim, "embedding_dim")
+        if num_classes is not None:
+            num_classes = check_positive_int(num_classes, "num_classes")
         self.memory_size = memory_size
         self.embedding_dim = embedding_dim
+        self.num_classes = num_classes
         if embedding_dim is not None:
             self.build((None, embedding_dim))
 
@@ -99,7 +116,9 @@ class CrossBatchMemory(keras.layers.Layer):
             )
 
         self.embeddings = state("embeddings", (self.memory_size, self.embedding_dim), "float32")
-        self.labels = state("labels", (self.memory_size,), "int32")
+        label_shape = (self.memory_size,) if self.num_classes is None else (
+            self.memory_size, self.num_classes)
+        self.labels = state("labels", label_shape, "int32")
         # Next slot to write, and number of filled slots (min(writes, M)).
         self.pointer = state("pointer", (), "int32")
         self.size = state("size", (), "int32")
@@ -139,8 +158,10 @@ class CrossBatchMemory(keras.layers.Layer):
             query; `across_replicas=True` under a multi-replica strategy.
 
         Raises:
-            ValueError: when the batch is larger than the memory, or its
-                embedding dimension differs from `embedding_dim`.
+            ValueError: when the batch is larger than the memory, its
+                embedding dimension differs from `embedding_dim`, or its labels
+                are multi-hot without `num_classes` (or class labels with it,
+                or of another width).
         """
         embeddings = ops.cast(ops.stop_gradient(ops.convert_to_tensor(embeddings)), "float32")
         labels = ops.cast(ops.stop_gradient(ops.convert_to_tensor(labels)), "int32")
@@ -151,6 +172,7 @@ class CrossBatchMemory(keras.layers.Layer):
                 f"CrossBatchMemory holds {self.embedding_dim}-d embeddings, got shape "
                 f"{tuple(embeddings.shape)}."
             )
+        self.check_labels(labels)
         across_replicas = distributed.replica_context() is not None
         local_rows = ops.shape(labels)[0]
         offset = distributed.local_row_offset(local_rows) if across_replicas else 0
@@ -198,6 +220,21 @@ class CrossBatchMemory(keras.layers.Layer):
             valid=valid,
         )
 
+    def check_labels(self, labels):
+        """Raises `ValueError` unless `labels` have the form this memory stores."""
+        shape = tuple(labels.shape)
+        if self.num_classes is None and len(shape) == 2 and shape[1] not in (None, 1):
+            raise ValueError(
+                f"Labels of shape {shape} are multi-hot label sets; this CrossBatchMemory stores "
+                "one class label per sample. Build it with `num_classes=` (XBMModel(..., "
+                "num_classes=C)) to store multi-hot labels."
+            )
+        if self.num_classes is not None and (len(shape) != 2 or shape[1] != self.num_classes):
+            raise ValueError(
+                f"This CrossBatchMemory stores multi-hot labels of width {self.num_classes}, "
+                f"got labels of shape {shape}."
+            )
+
     def reset(self) -> None:
         """Empties the memory (PML's `reset_queue`)."""
         variables = (self.embeddings, self.labels, self.pointer, self.size, self.writes, self.steps)
@@ -210,4 +247,6 @@ class CrossBatchMemory(keras.layers.Layer):
     def get_config(self) -> dict:
         config = super().get_config()
         config.update({"memory_size": self.memory_size, "embedding_dim": self.embedding_dim})
+        if self.num_classes is not None:
+            config["num_classes"] = self.num_classes
         return config

@@ -4,6 +4,7 @@ from keras_dml.losses.angular import AngularLoss, angular_loss
 from keras_dml.losses.base import MetricLoss, multi_hot
 from keras_dml.losses.circle import CircleLoss, circle_loss
 from keras_dml.losses.contrastive import ContrastiveLoss, contrastive_loss
+from keras_dml.losses.dynamic_soft_margin import DynamicSoftMarginLoss, dynamic_soft_margin_loss
 from keras_dml.losses.fast_ap import FastAPLoss, fast_ap_loss
 from keras_dml.losses.generalized_lifted_structure import (
     GeneralizedLiftedStructureLoss,
@@ -15,6 +16,7 @@ from keras_dml.losses.intra_pair_variance import IntraPairVarianceLoss, intra_pa
 from keras_dml.losses.lifted_struct import LiftedStructLoss, lifted_struct_loss
 from keras_dml.losses.margin import MarginLoss, margin_loss
 from keras_dml.losses.multi_similarity import MultiSimilarityLoss, multi_similarity_loss
+from keras_dml.losses.multiple import MultipleLosses
 from keras_dml.losses.nca import NCALoss, nca_loss
 from keras_dml.losses.npairs import NPairsLoss, npairs_loss, npairs_loss_from_similarity
 from keras_dml.losses.ntxent import NTXentLoss, nt_xent_loss
@@ -96,4 +98,7 @@ __all__ = [
     "smooth_ap_loss",
     "vicreg_loss",
     "multi_hot",
+    "DynamicSoftMarginLoss",
+    "dynamic_soft_margin_loss",
+    "MultipleLosses",
 ]

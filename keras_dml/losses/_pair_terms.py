@@ -29,23 +29,30 @@ def oriented_matrix(references: References, embeddings, distance):
                                                                  else 1.0)
 
 
-def mean_of_positive_terms(references: References, terms, mask):
+def mean_of_positive_terms(references: References, terms, mask, reducer=None, labels=None):
     """Mean of the `terms` under `mask` that are `> 0`; 0 when there is none.
 
     PML's default `AvgNonZeroReducer`. Across replicas the sum and the count
-    are summed over the replicas first (`References.mean`).
+    are summed over the replicas first (`References.mean`). A
+    `keras_dml.reducers.Reducer` given as `reducer` replaces it (`labels`:
+    the anchors' labels, for `ClassWeightedReducer`).
     """
+    if reducer is not None:
+        return references.mean(*reducer.reduce(terms, ops.cast(mask, "bool"), labels))
     kept = ops.logical_and(ops.cast(mask, "bool"), terms > 0)
     return references.mean(dml_ops.masked_sum(terms, kept), dml_ops.masked_count(kept))
 
 
-def mean_over(references: References, terms, mask):
+def mean_over(references: References, terms, mask, reducer=None, labels=None):
     """Mean of `terms` under `mask`, zeros included; 0 when the mask is empty.
 
     PML's `MeanReducer`, the default of most of its losses. Across replicas
-    the sum and the count are summed over the replicas first.
+    the sum and the count are summed over the replicas first. A
+    `keras_dml.reducers.Reducer` given as `reducer` replaces it.
     """
     mask = ops.cast(mask, "bool")
+    if reducer is not None:
+        return references.mean(*reducer.reduce(terms, mask, labels))
     return references.mean(dml_ops.masked_sum(terms, mask), dml_ops.masked_count(mask))
 
 

@@ -8,7 +8,9 @@ import keras
 from keras import ops
 
 from keras_dml import distances
+from keras_dml import miners as miners_lib
 from keras_dml import ops as dml_ops
+from keras_dml import reducers as reducers_lib
 from keras_dml.losses._pair_terms import mean_over
 from keras_dml.losses.base import MetricLoss, References, resolve_references
 
@@ -18,6 +20,8 @@ def angular_loss(
     embeddings,
     *,
     alpha: float = 40.0,
+    miner=None,
+    reducer=None,
     references: References | None = None,
 ):
     """Bounds the angle at each negative of the triangle it forms with a positive pair.
@@ -41,6 +45,10 @@ def angular_loss(
         labels: `(B,)` int32 class labels.
         embeddings: `(B, D)` float embeddings.
         alpha: the angle bound, in degrees (typically 36 to 55).
+        miner: a `keras_dml.miners.Miner`: only its pairs are used (PML's
+            `indices_tuple`; a triplet miner's (a, p) and (a, n) pairs, each once).
+        reducer: a `keras_dml.reducers.Reducer` of the per-element terms;
+            None: the reduction described above.
         references: what the anchors take positives and negatives from; the
             batch itself by default.
 
@@ -52,6 +60,11 @@ def angular_loss(
     refs = queries if references._is_query_batch else distances.l2_normalize(
         ops.cast(references.embeddings, queries.dtype))
     positive, negative = references.masks(labels)
+    if miner is not None:
+        # PML: the miner picks the (a, p) pairs; the negatives stay every other label, and
+        # a batch without any mined negative pair gives 0.
+        positive, mined_negative = miners_lib.mined_pairs(miner, labels, embeddings, references)
+        positive = ops.logical_and(positive, ops.any(mined_negative))
     t = math.tan(math.radians(alpha)) ** 2
     anchor_ref = ops.matmul(queries, ops.transpose(refs))  # x_a . x_r, (B, R)
     ref_ref = ops.matmul(refs, ops.transpose(refs))  # x_p . x_n, (R, R)
@@ -67,7 +80,9 @@ def angular_loss(
     log_sums = ops.log(ops.maximum(ops.where(has_negative, sums, 1.0), 1e-30))
     exponent = log_sums + a_shift + ops.transpose(r_shift) - 2.0 * (1.0 + t) * anchor_ref
     per_pair = ops.softplus(exponent)
-    return mean_over(references, ops.where(has_negative, per_pair, 0.0), positive)
+    return mean_over(
+        references, ops.where(has_negative, per_pair, 0.0), positive, reducer, labels
+    )
 
 
 @keras.saving.register_keras_serializable(package="keras_dml")
@@ -81,6 +96,8 @@ class AngularLoss(MetricLoss):
 
     Args:
         alpha: angle bound in degrees. Defaults to `40.0`.
+        miner: a `keras_dml.miners.Miner` choosing the pairs (see the function).
+        reducer: a `keras_dml.reducers.Reducer` of the per-element terms (see the function).
         cross_replica: under `tf.distribute`, compare with all replicas' batches.
         name: name of the loss instance.
         reduction: kept for Keras compatibility; the loss is already a scalar.
@@ -103,6 +120,8 @@ class AngularLoss(MetricLoss):
     def __init__(
         self,
         alpha: float = 40.0,
+        miner=None,
+        reducer=None,
         cross_replica: bool = True,
         name: str = "angular_loss",
         reduction: str = "sum_over_batch_size",
@@ -117,4 +136,6 @@ class AngularLoss(MetricLoss):
             dtype=dtype,
             cross_replica=cross_replica,
             alpha=alpha,
+            miner=miners_lib.get(miner),
+            reducer=reducers_lib.get(reducer),
         )

@@ -64,10 +64,7 @@ def circle_loss(
     """
     references = resolve_references(labels, embeddings, references)
     similarity = references.pairwise(embeddings, distance, kind="similarity")
-    if miner is None:
-        positive_mask, negative_mask = references.masks(labels)
-    else:
-        positive_mask, negative_mask = miner.mine(labels, embeddings, references).pairs()
+    positive_mask, negative_mask = miners_lib.mined_pairs(miner, labels, embeddings, references)
     alpha_positive = ops.stop_gradient(ops.relu(1.0 + margin - similarity))
     alpha_negative = ops.stop_gradient(ops.relu(similarity + margin))
     positive_logits = -gamma * alpha_positive * (similarity - (1.0 - margin))

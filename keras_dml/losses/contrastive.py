@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import keras
-import numpy as np
 from keras import ops
 
 from keras_dml import distances
@@ -90,17 +89,9 @@ def contrastive_loss(
     Returns:
         A scalar loss.
     """
-    if miner is not None and len(getattr(labels, "shape", np.shape(labels))) == 2:
-        raise ValueError(
-            "A `miner` mines single-label batches; multi-hot `(B, C)` labels are not supported "
-            "with one."
-        )
     references = resolve_references(labels, embeddings, references)
     distance_matrix = references.pairwise(embeddings, distance)
-    if miner is None:
-        positive_mask, negative_mask = references.masks(labels)
-    else:
-        positive_mask, negative_mask = miner.mine(labels, embeddings, references).pairs()
+    positive_mask, negative_mask = miners_lib.mined_pairs(miner, labels, embeddings, references)
     positive_terms, negative_terms = contrastive_hinges(
         distance_matrix, pos_margin, neg_margin, squared
     )

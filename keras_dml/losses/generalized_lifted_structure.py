@@ -6,6 +6,8 @@ import keras
 from keras import ops
 
 from keras_dml import distances
+from keras_dml import miners as miners_lib
+from keras_dml import reducers as reducers_lib
 from keras_dml.losses._pair_terms import (
     logsumexp_or_zero,
     mean_over,
@@ -21,6 +23,8 @@ def generalized_lifted_structure_loss(
     neg_margin: float = 1.0,
     pos_margin: float = 0.0,
     distance: str | distances.Distance = "euclidean",
+    miner=None,
+    reducer=None,
     references: References | None = None,
 ):
     """A soft maximum over each sample's positives against a soft minimum over its negatives.
@@ -39,6 +43,10 @@ def generalized_lifted_structure_loss(
         neg_margin: margin of the negatives.
         pos_margin: margin of the positives.
         distance: a name accepted by `keras_dml.distances.get`.
+        miner: a `keras_dml.miners.Miner`: only its pairs are used (PML's
+            `indices_tuple`; a triplet miner's (a, p) and (a, n) pairs, each once).
+        reducer: a `keras_dml.reducers.Reducer` of the per-element terms;
+            None: the reduction described above.
         references: what the queries take positives and negatives from; the
             batch itself by default.
 
@@ -47,11 +55,11 @@ def generalized_lifted_structure_loss(
     """
     references = resolve_references(labels, embeddings, references)
     matrix, sign = oriented_matrix(references, embeddings, distance)
-    positive, negative = references.masks(labels)
+    positive, negative = miners_lib.mined_pairs(miner, labels, embeddings, references)
     positive_part = logsumexp_or_zero(sign * (matrix - pos_margin), positive)
     negative_part = logsumexp_or_zero(sign * (neg_margin - matrix), negative)
     per_query = ops.relu(positive_part + negative_part)
-    return mean_over(references, per_query, ops.ones_like(per_query, dtype="bool"))
+    return mean_over(references, per_query, ops.ones_like(per_query, dtype="bool"), reducer, labels)
 
 
 @keras.saving.register_keras_serializable(package="keras_dml")
@@ -70,6 +78,8 @@ class GeneralizedLiftedStructureLoss(MetricLoss):
         neg_margin: margin of the negatives. Defaults to `1.0`.
         pos_margin: margin of the positives. Defaults to `0.0`.
         distance: a name accepted by `keras_dml.distances.get`. Defaults to `"euclidean"`.
+        miner: a `keras_dml.miners.Miner` choosing the pairs (see the function).
+        reducer: a `keras_dml.reducers.Reducer` of the per-element terms (see the function).
         cross_replica: under `tf.distribute`, compare with all replicas' batches.
         name: name of the loss instance.
         reduction: kept for Keras compatibility; the loss is already a scalar.
@@ -94,6 +104,8 @@ class GeneralizedLiftedStructureLoss(MetricLoss):
         neg_margin: float = 1.0,
         pos_margin: float = 0.0,
         distance: str = "euclidean",
+        miner=None,
+        reducer=None,
         cross_replica: bool = True,
         name: str = "generalized_lifted_structure_loss",
         reduction: str = "sum_over_batch_size",
@@ -108,4 +120,6 @@ class GeneralizedLiftedStructureLoss(MetricLoss):
             neg_margin=neg_margin,
             pos_margin=pos_margin,
             distance=distance,
+            miner=miners_lib.get(miner),
+            reducer=reducers_lib.get(reducer),
         )

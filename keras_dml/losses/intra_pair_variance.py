@@ -6,7 +6,9 @@ import keras
 from keras import ops
 
 from keras_dml import distances
+from keras_dml import miners as miners_lib
 from keras_dml import ops as dml_ops
+from keras_dml import reducers as reducers_lib
 from keras_dml._checks import check_non_negative
 from keras_dml.losses._pair_terms import mean_over, oriented_matrix
 from keras_dml.losses.base import MetricLoss, References, resolve_references
@@ -19,6 +21,8 @@ def intra_pair_variance_loss(
     pos_eps: float = 0.01,
     neg_eps: float = 0.01,
     distance: str | distances.Distance = "cosine",
+    miner=None,
+    reducer=None,
     references: References | None = None,
 ):
     """Penalises positive (negative) pairs that stray from the mean positive (negative) pair.
@@ -41,6 +45,10 @@ def intra_pair_variance_loss(
         pos_eps: relative slack of the positive pairs.
         neg_eps: relative slack of the negative pairs.
         distance: a name accepted by `keras_dml.distances.get`.
+        miner: a `keras_dml.miners.Miner`: only its pairs are used (PML's
+            `indices_tuple`; a triplet miner's (a, p) and (a, n) pairs, each once).
+        reducer: a `keras_dml.reducers.Reducer` of the per-element terms;
+            None: the reduction described above.
         references: what the queries are paired with; the batch itself by default.
 
     Returns:
@@ -48,7 +56,7 @@ def intra_pair_variance_loss(
     """
     references = resolve_references(labels, embeddings, references)
     matrix, sign = oriented_matrix(references, embeddings, distance)
-    positive, negative = references.masks(labels)
+    positive, negative = miners_lib.mined_pairs(miner, labels, embeddings, references)
     positive_mean = references.mean(
         dml_ops.masked_sum(matrix, positive), dml_ops.masked_count(positive)
     )
@@ -63,8 +71,8 @@ def intra_pair_variance_loss(
         negative_gap = (1.0 - neg_eps) * negative_mean - matrix
     positive_terms = ops.square(ops.relu(positive_gap))
     negative_terms = ops.square(ops.relu(negative_gap))
-    return mean_over(references, positive_terms, positive) + mean_over(
-        references, negative_terms, negative
+    return mean_over(references, positive_terms, positive, reducer, labels) + mean_over(
+        references, negative_terms, negative, reducer, labels
     )
 
 
@@ -81,6 +89,8 @@ class IntraPairVarianceLoss(MetricLoss):
         pos_eps: relative slack of the positive pairs. Defaults to `0.01`.
         neg_eps: relative slack of the negative pairs. Defaults to `0.01`.
         distance: a name accepted by `keras_dml.distances.get`. Defaults to `"cosine"`.
+        miner: a `keras_dml.miners.Miner` choosing the pairs (see the function).
+        reducer: a `keras_dml.reducers.Reducer` of the per-element terms (see the function).
         cross_replica: under `tf.distribute`, compare with all replicas' batches.
         name: name of the loss instance.
         reduction: kept for Keras compatibility; the loss is already a scalar.
@@ -105,6 +115,8 @@ class IntraPairVarianceLoss(MetricLoss):
         pos_eps: float = 0.01,
         neg_eps: float = 0.01,
         distance: str = "cosine",
+        miner=None,
+        reducer=None,
         cross_replica: bool = True,
         name: str = "intra_pair_variance_loss",
         reduction: str = "sum_over_batch_size",
@@ -121,4 +133,6 @@ class IntraPairVarianceLoss(MetricLoss):
             pos_eps=pos_eps,
             neg_eps=neg_eps,
             distance=distance,
+            miner=miners_lib.get(miner),
+            reducer=reducers_lib.get(reducer),
         )

@@ -15,7 +15,7 @@ import keras
 from keras import ops
 
 from keras_dml import distances
-from keras_dml import ops as dml_ops
+from keras_dml import miners as miners_lib
 from keras_dml._checks import check_non_negative, check_positive_int
 from keras_dml.losses._pair_terms import oriented_matrix
 from keras_dml.losses.base import MetricLoss, References, resolve_references
@@ -53,6 +53,7 @@ def margin_loss(
     learn_beta: bool = False,
     num_classes: int | None = None,
     distance: str | distances.Distance = "euclidean",
+    miner=None,
     references: References | None = None,
 ):
     """Keeps positive distances below `beta - margin` and negative ones above `beta + margin`.
@@ -83,6 +84,8 @@ def margin_loss(
         num_classes: with `learn_beta=True`, one β per class (labels must
             then be in `[0, num_classes)`); None: one β for all.
         distance: a name accepted by `keras_dml.distances.get`.
+        miner: a `keras_dml.miners.Miner`: only its triplets are used (PML's
+            `indices_tuple`; a pair miner's positives times its negatives, per anchor).
         references: what the anchors take positives and negatives from; the
             batch itself by default.
 
@@ -96,21 +99,22 @@ def margin_loss(
     references = resolve_references(labels, embeddings, references)
     matrix, sign = oriented_matrix(references, embeddings, distance)
     beta_a = beta if beta_columns is None else ops.cast(beta_columns, matrix.dtype)
-    positive, negative = references.masks(labels)
     positive_terms = ops.relu(sign * (matrix - beta_a) + margin)
     negative_terms = ops.relu(sign * (beta_a - matrix) + margin)
-    # A pair term enters as many triplets as its anchor has partners of the other kind.
-    negatives_per_anchor = dml_ops.masked_count(negative, axis=1, keepdims=True, dtype=matrix.dtype)
-    positives_per_anchor = dml_ops.masked_count(positive, axis=1, keepdims=True, dtype=matrix.dtype)
-    total = dml_ops.masked_sum(positive_terms * negatives_per_anchor, positive)
-    total = total + dml_ops.masked_sum(negative_terms * positives_per_anchor, negative)
-    active = dml_ops.masked_sum(
-        ops.cast(positive_terms > 0, matrix.dtype) * negatives_per_anchor, positive
-    ) + dml_ops.masked_sum(ops.cast(negative_terms > 0, matrix.dtype) * positives_per_anchor,
-                           negative)
+    # A pair term enters as many triplets as hold that pair (every positive times every
+    # negative of its anchor, or the miner's triplets).
+    positive_count, negative_count = miners_lib.mined_triplet_counts(
+        miner, labels, embeddings, references
+    )
+    positive_count = ops.cast(positive_count, matrix.dtype)
+    negative_count = ops.cast(negative_count, matrix.dtype)
+    total = ops.sum(positive_terms * positive_count) + ops.sum(negative_terms * negative_count)
+    active = ops.sum(ops.cast(positive_terms > 0, matrix.dtype) * positive_count) + ops.sum(
+        ops.cast(negative_terms > 0, matrix.dtype) * negative_count
+    )
     loss = references.mean(total, ops.stop_gradient(active))
     if learn_beta and nu:
-        triplets_per_anchor = positives_per_anchor * negatives_per_anchor
+        triplets_per_anchor = ops.sum(positive_count, axis=1, keepdims=True)
         has_triplet = ops.sum(triplets_per_anchor) > 0
         if num_classes:
             regulariser = references.mean(
@@ -205,6 +209,7 @@ class MarginLoss(MetricLoss):
         learn_beta: read β from the model output (see `MarginBeta`). Defaults to `False`.
         num_classes: with `learn_beta=True`, one β per class. Defaults to None.
         distance: a name accepted by `keras_dml.distances.get`. Defaults to `"euclidean"`.
+        miner: a `keras_dml.miners.Miner` choosing the triplets (see the function).
         cross_replica: under `tf.distribute`, compare with all replicas' batches.
         name: name of the loss instance.
         reduction: kept for Keras compatibility; the loss is already a scalar.
@@ -235,6 +240,7 @@ class MarginLoss(MetricLoss):
         learn_beta: bool = False,
         num_classes: int | None = None,
         distance: str = "euclidean",
+        miner=None,
         cross_replica: bool = True,
         name: str = "margin_loss",
         reduction: str = "sum_over_batch_size",
@@ -261,4 +267,5 @@ class MarginLoss(MetricLoss):
             learn_beta=bool(learn_beta),
             num_classes=None if num_classes is None else int(num_classes),
             distance=distance,
+            miner=miners_lib.get(miner),
         )

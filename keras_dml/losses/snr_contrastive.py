@@ -6,6 +6,8 @@ import keras
 from keras import ops
 
 from keras_dml import distances
+from keras_dml import miners as miners_lib
+from keras_dml import reducers as reducers_lib
 from keras_dml.losses._pair_terms import mean_of_positive_terms
 from keras_dml.losses.base import MetricLoss, References, resolve_references
 
@@ -40,6 +42,8 @@ def snr_contrastive_loss(
     pos_margin: float = 0.0,
     neg_margin: float = 1.0,
     normalize: bool = True,
+    miner=None,
+    reducer=None,
     references: References | None = None,
 ):
     """Contrastive loss on the signal-to-noise-ratio distance.
@@ -57,6 +61,10 @@ def snr_contrastive_loss(
         pos_margin: SNR distance below which a positive pair costs nothing.
         neg_margin: SNR distance beyond which a negative pair costs nothing.
         normalize: L2-normalise the embeddings first.
+        miner: a `keras_dml.miners.Miner`: only its pairs are used (PML's
+            `indices_tuple`; a triplet miner's (a, p) and (a, n) pairs, each once).
+        reducer: a `keras_dml.reducers.Reducer` of the per-element terms;
+            None: the reduction described above.
         references: what the queries are paired with; the batch itself by default.
 
     Returns:
@@ -69,10 +77,12 @@ def snr_contrastive_loss(
     else:
         refs = references.embeddings
         matrix = snr_distance(queries, distances.l2_normalize(refs) if normalize else refs)
-    positive, negative = references.masks(labels)
+    positive, negative = miners_lib.mined_pairs(miner, labels, embeddings, references)
     return mean_of_positive_terms(
-        references, ops.relu(matrix - pos_margin), positive
-    ) + mean_of_positive_terms(references, ops.relu(neg_margin - matrix), negative)
+        references, ops.relu(matrix - pos_margin), positive, reducer, labels
+    ) + mean_of_positive_terms(
+        references, ops.relu(neg_margin - matrix), negative, reducer, labels
+    )
 
 
 @keras.saving.register_keras_serializable(package="keras_dml")
@@ -88,6 +98,8 @@ class SignalToNoiseRatioContrastiveLoss(MetricLoss):
         pos_margin: SNR distance below which a positive pair costs nothing. Defaults to `0.0`.
         neg_margin: SNR distance beyond which a negative pair costs nothing. Defaults to `1.0`.
         normalize: L2-normalise the embeddings first. Defaults to `True`.
+        miner: a `keras_dml.miners.Miner` choosing the pairs (see the function).
+        reducer: a `keras_dml.reducers.Reducer` of the per-element terms (see the function).
         cross_replica: under `tf.distribute`, compare with all replicas' batches.
         name: name of the loss instance.
         reduction: kept for Keras compatibility; the loss is already a scalar.
@@ -113,6 +125,8 @@ class SignalToNoiseRatioContrastiveLoss(MetricLoss):
         pos_margin: float = 0.0,
         neg_margin: float = 1.0,
         normalize: bool = True,
+        miner=None,
+        reducer=None,
         cross_replica: bool = True,
         name: str = "snr_contrastive_loss",
         reduction: str = "sum_over_batch_size",
@@ -127,4 +141,6 @@ class SignalToNoiseRatioContrastiveLoss(MetricLoss):
             pos_margin=pos_margin,
             neg_margin=neg_margin,
             normalize=bool(normalize),
+            miner=miners_lib.get(miner),
+            reducer=reducers_lib.get(reducer),
         )

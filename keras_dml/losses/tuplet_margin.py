@@ -8,6 +8,8 @@ import keras
 from keras import ops
 
 from keras_dml import distances
+from keras_dml import miners as miners_lib
+from keras_dml import reducers as reducers_lib
 from keras_dml._checks import check_non_negative, check_positive
 from keras_dml.losses._pair_terms import logsumexp_or_zero, mean_over
 from keras_dml.losses.base import MetricLoss, References, resolve_references
@@ -19,6 +21,8 @@ def tuplet_margin_loss(
     *,
     margin: float = 5.73,
     scale: float = 64.0,
+    miner=None,
+    reducer=None,
     references: References | None = None,
 ):
     """A softmax over each positive pair against its anchor's negatives, the positive angle shrunk.
@@ -39,6 +43,10 @@ def tuplet_margin_loss(
         embeddings: `(B, D)` float embeddings.
         margin: the angular margin `m`, in degrees.
         scale: the softmax scale `s`.
+        miner: a `keras_dml.miners.Miner`: only its pairs are used (PML's
+            `indices_tuple`; a triplet miner's (a, p) and (a, n) pairs, each once).
+        reducer: a `keras_dml.reducers.Reducer` of the per-element terms;
+            None: the reduction described above.
         references: what the anchors take positives and negatives from; the
             batch itself by default.
 
@@ -47,14 +55,16 @@ def tuplet_margin_loss(
     """
     references = resolve_references(labels, embeddings, references)
     cosine = references.pairwise(embeddings, "cosine", kind="similarity")
-    positive, negative = references.masks(labels)
+    positive, negative = miners_lib.mined_pairs(miner, labels, embeddings, references)
     m = math.radians(margin)
     sine = distances.safe_sqrt(ops.maximum(1.0 - ops.square(cosine), 0.0))
     shifted = cosine * math.cos(m) + sine * math.sin(m)
     negatives = logsumexp_or_zero(scale * cosine, negative, keepdims=True)
     per_pair = ops.softplus(negatives - scale * shifted)
     has_negative = ops.any(negative, axis=1, keepdims=True)
-    return mean_over(references, ops.where(has_negative, per_pair, 0.0), positive)
+    return mean_over(
+        references, ops.where(has_negative, per_pair, 0.0), positive, reducer, labels
+    )
 
 
 @keras.saving.register_keras_serializable(package="keras_dml")
@@ -68,6 +78,8 @@ class TupletMarginLoss(MetricLoss):
     Args:
         margin: angular margin in degrees. Defaults to `5.73` (0.1 radian).
         scale: softmax scale. Defaults to `64.0`.
+        miner: a `keras_dml.miners.Miner` choosing the pairs (see the function).
+        reducer: a `keras_dml.reducers.Reducer` of the per-element terms (see the function).
         cross_replica: under `tf.distribute`, compare with all replicas' batches.
         name: name of the loss instance.
         reduction: kept for Keras compatibility; the loss is already a scalar.
@@ -90,6 +102,8 @@ class TupletMarginLoss(MetricLoss):
         self,
         margin: float = 5.73,
         scale: float = 64.0,
+        miner=None,
+        reducer=None,
         cross_replica: bool = True,
         name: str = "tuplet_margin_loss",
         reduction: str = "sum_over_batch_size",
@@ -105,4 +119,6 @@ class TupletMarginLoss(MetricLoss):
             cross_replica=cross_replica,
             margin=margin,
             scale=scale,
+            miner=miners_lib.get(miner),
+            reducer=reducers_lib.get(reducer),
         )

@@ -4,7 +4,10 @@ A miner is called as `miner(labels, embeddings)` and returns a `Mined`:
 positive and negative pair masks `(B, R)` (pair miners) or a triplet mask
 `(B, R, R)` (triplet miners), static shapes that work under `jit` on every
 backend. Losses take one as `miner=` (`TripletLoss`, `ContrastiveLoss`,
-`MultiSimilarityLoss`, `CircleLoss`); pair losses read its pairs, triplet
+`MultiSimilarityLoss`, `CircleLoss`, `LiftedStructLoss`,
+`GeneralizedLiftedStructureLoss`, `TupletMarginLoss`, `IntraPairVarianceLoss`,
+`SignalToNoiseRatioContrastiveLoss`, `AngularLoss`, `MarginLoss`,
+`DynamicSoftMarginLoss`); pair losses read its pairs (`mined_pairs`), triplet
 losses its triplets. The string options of `keras_dml.mining`
 (`negative_mining="hard"`, ...) remain as shortcuts for the common cases.
 
@@ -20,7 +23,15 @@ Example:
 0.1
 """
 
-from keras_dml.miners.base import DistanceMiner, Mined, Miner, RandomMiner, get
+from keras_dml.miners.base import (
+    DistanceMiner,
+    Mined,
+    Miner,
+    RandomMiner,
+    get,
+    mined_pairs,
+    mined_triplet_counts,
+)
 from keras_dml.miners.pairs import (
     BatchEasyHardMiner,
     BatchHardMiner,
@@ -46,4 +57,6 @@ __all__ = [
     "TripletMarginMiner",
     "UniformHistogramMiner",
     "get",
+    "mined_pairs",
+    "mined_triplet_counts",
 ]

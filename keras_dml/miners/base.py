@@ -74,6 +74,57 @@ class Mined:
         )
 
 
+def mined_pairs(miner: Miner | None, labels, embeddings, references: References):
+    """`(positive, negative)` `(B, R)` pair masks: the label masks, or `miner`'s pairs.
+
+    The one path by which a pair loss takes `miner=`: with a miner, its
+    pairs (a triplet miner's (a, p) and (a, n) pairs, each once; PML's
+    pair-based losses repeat a pair once per triplet it comes from).
+
+    Raises:
+        ValueError: for multi-hot `(B, C)` labels with a miner (miners mine
+            single-label batches).
+    """
+    if miner is None:
+        return references.masks(labels)
+    _check_single_label(labels)
+    return miner.mine(labels, embeddings, references).pairs()
+
+
+def mined_triplet_counts(miner: Miner | None, labels, embeddings, references: References):
+    """`(positive_count, negative_count)` `(B, R)` floats: how many triplets hold each pair.
+
+    `positive_count[a, p]` counts the triplets `(a, p, n)`, `negative_count[a, n]`
+    the triplets `(a, p, n)`, over every positive times every negative of
+    `a` (no miner, or a pair miner: PML's `convert_to_triplets`) or over a
+    triplet miner's triplets. A triplet loss whose terms split into an
+    (a, p) part and an (a, n) part sums them as pair terms weighted by
+    these counts; only a triplet miner builds a `(B, R, R)` mask.
+    """
+    if miner is not None:
+        _check_single_label(labels)
+        mined = miner.mine(labels, embeddings, references)
+        if mined.triplets is not None:
+            triplets = ops.cast(mined.triplets, "float32")
+            return ops.sum(triplets, axis=2), ops.sum(triplets, axis=1)
+        positive, negative = mined.positive, mined.negative
+    else:
+        positive, negative = references.masks(labels)
+    positive = ops.cast(positive, "float32")
+    negative = ops.cast(negative, "float32")
+    per_anchor_negatives = ops.sum(negative, axis=1, keepdims=True)
+    per_anchor_positives = ops.sum(positive, axis=1, keepdims=True)
+    return positive * per_anchor_negatives, negative * per_anchor_positives
+
+
+def _check_single_label(labels):
+    if len(getattr(labels, "shape", ())) == 2 and labels.shape[1] not in (None, 1):
+        raise ValueError(
+            "A `miner` mines single-label batches; multi-hot `(B, C)` labels are not supported "
+            "with one."
+        )
+
+
 class Miner(ConfigObject):
     """Base class: selects informative pairs or triplets of a batch, as masks.
 

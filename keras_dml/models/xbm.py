@@ -60,6 +60,9 @@ class XBMModel(BackboneModel):
             memory is used (0: from the first step, as PML).
         batch_loss_weight: weight of the in-batch loss added to the memory
             loss (0: memory loss only, as PML; 1: the official XBM code).
+        num_classes: None (default): integer class labels `(B,)`; an int `C`:
+            multi-hot `(B, C)` labels, stored as such in the memory (with a
+            loss that supports multi-label batches, e.g. `ContrastiveLoss`).
         **kwargs: `keras.Model` arguments (`name`, ...).
 
     Example:
@@ -85,6 +88,7 @@ class XBMModel(BackboneModel):
         memory_size: int,
         start_step: int = 0,
         batch_loss_weight: float = 0.0,
+        num_classes: int | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -94,7 +98,7 @@ class XBMModel(BackboneModel):
             raise ValueError(f"`start_step` must be a non-negative int, got {start_step!r}.")
         batch_loss_weight = check_non_negative(batch_loss_weight, "batch_loss_weight")
         self.backbone = backbone
-        self.memory = CrossBatchMemory(memory_size, name="memory")
+        self.memory = CrossBatchMemory(memory_size, num_classes=num_classes, name="memory")
         self.start_step = int(start_step)
         self.batch_loss_weight = float(batch_loss_weight)
         output_shape = known_output_shape(backbone)
@@ -163,7 +167,15 @@ class XBMModel(BackboneModel):
             )
         loss = self._metric_loss()
         check_labels_dtype(y, "y")
-        labels, embeddings = validate_inputs(y, y_pred, "y", "embeddings")
+        multi_label = self.memory.num_classes is not None
+        if multi_label and not loss.supports_multi_label:
+            raise ValueError(
+                f"{type(loss).__name__} does not take multi-hot labels; with `num_classes=` use "
+                "a loss that supports multi-label batches (e.g. ContrastiveLoss)."
+            )
+        y = ops.convert_to_tensor(y)
+        self.memory.check_labels(y)
+        labels, embeddings = validate_inputs(y, y_pred, "y", "embeddings", multi_label=multi_label)
         if not self.memory.built:
             self._build_memory(embeddings.shape)
         if not training:
@@ -202,6 +214,8 @@ class XBMModel(BackboneModel):
                 "batch_loss_weight": self.batch_loss_weight,
             }
         )
+        if self.memory.num_classes is not None:
+            config["num_classes"] = self.memory.num_classes
         return config
 
     @classmethod
