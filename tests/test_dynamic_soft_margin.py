@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 import pytest
-from pml_parity import BATCH_IDS, BATCHES, assert_same, keras_value_and_grad, requires_pml
+from pml_parity import BATCH_IDS, BATCHES, assert_same, keras_value_and_grads, requires_pml
 
 from keras_dml import miners
 from keras_dml.losses.dynamic_soft_margin import DynamicSoftMarginLoss, dynamic_soft_margin_loss
@@ -105,7 +105,7 @@ def test_gradient_is_the_cdf_weight_times_the_differences_gradient():
     def numeric(v):
         return ref_step([0.0] * 10, ref_differences(labels, v))
 
-    _, grad = keras_value_and_grad(lambda v: loss(labels, v), x)
+    _, (grad,) = keras_value_and_grads(lambda v: loss(labels, v), x)
     # The histogram is fixed at this batch's: differentiate the weighted mean only.
     _, histogram = numeric(x)
     cdf = np.cumsum(histogram)
@@ -185,7 +185,7 @@ def test_matches_pml_value_and_gradient_over_successive_batches(momentum):
     ours = DynamicSoftMarginLoss(momentum=momentum, dtype="float64")
     theirs = _pml_loss(detached=True, momentum=momentum)
     for labels, x in successive_batches():
-        got, grad = keras_value_and_grad(lambda v, labels=labels: ours(labels, v), x)
+        got, (grad,) = keras_value_and_grads(lambda v, labels=labels: ours(labels, v), x)
         want, want_grad = _pml_step(theirs, labels, x)
         assert_same(got, want)
         assert_same(grad, want_grad)
@@ -200,7 +200,7 @@ def test_pml_differentiates_through_its_histogram_and_fails_on_the_next_step():
     theirs = _pml_loss(detached=False)
     (labels, x), (labels2, x2) = successive_batches(2)
     want, want_grad = _pml_step(theirs, labels, x)
-    got, grad = keras_value_and_grad(lambda v: DynamicSoftMarginLoss(dtype="float64")(labels, v), x)
+    got, (grad,) = keras_value_and_grads(lambda v: DynamicSoftMarginLoss(dtype="float64")(labels, v), x)
     assert_same(got, want)
     assert not np.allclose(grad, want_grad, rtol=1e-3)
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
@@ -236,7 +236,7 @@ def test_matches_pml_with_a_miner(kind):
     theirs = _pml_loss(detached=True)
     nonzero = 0
     for labels, x in successive_batches():
-        got, grad = keras_value_and_grad(lambda v, labels=labels: ours(labels, v), x)
+        got, (grad,) = keras_value_and_grads(lambda v, labels=labels: ours(labels, v), x)
         want, want_grad = _pml_step(theirs, labels, x, miner)
         assert_same(got, want)
         assert_same(grad, want_grad)
