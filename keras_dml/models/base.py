@@ -93,6 +93,30 @@ class BackboneModel(keras.Model):
             self.optimizer.build(self.trainable_variables)
 
 
+def deserialize_parts(config: dict, names, custom_objects=None) -> dict:
+    """A copy of a model's `config` with the Keras objects under `names` deserialized.
+
+    The one `from_config` step every `BackboneModel` shares: the backbone (and
+    a head, ...) are stored as serialized configs; a name that is absent or
+    `None` is left as it is.
+
+    Args:
+        config: the dict `get_config` returned.
+        names: the keys holding serialized Keras objects.
+        custom_objects: passed to `keras.saving.deserialize_keras_object`.
+
+    Returns:
+        A new dict, ready for `cls(**config)`.
+    """
+    config = dict(config)
+    for name in names:
+        if config.get(name) is not None:
+            config[name] = keras.saving.deserialize_keras_object(
+                config[name], custom_objects=custom_objects
+            )
+    return config
+
+
 def call_head(head, embeddings, labels, training):
     """Runs a margin head with its current variables; returns `(logits, losses it added)`.
 

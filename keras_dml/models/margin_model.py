@@ -22,7 +22,7 @@ from keras_dml.losses.margin_crossentropy import (  # noqa: F401  (re-exported)
     _check_class_weights,
     inverse_frequency_weights,
 )
-from keras_dml.models.base import BackboneModel, call_head, known_output_shape
+from keras_dml.models.base import BackboneModel, call_head, deserialize_parts, known_output_shape
 
 
 @keras.saving.register_keras_serializable(package="keras_dml")
@@ -267,12 +267,5 @@ class MarginModel(BackboneModel):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        backbone = keras.saving.deserialize_keras_object(
-            config.pop("backbone"), custom_objects=custom_objects
-        )
-        head = keras.saving.deserialize_keras_object(
-            config.pop("head"), custom_objects=custom_objects
-        )
-        return cls(backbone=backbone, head=head, **config)
+        return cls(**deserialize_parts(config, ("backbone", "head"), custom_objects))
 

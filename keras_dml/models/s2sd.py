@@ -30,7 +30,7 @@ from keras_dml._checks import (
 from keras_dml.distances import cosine_similarity
 from keras_dml.layers.embedding import L2Normalize
 from keras_dml.losses.base import check_labels_dtype
-from keras_dml.models.base import BackboneModel, call_head, known_output_shape
+from keras_dml.models.base import BackboneModel, call_head, deserialize_parts, known_output_shape
 
 
 def similarity_distillation(
@@ -658,15 +658,7 @@ class S2SD(BackboneModel):
         config.setdefault("targets_into_backbone", True)
         # ... and distilled at full weight from the first step (no step variable).
         config.setdefault("distillation_warmup", 0)
-        backbone = keras.saving.deserialize_keras_object(
-            config.pop("backbone"), custom_objects=custom_objects
-        )
-        base_head = config.pop("base_head", None)
-        if base_head is not None:
-            base_head = keras.saving.deserialize_keras_object(
-                base_head, custom_objects=custom_objects
-            )
-        return cls(backbone=backbone, base_head=base_head, **config)
+        return cls(**deserialize_parts(config, ("backbone", "base_head"), custom_objects))
 
 
 # -- helpers ------------------------------------------------------------------

@@ -34,7 +34,7 @@ from keras_dml.data.pairs import make_pair_indices, make_pairs  # noqa: F401
 
 # Moved to keras_dml.losses.pair; importable from here as before.
 from keras_dml.losses.pair import ContrastivePairLoss, contrastive_pair_loss  # noqa: F401
-from keras_dml.models.base import BackboneModel, has_symbolic_io
+from keras_dml.models.base import BackboneModel, deserialize_parts, has_symbolic_io
 
 # The distances a Siamese model can output: each is >= 0 and 0 for identical
 # embeddings, which is what the contrastive margins are measured in.
@@ -203,8 +203,4 @@ class SiameseModel(BackboneModel):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        backbone = keras.saving.deserialize_keras_object(
-            config.pop("backbone"), custom_objects=custom_objects
-        )
-        return cls(backbone=backbone, **config)
+        return cls(**deserialize_parts(config, ("backbone",), custom_objects))

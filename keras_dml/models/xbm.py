@@ -11,7 +11,7 @@ from keras_dml import distributed
 from keras_dml._checks import check_labels_dtype, check_non_negative, is_integer
 from keras_dml.layers.memory import CrossBatchMemory
 from keras_dml.losses.base import MetricLoss, validate_inputs
-from keras_dml.models.base import BackboneModel, known_output_shape
+from keras_dml.models.base import BackboneModel, deserialize_parts, known_output_shape
 
 # Losses whose labels are not class labels (instance ids of two views): a memory of
 # past batches has no positive for them.
@@ -220,8 +220,4 @@ class XBMModel(BackboneModel):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        config["backbone"] = keras.saving.deserialize_keras_object(
-            config["backbone"], custom_objects=custom_objects
-        )
-        return cls(**config)
+        return cls(**deserialize_parts(config, ("backbone",), custom_objects))
