@@ -24,6 +24,9 @@ LOSSES = {
     "Angular": keras_dml.AngularLoss,
     "Margin": keras_dml.MarginLoss,
     "DynamicSoftMargin": lambda **kw: keras_dml.DynamicSoftMarginLoss(momentum=1.0, **kw),
+    "SupCon": lambda **kw: keras_dml.SupConLoss(temperature=0.2, **kw),
+    # y_pred = concat([view_1, view_2]) of 6 inputs; the miner sees the instance ids.
+    "NTXent": lambda **kw: keras_dml.NTXentLoss(temperature=0.2, **kw),
 }
 
 

@@ -14,13 +14,16 @@ import keras
 from keras import ops
 
 from keras_dml import distances
+from keras_dml import miners as miners_lib
 from keras_dml import ops as dml_ops
+from keras_dml import reducers as reducers_lib
 from keras_dml._checks import all_finite, check_positive
 from keras_dml.losses.base import (
     MetricLoss,
     References,
     embeddings_matrix,
     label_masks,
+    resolve_references,
     validate_inputs,
 )
 from keras_dml.losses.supcon import supcon_loss
@@ -118,35 +121,64 @@ def nt_xent_loss(embeddings_a, embeddings_b, temperature: float = 0.1):
 
 
 def _nt_xent_from_stacked_views(
-    labels, embeddings, *, temperature: float = 0.1, references: References | None = None
+    labels,
+    embeddings,
+    *,
+    temperature: float = 0.1,
+    miner=None,
+    reducer=None,
+    references: References | None = None,
 ):
     """`nt_xent_loss` on `y_pred = concat([view_1, view_2])`.
 
-    Without `references` the labels are ignored. With references (the
-    gathered batches of all replicas), `labels` are the instance ids of the
-    rows, local to this replica (`i` for rows `i` and `i + N`), and the
-    references' labels are those ids shifted by each replica's row offset:
-    every anchor's positive is then its other view and its negatives are the
-    other `2N_global - 2` rows, the NT-Xent loss of the global batch (the
-    order of the rows does not matter to it). The mean runs over all
-    `2N_global` anchors.
+    `labels` are the instance ids of the rows, local to this replica (`i`
+    for rows `i` and `i + N`). With references (the gathered batches of all
+    replicas) the references' labels are those ids shifted by each replica's
+    row offset: every anchor's positive is then its other view and its
+    negatives are the other `2N_global - 2` rows, the NT-Xent loss of the
+    global batch (the order of the rows does not matter to it). The mean
+    runs over all `2N_global` anchors. With a `miner` or a `reducer`, see
+    `_mined_nt_xent`.
     """
     if references is not None:
         labels = ops.convert_to_tensor(labels)
-        instance_ids = labels + ops.cast(references.query_offset, labels.dtype)
+        labels = labels + ops.cast(references.query_offset, labels.dtype)
+    if miner is not None or reducer is not None:
+        return _mined_nt_xent(labels, embeddings, temperature, miner, reducer, references)
+    if references is not None:
         # NT-Xent is SupCon with instance ids as labels and no temperature scaling.
         return supcon_loss(
-            instance_ids,
+            labels,
             embeddings,
             temperature=temperature,
             base_temperature=temperature,
             references=references,
         )
-    del labels
     # With an unknown static batch, `split` still fails at run time on an odd batch (TF)
     # instead of silently dropping a row.
     view_1, view_2 = ops.split(embeddings, 2, axis=0)
     return nt_xent_loss(view_1, view_2, temperature=temperature)
+
+
+def _mined_nt_xent(instance_ids, embeddings, temperature, miner, reducer, references):
+    """NT-Xent over a miner's pairs of the stacked `2N` rows, labelled by instance id.
+
+    Each mined positive pair `(i, p)` (without a miner: each row and its other
+    view) gives `-log( exp(s_ip) / (exp(s_ip) + sum_{n in N(i)} exp(s_in)) )`,
+    `N(i)` the mined negatives of anchor `i` (PML's `NTXentLoss` with
+    `indices_tuple`); these per-pair terms are reduced by `reducer` (None:
+    their mean). A pair without any mined negative gives 0.
+    """
+    references = resolve_references(instance_ids, embeddings, references)
+    logits = references.pairwise(embeddings, "cosine", kind="similarity") / temperature
+    positive_mask, negative_mask = miners_lib.mined_pairs(
+        miner, instance_ids, embeddings, references
+    )
+    negative_lse = dml_ops.masked_logsumexp(logits, negative_mask, axis=1, keepdims=True)
+    # -log(e^s / (e^s + e^lse)) = softplus(lse - s); an empty row's stand-in lse gives 0.
+    terms = ops.softplus(negative_lse - logits)
+    reducer = reducers_lib.MeanReducer() if reducer is None else reducer
+    return references.mean(*reducer.reduce(terms, positive_mask, instance_ids))
 
 
 @keras.saving.register_keras_serializable(package="keras_dml")
@@ -173,6 +205,13 @@ class NTXentLoss(MetricLoss):
     Args:
         temperature: softmax temperature `tau > 0`; SimCLR uses 0.1 to 0.5
             depending on the batch size. Defaults to `0.1`.
+        miner: a `keras_dml.miners.Miner`, run on the stacked `2N` rows with
+            the instance ids as labels (the two views of an input are the
+            only positives): the loss then runs over the mined positive pairs,
+            each against its anchor's mined negatives (PML's `NTXentLoss`
+            with `indices_tuple`; a triplet miner's pairs count once each).
+        reducer: a `keras_dml.reducers.Reducer` of the per-positive-pair
+            terms; None: their mean.
         cross_replica: under `tf.distribute`, each anchor's negatives are the
             rows of all replicas (`2N_global - 2`, SimCLR's large-batch
             setting), and the loss equals the one of the global batch; a
@@ -212,6 +251,8 @@ class NTXentLoss(MetricLoss):
     def __init__(
         self,
         temperature: float = 0.1,
+        miner=None,
+        reducer=None,
         cross_replica: bool = True,
         name: str = "nt_xent_loss",
         reduction: str = "sum_over_batch_size",
@@ -225,6 +266,8 @@ class NTXentLoss(MetricLoss):
             dtype=dtype,
             cross_replica=cross_replica,
             temperature=temperature,
+            miner=miners_lib.get(miner),
+            reducer=reducers_lib.get(reducer),
         )
 
     def call(self, y_true, y_pred):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from keras_dml import miners as miners_lib
 from keras_dml import ops as dml_ops
+from keras_dml import reducers as reducers_lib
 from keras_dml._checks import check_positive
 from keras_dml.losses.base import (
     MetricLoss,
@@ -24,6 +26,8 @@ def supcon_loss(
     base_temperature: float = 0.07,
     references: References | None = None,
     multi_label: str = "any",
+    miner=None,
+    reducer=None,
 ):
     """Pulls every same-label sample towards each anchor against all other samples of the batch.
 
@@ -58,6 +62,14 @@ def supcon_loss(
             equally, `"jaccard"` weighs each by the Jaccard overlap of the
             label sets (a weighted mean). Both equal the single-label loss
             for one label per sample.
+        miner: a `keras_dml.miners.Miner`: `P(i)` holds anchor `i`'s mined
+            positives and the softmax runs over its mined positives and
+            negatives only (PML's `SupConLoss` with `indices_tuple`; a triplet
+            miner's (a, p) and (a, n) pairs). Single-label batches only.
+        reducer: a `keras_dml.reducers.Reducer` of the per-anchor losses
+            `loss_i` over the anchors with a positive; None: their mean.
+            `AvgNonZeroReducer()` is PML's default (it also leaves out an
+            anchor whose only softmax term is its one positive, loss 0).
 
     Returns:
         A scalar float32 loss (float64 for float64 inputs).
@@ -70,9 +82,15 @@ def supcon_loss(
     )
     references = resolve_references(labels, embeddings, references)
     logits = references.pairwise(embeddings, "cosine", kind="similarity") / temperature
-    positive_mask, _ = references.masks(labels)
-    not_self = references.not_self(ops.shape(labels)[0])
-    log_prob = dml_ops.masked_log_softmax(logits, not_self, axis=1)
+    if miner is None:
+        positive_mask, _ = references.masks(labels)
+        candidates = references.not_self(ops.shape(labels)[0])
+    else:
+        positive_mask, negative_mask = miners_lib.mined_pairs(
+            miner, labels, embeddings, references
+        )
+        candidates = ops.logical_or(positive_mask, negative_mask)
+    log_prob = dml_ops.masked_log_softmax(logits, candidates, axis=1)
     if multi_label == "jaccard":
         weights = references.jaccard(labels)
         weight_sum = dml_ops.masked_sum(weights, positive_mask, axis=1)
@@ -83,8 +101,9 @@ def supcon_loss(
         mean_log_prob_positive = dml_ops.masked_mean(log_prob, positive_mask, axis=1)
     has_positive = ops.any(positive_mask, axis=1)
     scale = temperature / base_temperature
-    total = dml_ops.masked_sum(mean_log_prob_positive, has_positive)
-    return -scale * references.mean(total, dml_ops.masked_count(has_positive))
+    reducer = reducers_lib.MeanReducer() if reducer is None else reducer
+    total, count = reducer.reduce(-scale * mean_log_prob_positive, has_positive, labels)
+    return references.mean(total, count)
 
 
 @keras.saving.register_keras_serializable(package="keras_dml")
@@ -105,6 +124,10 @@ class SupConLoss(MetricLoss):
             (official code). Defaults to `0.07`.
         multi_label: `"any"` (default) or `"jaccard"`: how the positives of
             multi-hot `(B, C)` labels are weighted (see `supcon_loss`).
+        miner: a `keras_dml.miners.Miner`; each anchor's softmax then runs over
+            its mined pairs only (see `supcon_loss`). Single-label batches only.
+        reducer: a `keras_dml.reducers.Reducer` of the per-anchor losses;
+            None: their mean (`AvgNonZeroReducer()`: PML's default).
         cross_replica: under `tf.distribute`, compare each sample with the
             batches of all replicas, so that the loss equals the one of the
             global batch (a no-op elsewhere). Defaults to `True`.
@@ -136,6 +159,8 @@ class SupConLoss(MetricLoss):
         temperature: float = 0.07,
         base_temperature: float = 0.07,
         multi_label: str = "any",
+        miner=None,
+        reducer=None,
         cross_replica: bool = True,
         name: str = "supcon_loss",
         reduction: str = "sum_over_batch_size",
@@ -153,4 +178,6 @@ class SupConLoss(MetricLoss):
             temperature=temperature,
             base_temperature=base_temperature,
             multi_label=multi_label,
+            miner=miners_lib.get(miner),
+            reducer=reducers_lib.get(reducer),
         )
