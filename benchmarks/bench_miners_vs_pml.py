@@ -22,7 +22,8 @@ import os
 import platform
 import subprocess
 import sys
-import time
+
+from bench_vs_pml import _median_ms  # the one timing loop of the PML comparisons
 
 ROWS = [
     "TripletLoss+TripletMarginMiner(semihard)",
@@ -39,18 +40,6 @@ def data(batch: int, dim: int = 128):
     labels = rng.integers(0, max(batch // 16, 2), size=batch).astype("int32")
     x = rng.normal(size=(batch, dim)).astype("float32")
     return labels, x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def _median_ms(step, repeats: int) -> float:
-    import numpy as np
-
-    step()  # compile / warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times))
 
 
 def keras_loss(row: str):

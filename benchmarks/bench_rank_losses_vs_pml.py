@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 
+from bench_vs_pml import _median_ms  # the one timing loop of the PML comparisons
+
 LOSSES = ["FastAPLoss", "SmoothAPLoss", "PNPLoss", "HistogramLoss", "VICRegLoss"]
 CUBIC = ("SmoothAPLoss", "PNPLoss")
 
@@ -38,18 +40,6 @@ def data(batch: int, dim: int = 128):
     labels = np.repeat(np.arange(side), batch // side).astype("int32")
     x = np.random.default_rng(0).normal(size=(len(labels), dim)).astype("float32")
     return labels, x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def _median_ms(step, repeats: int) -> float:
-    import numpy as np
-
-    step()  # compile / warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times))
 
 
 def _wanted(name, batch, cubic_max):
