@@ -151,6 +151,16 @@ PAIR_REDUCERS = [
 ]
 
 
+def assert_same_as_pml(ours, theirs):
+    """Value and gradient of `ours` equal PML's `theirs` on three seeded batches."""
+    for seed in range(3):
+        labels, x = batch(seed)
+        value, grad = value_and_grad(ours, labels, x)
+        want, want_grad = pml_value_and_grad(theirs, labels, x)
+        np.testing.assert_allclose(value, want, rtol=1e-6)
+        np.testing.assert_allclose(grad, want_grad, rtol=1e-6, atol=1e-12)
+
+
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="PML parity runs under TF")
 @pytest.mark.parametrize("reducer", PAIR_REDUCERS, ids=lambda r: repr(r)[:40])
 def test_contrastive_loss_reducers_match_pml(reducer):
@@ -159,12 +169,7 @@ def test_contrastive_loss_reducers_match_pml(reducer):
         pos_margin=0.5, neg_margin=2.5, reducer=pml_reducer(reducer),
         distance=pml_distances.LpDistance(normalize_embeddings=False),
     )
-    for seed in range(3):
-        labels, x = batch(seed)
-        value, grad = value_and_grad(ours, labels, x)
-        want, want_grad = pml_value_and_grad(theirs, labels, x)
-        np.testing.assert_allclose(value, want, rtol=1e-6)
-        np.testing.assert_allclose(grad, want_grad, rtol=1e-6, atol=1e-12)
+    assert_same_as_pml(ours, theirs)
 
 
 TRIPLET_REDUCERS = [
@@ -183,12 +188,7 @@ def test_batch_all_triplet_loss_reducers_match_pml(reducer):
         margin=0.5, reducer=pml_reducer(reducer),
         distance=pml_distances.LpDistance(normalize_embeddings=False),
     )
-    for seed in range(3):
-        labels, x = batch(seed)
-        value, grad = value_and_grad(ours, labels, x)
-        want, want_grad = pml_value_and_grad(theirs, labels, x)
-        np.testing.assert_allclose(value, want, rtol=1e-6)
-        np.testing.assert_allclose(grad, want_grad, rtol=1e-6, atol=1e-12)
+    assert_same_as_pml(ours, theirs)
 
 
 def test_per_anchor_reducer_on_triplets_extends_pml():
