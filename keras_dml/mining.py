@@ -274,12 +274,17 @@ def _semi_hard_terms_fused(distances, negative_mask, query_mask, term, k):
 def _masked_minimum(sd, query_sorted, negative_mask):
     """Per (anchor a, rank r): the lowest column of the smallest negative farther than query r.
 
-    Two reductions over `(B, R, K)` (value, then lowest column holding it),
-    which XLA fuses into loops without building that tensor.
+    For float32 and narrower distances, one reduction over `(B, K, R)` of
+    exact int64 keys `(value, column)` (the value's order in the high bits,
+    the column in the low ones), along the contiguous reference axis; other
+    dtypes take two reductions (value, then the lowest column holding it).
+    XLA fuses either into loops without building the `(B, K, R)` tensor.
 
     Returns:
         `(has_semi_hard (B, K) bool, column (B, K) int32)`, column 0 where none.
     """
+    if keras.backend.standardize_dtype(sd.dtype) in ("float16", "bfloat16", "float32"):
+        return _keyed_masked_minimum(sd, query_sorted, negative_mask)
     num_refs = ops.shape(sd)[1]
     farther = ops.logical_and(
         ops.expand_dims(negative_mask, 2),
@@ -293,6 +298,24 @@ def _masked_minimum(sd, query_sorted, negative_mask):
     column = ops.min(ops.where(is_min, columns, num_refs), axis=1)
     has_semi_hard = column < num_refs
     return has_semi_hard, ops.where(has_semi_hard, column, 0)
+
+
+def _keyed_masked_minimum(sd, query_sorted, negative_mask):
+    """`_masked_minimum` for float32 and narrower: one int64 minimum over `(B, K, R)`."""
+    import tensorflow as tf
+
+    num_refs = tf.shape(sd)[1]
+    value_keys = dml_ops._monotone_int_keys(sd)  # (B, R), the values' order and ties
+    query_keys = dml_ops._monotone_int_keys(query_sorted)  # (B, K)
+    none = tf.constant(tf.int64.max, tf.int64)
+    # In int32 range before the shift, so that value * 2**32 + column fits in int64.
+    keys = (value_keys - 2**31) * 2**32 + tf.cast(tf.range(num_refs), tf.int64)[None, :]
+    keys = tf.where(negative_mask, keys, none)
+    farther = value_keys[:, None, :] > query_keys[:, :, None]  # (B, K, R), fused away
+    minima = tf.reduce_min(tf.where(farther, keys[:, None, :], none), axis=2)
+    has_semi_hard = minima < none
+    column = tf.cast(tf.bitwise.bitwise_and(minima, 2**32 - 1), tf.int32)
+    return has_semi_hard, tf.where(has_semi_hard, column, tf.zeros_like(column))
 
 
 _COMPILED = []

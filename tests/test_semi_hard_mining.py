@@ -79,7 +79,8 @@ def test_fused_bucketed_and_sorted_paths_give_the_same_gradient(ties, monkeypatc
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="the XLA path is TF-only")
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_xla_masked_minimum_picks_the_bucketed_columns(ties, seed):
+@pytest.mark.parametrize("dtype", ["float32", "float64"])  # int64 keys / value-then-column
+def test_xla_masked_minimum_picks_the_bucketed_columns(ties, seed, dtype):
     """Same (has a semi-hard negative, column) for every (anchor, query rank), ties included."""
     import tensorflow as tf
 
@@ -96,7 +97,8 @@ def test_xla_masked_minimum_picks_the_bucketed_columns(ties, seed):
         tf.constant(d), tf.constant(negatives), tf.constant(segment), n * (k + 1), k, k
     )
     has, col = mining._xla_masked_minimum()(
-        tf.constant(d), tf.constant(query_sorted), tf.constant(negatives)
+        tf.constant(d.astype(dtype)), tf.constant(query_sorted.astype(dtype)),
+        tf.constant(negatives),
     )
     assert np.any(want_has) and not np.all(want_has)
     np.testing.assert_array_equal(has.numpy(), want_has.numpy())
