@@ -318,6 +318,29 @@ def _keyed_masked_minimum(sd, query_sorted, negative_mask):
     return has_semi_hard, tf.where(has_semi_hard, column, tf.zeros_like(column))
 
 
+def _fallback_negative(distances, negative_mask):
+    """Per anchor: its farthest negative, else (no negative) its smallest distance (addons)."""
+    easiest, has_negative = easiest_negative(distances, negative_mask)
+    return ops.where(has_negative, easiest, ops.min(distances, axis=1))
+
+
+_FALLBACK = []
+
+
+def _xla_fallback():
+    """`_fallback_negative` compiled by XLA, its gradient too (built once).
+
+    The two row reductions' gradients (ties share it equally, as in
+    tensorflow-addons) are otherwise five `(B, R)` kernels each; compiled,
+    they fuse into a few loops.
+    """
+    if not _FALLBACK:
+        import tensorflow as tf
+
+        _FALLBACK.append(tf.function(_fallback_negative, jit_compile=True, reduce_retracing=True))
+    return _FALLBACK[0]
+
+
 _COMPILED = []
 
 
@@ -376,8 +399,10 @@ def _chosen_terms(distances, negative_mask, chosen, term):
     """
     query_columns, valid, has_semi_hard, column = chosen
     semi_hard = ops.take_along_axis(distances, column, axis=1)
-    easiest, has_negative = easiest_negative(distances, negative_mask)
-    fallback = ops.where(has_negative, easiest, ops.min(distances, axis=1))
+    if keras.backend.backend() == "tensorflow":
+        fallback = _xla_fallback()(distances, negative_mask)
+    else:
+        fallback = _fallback_negative(distances, negative_mask)
     chosen = ops.where(has_semi_hard, semi_hard, ops.expand_dims(fallback, 1))
     positive = ops.take_along_axis(distances, query_columns, axis=1)
     values = term(positive, chosen)
