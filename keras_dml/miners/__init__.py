@@ -31,6 +31,7 @@ from keras_dml.miners.base import (
     get,
     mined_pairs,
     mined_triplet_counts,
+    mined_triplets,
 )
 from keras_dml.miners.pairs import (
     BatchEasyHardMiner,
@@ -59,4 +60,5 @@ __all__ = [
     "get",
     "mined_pairs",
     "mined_triplet_counts",
+    "mined_triplets",
 ]

@@ -117,6 +117,19 @@ def mined_triplet_counts(miner: Miner | None, labels, embeddings, references: Re
     return positive * per_anchor_negatives, negative * per_anchor_positives
 
 
+def mined_triplets(miner: Miner | None, labels, embeddings, references: References):
+    """`(B, R, R)` bool: every positive times every negative of each anchor, or `miner`'s triplets.
+
+    What a triplet loss reduces with a `keras_dml.reducers.Reducer` (PML's
+    `convert_to_triplets`: a pair miner's positives times its negatives, per
+    anchor).
+    """
+    if miner is None:
+        return Mined(*references.masks(labels)).triplet_mask()
+    _check_single_label(labels)
+    return miner.mine(labels, embeddings, references).triplet_mask()
+
+
 def _check_single_label(labels):
     if len(getattr(labels, "shape", ())) == 2 and labels.shape[1] not in (None, 1):
         raise ValueError(
