@@ -29,8 +29,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from pml_parity import requires_pml
-from test_catalogue_loss_miners import PAIR_MINERS, TRIPLET_MINER, check, theirs
+from test_catalogue_loss_miners import LOSSES, PAIR_MINERS, TRIPLET_MINER, check, theirs
 from test_catalogue_loss_miners import batch as unit_batch
+from test_contrastive_loss_miners import check as contrastive_check
+from test_contrastive_loss_miners import views_batch
 from test_loss_miners import euclid, ours, pml_losses, pml_reducers, torch
 
 import keras_dml
@@ -132,3 +134,80 @@ def test_margin_loss_learned_per_class_beta_with_a_reducer_matches_pml(kind):
     np.testing.assert_allclose(value, want, rtol=1e-5)
     np.testing.assert_allclose(grad[:, :-3], want_grad, rtol=1e-5, atol=1e-9)
     np.testing.assert_allclose(grad[:, -3:].sum(axis=0), pml_loss.beta.grad.numpy(), rtol=1e-5)
+
+
+# -- 2. PerAnchorReducer and ClassWeightedReducer on the catalogue losses ----------------
+
+# PML hands these losses' terms to its reducer as (P, 1) or (B, 1): see the module docstring.
+FLAT_IN_PML = {
+    "LiftedStruct": ("per_anchor", "class_weighted"),
+    "TupletMargin": ("per_anchor", "class_weighted"),
+    "Angular": ("per_anchor", "class_weighted"),
+    "GeneralizedLiftedStructure": ("class_weighted",),  # its PerAnchorReducer reads "element"
+}
+CATALOGUE = ("LiftedStruct", "GeneralizedLiftedStructure", "TupletMargin", "IntraPairVariance",
+             "SNRContrastive", "Angular")
+
+
+@pytest.mark.parametrize("miner", ["none", "PairMarginMiner"])
+@pytest.mark.parametrize("kind", ["per_anchor", "class_weighted"])
+@pytest.mark.parametrize("name", CATALOGUE)
+def test_catalogue_losses_match_pml(name, kind, miner):
+    # MarginLoss: ClassWeightedReducer above, PerAnchorReducer a stated difference.
+    ours_reducer, pml_reducer = reducer_pair(kind)
+    if kind in FLAT_IN_PML.get(name, ()):
+        pml_reducer = FlatLosses(pml_reducer)
+    check(name, *MINERS[miner], reducer_pair=(ours_reducer, pml_reducer))
+
+
+@pytest.mark.parametrize("name", list(FLAT_IN_PML))
+def test_pml_column_losses_break_its_per_anchor_and_class_weighted_reducers(name):
+    labels, x = unit_batch(0)
+    pml_factory = LOSSES[name][1]
+
+    def pml_value(reducer):
+        return theirs(pml_factory(reducer), NO_MINER[1](), labels, x,
+                      normalize=name == "Angular")[0]
+
+    if "per_anchor" in FLAT_IN_PML[name]:
+        with pytest.raises(RuntimeError, match="shape mismatch"):
+            pml_value(reducer_pair("per_anchor")[1])
+    raw = pml_value(reducer_pair("class_weighted")[1])
+    flat = pml_value(FlatLosses(reducer_pair("class_weighted")[1]))
+    # PML's raw value is the mean loss times the mean weight of the terms' anchors (every
+    # query for the per-query GeneralizedLiftedStructure, else each positive pair's anchor).
+    anchors = range(len(labels)) if name == "GeneralizedLiftedStructure" else [
+        a for a in range(len(labels)) for p in range(len(labels))
+        if a != p and labels[a] == labels[p]]
+    mean_weight = np.mean([WEIGHTS[labels[a]] for a in anchors])
+    np.testing.assert_allclose(raw, pml_value(pml_reducers.MeanReducer()) * mean_weight,
+                               rtol=1e-9)
+    value, _ = ours(LOSSES[name][0](None, reducer_pair("class_weighted")[0]), labels, x)
+    np.testing.assert_allclose(value, flat, rtol=1e-5)
+    assert not np.isclose(raw, flat, rtol=1e-3)
+
+
+SUPCON = (lambda r: keras_dml.SupConLoss(temperature=0.1, base_temperature=0.1, reducer=r),
+          lambda r: pml_losses.SupConLoss(temperature=0.1, reducer=r))
+
+
+@pytest.mark.parametrize("miner", ["none", "PairMarginMiner"])
+@pytest.mark.parametrize("kind", ["per_anchor", "class_weighted"])
+def test_supcon_matches_pml(kind, miner):
+    ours_reducer, pml_reducer = reducer_pair(kind)
+    ours_miner, pml_miner = MINERS[miner]
+    loss = keras_dml.SupConLoss(temperature=0.1, base_temperature=0.1, miner=ours_miner(),
+                                reducer=ours_reducer)
+    contrastive_check(loss, pml_losses.SupConLoss(temperature=0.1, reducer=pml_reducer),
+                      pml_miner, unit_batch)
+
+
+@pytest.mark.parametrize("miner", ["none", "PairMarginMiner"])
+@pytest.mark.parametrize("kind", ["per_anchor", "class_weighted"])
+def test_ntxent_matches_pml(kind, miner):
+    # NT-Xent's labels are the instance ids 0..5 of the stacked views: one weight per instance.
+    ours_reducer, pml_reducer = reducer_pair(kind, weights=[0.5, 2.0, 1.5, 1.0, 0.25, 3.0])
+    ours_miner, pml_miner = MINERS[miner]
+    loss = keras_dml.NTXentLoss(temperature=0.2, miner=ours_miner(), reducer=ours_reducer)
+    contrastive_check(loss, pml_losses.NTXentLoss(temperature=0.2, reducer=pml_reducer),
+                      pml_miner, views_batch)
