@@ -3,14 +3,14 @@
 A loss that forms per-element losses (`TripletLoss`, `ContrastiveLoss`,
 `MultiSimilarityLoss`, `CircleLoss`, `LiftedStructLoss`,
 `GeneralizedLiftedStructureLoss`, `TupletMarginLoss`, `IntraPairVarianceLoss`,
-`SignalToNoiseRatioContrastiveLoss`, `AngularLoss`) takes `reducer=`; left None, each keeps
-its documented reduction. A reducer is called on a tensor of losses whose
-first axis is the anchor (`(B,)` per anchor, `(B, R)` per pair, `(B, R, R)`
-per triplet), a boolean mask of the same shape saying which entries exist,
-and the anchors' labels. `reduce` returns `(total, count)`, so that a loss
-can sum both over `tf.distribute` replicas before dividing
-(`References.mean`); calling a reducer returns `total / max(count, 1)`, and
-0 when nothing is selected.
+`SignalToNoiseRatioContrastiveLoss`, `AngularLoss`, `MarginLoss`) takes
+`reducer=`; left None, each keeps its documented reduction. A reducer is
+called on a tensor of losses whose first axis is the anchor (`(B,)` per
+anchor, `(B, R)` per pair, `(B, R, R)` per triplet), a boolean mask of the
+same shape saying which entries exist, and the anchors' labels. `reduce`
+returns `(total, count)`, so that a loss can sum both over `tf.distribute`
+replicas before dividing (`References.mean`); calling a reducer returns
+`total / max(count, 1)`, and 0 when nothing is selected.
 
 As in pytorch-metric-learning, a loss with several parts (contrastive:
 positive and negative pairs) reduces each part with the reducer and adds

@@ -60,8 +60,8 @@ LOSSES = {
         lambda m, r: keras_dml.AngularLoss(miner=m, reducer=r),
         lambda r: pml_losses.AngularLoss(reducer=r), True, True),
     "Margin": (
-        lambda m, r: keras_dml.MarginLoss(miner=m),
-        lambda r: pml_losses.MarginLoss(distance=euclid()), False, False),
+        lambda m, r: keras_dml.MarginLoss(miner=m, reducer=r),
+        lambda r: pml_losses.MarginLoss(distance=euclid(), reducer=r), False, True),
 }
 
 PAIR_MINERS = {

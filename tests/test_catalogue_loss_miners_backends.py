@@ -1,7 +1,8 @@
 """`miner=` / `reducer=` on the catalogue's losses, on every backend (small and fast).
 
 A miner that selects every pair gives the loss without a miner (value and
-gradient), a `fit` step with a miner and a reducer runs. The PML parity is in
+gradient), a `fit` step with a miner and a reducer runs, `NCALoss` with a
+miner equals its NumPy loops. The PML parity is in
 tests/test_catalogue_loss_miners.py (TensorFlow only).
 """
 
@@ -11,6 +12,7 @@ import keras
 import numpy as np
 import pytest
 from conftest import loss_gradient
+from test_nca import ref_mined_weights, ref_nca
 
 import keras_dml
 from keras_dml import miners, reducers
@@ -27,6 +29,8 @@ LOSSES = {
     "SupCon": lambda **kw: keras_dml.SupConLoss(temperature=0.2, **kw),
     # y_pred = concat([view_1, view_2]) of 6 inputs; the miner sees the instance ids.
     "NTXent": lambda **kw: keras_dml.NTXentLoss(temperature=0.2, **kw),
+    # Every pair mined: every query is counted as often, so every weight is 1.
+    "NCA": keras_dml.NCALoss,
 }
 
 
@@ -52,7 +56,7 @@ def test_a_miner_of_every_pair_gives_the_loss_without_miner(name):
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_fit_with_a_miner_and_a_reducer(name):
     options = {"miner": miners.MultiSimilarityMiner(0.1)}
-    if name not in ("Margin", "DynamicSoftMargin"):
+    if name not in ("DynamicSoftMargin", "NCA"):
         options["reducer"] = reducers.AvgNonZeroReducer()
     labels, x = batch(n=24)
     model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4),
@@ -60,6 +64,19 @@ def test_fit_with_a_miner_and_a_reducer(name):
     model.compile(optimizer="sgd", loss=LOSSES[name](**options))
     history = model.fit(x, labels, batch_size=12, epochs=1, verbose=0, shuffle=False)
     assert np.all(np.isfinite(history.history["loss"]))
+
+
+@pytest.mark.parametrize("miner", [miners.MultiSimilarityMiner(0.1),
+                                   miners.TripletMarginMiner(0.3, "all")],
+                         ids=["pairs", "triplets"])
+def test_nca_with_a_miner_matches_numpy(miner):
+    labels, x = batch(seed=1)
+    value, grad = loss_gradient(lambda v: keras_dml.NCALoss(miner=miner)(labels, v), x)
+    weights = ref_mined_weights(miner(labels, x))
+    assert min(weights) < 1.0
+    np.testing.assert_allclose(float(value), ref_nca(labels, x.astype("float64"), weights=weights),
+                               rtol=1e-4, atol=1e-6)
+    assert np.all(np.isfinite(grad)) and np.any(grad != 0)
 
 
 def test_multiple_losses_is_the_weighted_sum_and_trains():

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from keras import ops
 from pml_parity import (
     BATCH_IDS,
     BATCHES,
@@ -22,8 +23,12 @@ from keras_dml.losses.nca import NCALoss, nca_loss
 
 
 def ref_nca(labels, x, softmax_scale=1.0, distance="squared_euclidean", ref_labels=None,
-            ref_x=None):
-    """Softmax over the other references; -log of the positives' mass; mean over queries."""
+            ref_x=None, weights=None):
+    """Softmax over the other references; -log of the positives' mass; mean over queries.
+
+    `weights`: one factor per query (a miner's, `ref_mined_weights`); the mean still
+    runs over every query with a positive.
+    """
     refs = x if ref_x is None else ref_x
     positives, negatives = pairs(labels, ref_labels)
     sign = 1.0 if distance in ("cosine", "dot") else -1.0
@@ -36,8 +41,41 @@ def ref_nca(labels, x, softmax_scale=1.0, distance="squared_euclidean", ref_labe
         top = max(logits.values())
         total = sum(math.exp(v - top) for v in logits.values())
         mass = sum(math.exp(logits[j] - top) for j in positives[i]) / total
-        losses.append(-math.log(mass))
+        losses.append(-math.log(mass) * (1.0 if weights is None else weights[i]))
     return sum(losses) / len(losses) if losses else 0.0
+
+
+def ref_mined_weights(mined, in_batch=True):
+    """PML's `convert_to_weights` by loops over a `Mined`'s masks, written as PML's tuples.
+
+    A pair miner's masks are the 4-tuple `(a1, p, a2, n)`, a triplet miner's the 3-tuple
+    `(a, p, n)`; each index counts once per array it appears in. `in_batch=False`: only
+    the anchors count (PML with `ref_emb`).
+    """
+    if mined.triplets is not None:
+        triplets = ops.convert_to_numpy(mined.triplets)
+        arrays = [[], [], []]
+        for a, p, n in zip(*np.nonzero(triplets), strict=True):
+            for array, index in zip(arrays, (a, p, n), strict=True):
+                array.append(int(index))
+        num_queries = triplets.shape[0]
+    else:
+        positive = ops.convert_to_numpy(mined.positive)
+        negative = ops.convert_to_numpy(mined.negative)
+        a1, p = np.nonzero(positive)
+        a2, n = np.nonzero(negative)
+        arrays = [a1.tolist(), p.tolist(), a2.tolist(), n.tolist()]
+        num_queries = positive.shape[0]
+    if not any(arrays):
+        return [1.0] * num_queries
+    counted = arrays if in_batch else [arrays[0]] + ([arrays[2]] if len(arrays) == 4 else [])
+    counts = [0] * num_queries
+    for array in counted:
+        for index in array:
+            if index < num_queries:
+                counts[index] += 1
+    largest = max(counts)
+    return [c / largest for c in counts]
 
 
 @pytest.mark.parametrize("case", BATCHES, ids=BATCH_IDS)
@@ -98,3 +136,4 @@ def test_bad_options():
         NCALoss(softmax_scale=0.0)
     with pytest.raises(ValueError, match="distance"):
         NCALoss(distance="manhattan")
+

@@ -334,3 +334,36 @@ def test_mirrored_strategy_writes_the_global_batch_and_equals_one_device():
     assert results["memory_embeddings"] < 1e-5
     assert results["loss"] < 1e-5
     assert results["weights"] < 1e-4
+
+
+def test_save_and_load_restore_a_multi_hot_memory_and_the_next_step(tmp_path):
+    # Multi-hot (B, C) label sets in the memory, saved with the model: the loaded memory holds
+    # the same embeddings, label sets, pointer and fill count, and the next step gives the
+    # same loss on both models (same weights, optimizer state and references).
+    keras.utils.set_random_seed(0)
+    backbone = keras.Sequential([keras.Input((5,)), keras.layers.Dense(D)])
+    model = XBMModel(backbone, memory_size=12, num_classes=4)
+    model.compile(optimizer="adam", loss=ContrastiveLoss())
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(24, 5)).astype("float32")
+    y = (rng.random((24, 4)) < 0.4).astype("int64")
+    y[np.arange(24), np.arange(24) % 4] = 1  # every sample has a label
+    model.fit(x[:16], y[:16], batch_size=8, epochs=1, shuffle=False, verbose=0)  # 2 steps
+    assert int(model.memory.writes.numpy()) == 2
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded, XBMModel) and loaded.memory.num_classes == 4
+    assert tuple(loaded.memory.labels.shape) == (12, 4)
+    for name in ("embeddings", "labels", "pointer", "size", "writes", "steps"):
+        np.testing.assert_array_equal(getattr(loaded.memory, name).numpy(),
+                                      getattr(model.memory, name).numpy(), err_msg=name)
+    np.testing.assert_array_equal(model.memory.labels.numpy()[:4], y[12:16])  # wrapped around
+    assert int(loaded.memory.pointer.numpy()) == 4 and int(loaded.memory.size.numpy()) == 12
+    after = model.train_on_batch(x[16:], y[16:])
+    loaded_after = loaded.train_on_batch(x[16:], y[16:])
+    assert np.isfinite(after) and after > 0
+    np.testing.assert_allclose(loaded_after, after, rtol=1e-6)
+    for name in ("embeddings", "labels", "pointer", "size"):
+        np.testing.assert_allclose(getattr(loaded.memory, name).numpy(),
+                                   getattr(model.memory, name).numpy(), rtol=1e-6, err_msg=name)

@@ -16,6 +16,7 @@ from keras import ops
 
 from keras_dml import distances
 from keras_dml import miners as miners_lib
+from keras_dml import reducers as reducers_lib
 from keras_dml._checks import check_non_negative, check_positive_int
 from keras_dml.losses._pair_terms import oriented_matrix
 from keras_dml.losses.base import MetricLoss, References, resolve_references
@@ -54,6 +55,7 @@ def margin_loss(
     num_classes: int | None = None,
     distance: str | distances.Distance = "euclidean",
     miner=None,
+    reducer=None,
     references: References | None = None,
 ):
     """Keeps positive distances below `beta - margin` and negative ones above `beta + margin`.
@@ -86,6 +88,13 @@ def margin_loss(
         distance: a name accepted by `keras_dml.distances.get`.
         miner: a `keras_dml.miners.Miner`: only its triplets are used (PML's
             `indices_tuple`; a pair miner's positives times its negatives, per anchor).
+        reducer: a `keras_dml.reducers.Reducer` of the per-triplet terms
+            `relu(d_ap - beta_a + margin) + relu(beta_a - d_an + margin)` (PML's
+            `MarginLoss(reducer=...)`, reduction type "triplet"); this builds the
+            `(B, R, R)` triplet terms. With `learn_beta=True`, `nu > 0` and
+            per-class β, the regulariser's per-triplet terms `nu * beta_a` are
+            reduced by the same reducer and added. None: the division by the
+            number of non-zero terms above.
         references: what the anchors take positives and negatives from; the
             batch itself by default.
 
@@ -101,6 +110,11 @@ def margin_loss(
     beta_a = beta if beta_columns is None else ops.cast(beta_columns, matrix.dtype)
     positive_terms = ops.relu(sign * (matrix - beta_a) + margin)
     negative_terms = ops.relu(sign * (beta_a - matrix) + margin)
+    if reducer is not None:
+        return _reduced_margin_loss(
+            labels, embeddings, references, miner, reducer, positive_terms, negative_terms,
+            beta_a if learn_beta and nu else None, nu, num_classes, beta_vector,
+        )
     # A pair term enters as many triplets as hold that pair (every positive times every
     # negative of its anchor, or the miner's triplets).
     positive_count, negative_count = miners_lib.mined_triplet_counts(
@@ -124,6 +138,32 @@ def margin_loss(
             regulariser = nu * ops.cast(ops.reshape(beta_vector, ()), matrix.dtype)
         loss = loss + ops.where(has_triplet, regulariser, ops.zeros_like(regulariser))
     return loss
+
+
+def _reduced_margin_loss(
+    labels, embeddings, references, miner, reducer, positive_terms, negative_terms,
+    learned_beta, nu, num_classes, beta_vector,
+):
+    """`margin_loss` with a reducer: the `(B, R, R)` triplet terms reduced by `reducer`.
+
+    `learned_beta` is the per-anchor β when it is learned and regularised
+    (`nu > 0`), else None.
+    """
+    triplets = miners_lib.mined_triplets(miner, labels, embeddings, references)
+    terms = ops.expand_dims(positive_terms, 2) + ops.expand_dims(negative_terms, 1)
+    loss = references.mean(*reducer.reduce(terms, triplets, labels))
+    if learned_beta is None:
+        return loss
+    if num_classes:
+        # PML: one `nu * beta_a` element per triplet, reduced by the same reducer.
+        per_triplet = ops.broadcast_to(
+            ops.expand_dims(nu * learned_beta, 2), ops.shape(terms)
+        )
+        regulariser = references.mean(*reducer.reduce(per_triplet, triplets, labels))
+    else:
+        # PML: one β is an already-reduced `nu * beta`, added as it is.
+        regulariser = nu * ops.cast(ops.reshape(beta_vector, ()), terms.dtype)
+    return loss + ops.where(ops.any(triplets), regulariser, ops.zeros_like(regulariser))
 
 
 @keras.saving.register_keras_serializable(package="keras_dml")
@@ -210,6 +250,8 @@ class MarginLoss(MetricLoss):
         num_classes: with `learn_beta=True`, one β per class. Defaults to None.
         distance: a name accepted by `keras_dml.distances.get`. Defaults to `"euclidean"`.
         miner: a `keras_dml.miners.Miner` choosing the triplets (see the function).
+        reducer: a `keras_dml.reducers.Reducer` of the per-triplet terms (see
+            the function); None: PML's default `DivisorReducer` reduction above.
         cross_replica: under `tf.distribute`, compare with all replicas' batches.
         name: name of the loss instance.
         reduction: kept for Keras compatibility; the loss is already a scalar.
@@ -241,6 +283,7 @@ class MarginLoss(MetricLoss):
         num_classes: int | None = None,
         distance: str = "euclidean",
         miner=None,
+        reducer=None,
         cross_replica: bool = True,
         name: str = "margin_loss",
         reduction: str = "sum_over_batch_size",
@@ -268,4 +311,5 @@ class MarginLoss(MetricLoss):
             num_classes=None if num_classes is None else int(num_classes),
             distance=distance,
             miner=miners_lib.get(miner),
+            reducer=reducers_lib.get(reducer),
         )

@@ -6,6 +6,7 @@ import keras
 from keras import ops
 
 from keras_dml import distances
+from keras_dml import miners as miners_lib
 from keras_dml import ops as dml_ops
 from keras_dml._checks import check_positive
 from keras_dml.losses._pair_terms import mean_over
@@ -18,6 +19,7 @@ def nca_loss(
     *,
     softmax_scale: float = 1.0,
     distance: str | distances.Distance = "squared_euclidean",
+    miner=None,
     references: References | None = None,
 ):
     """Maximises each sample's probability of picking a same-label neighbour by softmax.
@@ -30,11 +32,18 @@ def nca_loss(
     without any positive pair gives 0 (PML returns NaN, the mean of no
     terms).
 
+    With a `miner`, each query's term is multiplied by its weight
+    `miners.mined_query_weights` (how often the miner picks it, over the
+    largest such count: PML's `NCALoss` with `indices_tuple`); the softmax
+    still runs over every reference and the mean over every query that has
+    a positive.
+
     Args:
         labels: `(B,)` int32 class labels.
         embeddings: `(B, D)` float embeddings.
         softmax_scale: inverse temperature of the softmax.
         distance: a name accepted by `keras_dml.distances.get`.
+        miner: a `keras_dml.miners.Miner` whose picks weigh the queries (see above).
         references: the neighbours to pick from; the batch itself by default.
 
     Returns:
@@ -49,6 +58,10 @@ def nca_loss(
     )
     has_positive = ops.any(positive, axis=1)
     per_query = ops.where(has_positive, -log_probability, ops.zeros_like(log_probability))
+    if miner is not None:
+        per_query = per_query * ops.cast(
+            miners_lib.mined_query_weights(miner, labels, embeddings, references), per_query.dtype
+        )
     return mean_over(references, per_query, has_positive)
 
 
@@ -61,12 +74,15 @@ class NCALoss(MetricLoss):
     positive). Difference: PML's `LpDistance` L2-normalises the embeddings
     first by default; here the distance is taken on the embeddings as given
     (end the model with `keras.layers.UnitNormalization()` for PML's
-    default). See `nca_loss`.
+    default). With `miner=`, each query is weighed by how often the miner
+    picks it (PML's `NCALoss` given the miner's `indices_tuple`; see
+    `nca_loss`).
 
     Args:
         softmax_scale: inverse temperature of the softmax. Defaults to `1.0`.
         distance: a name accepted by `keras_dml.distances.get`. Defaults to
             `"squared_euclidean"`.
+        miner: a `keras_dml.miners.Miner` weighing the queries. Defaults to None.
         cross_replica: under `tf.distribute`, compare with all replicas' batches.
         name: name of the loss instance.
         reduction: kept for Keras compatibility; the loss is already a scalar.
@@ -90,6 +106,7 @@ class NCALoss(MetricLoss):
         self,
         softmax_scale: float = 1.0,
         distance: str = "squared_euclidean",
+        miner=None,
         cross_replica: bool = True,
         name: str = "nca_loss",
         reduction: str = "sum_over_batch_size",
@@ -104,4 +121,5 @@ class NCALoss(MetricLoss):
             cross_replica=cross_replica,
             softmax_scale=softmax_scale,
             distance=distance,
+            miner=miners_lib.get(miner),
         )

@@ -7,8 +7,9 @@ backend. Losses take one as `miner=` (`TripletLoss`, `ContrastiveLoss`,
 `MultiSimilarityLoss`, `CircleLoss`, `LiftedStructLoss`,
 `GeneralizedLiftedStructureLoss`, `TupletMarginLoss`, `IntraPairVarianceLoss`,
 `SignalToNoiseRatioContrastiveLoss`, `AngularLoss`, `MarginLoss`,
-`DynamicSoftMarginLoss`); pair losses read its pairs (`mined_pairs`), triplet
-losses its triplets. The string options of `keras_dml.mining`
+`DynamicSoftMarginLoss`, `NCALoss`); pair losses read its pairs (`mined_pairs`),
+triplet losses its triplets, `NCALoss` how often it picks each query
+(`mined_query_weights`). The string options of `keras_dml.mining`
 (`negative_mining="hard"`, ...) remain as shortcuts for the common cases.
 
 Example:
@@ -30,7 +31,9 @@ from keras_dml.miners.base import (
     RandomMiner,
     get,
     mined_pairs,
+    mined_query_weights,
     mined_triplet_counts,
+    mined_triplets,
 )
 from keras_dml.miners.pairs import (
     BatchEasyHardMiner,
@@ -58,5 +61,7 @@ __all__ = [
     "UniformHistogramMiner",
     "get",
     "mined_pairs",
+    "mined_query_weights",
     "mined_triplet_counts",
+    "mined_triplets",
 ]

@@ -34,6 +34,7 @@ import keras
 from keras import ops
 
 from keras_dml import distances as distances_lib
+from keras_dml import distributed
 from keras_dml._registry import ConfigObject, deserialize_as
 from keras_dml.losses.base import References, resolve_references, validate_inputs
 
@@ -115,6 +116,61 @@ def mined_triplet_counts(miner: Miner | None, labels, embeddings, references: Re
     per_anchor_negatives = ops.sum(negative, axis=1, keepdims=True)
     per_anchor_positives = ops.sum(positive, axis=1, keepdims=True)
     return positive * per_anchor_negatives, negative * per_anchor_positives
+
+
+def mined_triplets(miner: Miner | None, labels, embeddings, references: References):
+    """`(B, R, R)` bool: every positive times every negative of each anchor, or `miner`'s triplets.
+
+    What a triplet loss reduces with a `keras_dml.reducers.Reducer` (PML's
+    `convert_to_triplets`: a pair miner's positives times its negatives, per
+    anchor).
+    """
+    if miner is None:
+        return Mined(*references.masks(labels)).triplet_mask()
+    _check_single_label(labels)
+    return miner.mine(labels, embeddings, references).triplet_mask()
+
+
+def mined_query_weights(miner: Miner, labels, embeddings, references: References):
+    """`(B,)` float32: how often `miner` picks each query, divided by the largest such count.
+
+    PML's `lmu.convert_to_weights`, by which its `NCALoss` weighs each query
+    given an `indices_tuple`: a sample's count is how many times its index
+    appears in the tuple's index arrays (as anchor, positive or negative), a
+    query the miner never mentions weighs 0, and when the miner selects
+    nothing every query weighs 1. A pair miner's pairs are counted as PML
+    counts its 4-tuple (an anchor once per pair), a triplet miner's triplets
+    as its 3-tuple (an anchor once per triplet).
+
+    The references decide which indices count: the batch itself, all of
+    them; the gathered batches of the `tf.distribute` replicas, the same over
+    the global batch (the counts as references summed over the replicas, the
+    largest count the global one); other samples (a cross-batch memory),
+    only the queries' counts as anchors (PML's convention with `ref_emb`).
+
+    Raises:
+        ValueError: for multi-hot `(B, C)` labels (miners mine single-label batches).
+    """
+    _check_single_label(labels)
+    mined = miner.mine(labels, embeddings, references)
+    if mined.triplets is not None:
+        triplets = ops.cast(mined.triplets, "float32")
+        as_anchor = ops.sum(triplets, axis=(1, 2))
+        as_reference = ops.sum(triplets, axis=(0, 2)) + ops.sum(triplets, axis=(0, 1))
+    else:
+        positive = ops.cast(mined.positive, "float32")
+        negative = ops.cast(mined.negative, "float32")
+        as_anchor = ops.sum(positive, axis=1) + ops.sum(negative, axis=1)
+        as_reference = ops.sum(positive, axis=0) + ops.sum(negative, axis=0)
+    if references._is_query_batch or references.across_replicas:
+        every = references.gather_rows(as_anchor) + distributed.sum_over_replicas(as_reference)
+        offset = ops.cast(ops.reshape(references.query_offset, (1,)), "int32")
+        counts = ops.slice(every, offset, ops.shape(as_anchor))
+    else:
+        every = counts = as_anchor
+    largest = ops.max(every)
+    weights = counts / ops.maximum(largest, 1.0)
+    return ops.stop_gradient(ops.where(largest > 0, weights, ops.ones_like(weights)))
 
 
 def _check_single_label(labels):
