@@ -141,13 +141,16 @@ def _count_at_least(sorted_negatives, num_negatives, anchor_positive, thresholds
     chunk, count = anchor_positive.shape[1], len(thresholds)
     queries = ops.reshape(ops.repeat(anchor_positive, count, axis=1), (-1, chunk * count))
     wanted = ops.convert_to_tensor(np.tile(np.asarray(thresholds, "int32"), chunk)[None, :])
-    last = ops.shape(sorted_negatives)[1] - 1
+    width = ops.shape(sorted_negatives)[1]
+    flat = ops.reshape(sorted_negatives, (-1,))
+    # Row offsets into `flat`: one 1-D gather per step (cheaper than take_along_axis).
+    offsets = ops.expand_dims(ops.arange(ops.shape(queries)[0], dtype="int32") * width, 1)
     low = ops.zeros_like(queries, dtype="int32")
     high = low + ops.expand_dims(ops.cast(num_negatives, "int32"), 1)
 
     def body(low, high):
         middle = (low + high) // 2
-        value = ops.take_along_axis(sorted_negatives, ops.minimum(middle, last), axis=1)
+        value = ops.take(flat, offsets + ops.minimum(middle, width - 1), axis=0)
         index, _ = _bins(queries - value, min_val, num_bins)
         active = low < high
         right = ops.logical_and(active, index >= wanted)
@@ -174,13 +177,32 @@ def _sorted_terms(d, positive, negative, histogram, min_val, num_bins, momentum)
     of an anchor.
     """
     sd = ops.stop_gradient(d)
+    weights = _pair_weights(sd, positive, negative, histogram, min_val, num_bins, momentum)
+    positive_weight, negative_weight, negative_order, count, histogram = (
+        ops.stop_gradient(w) for w in weights
+    )
+    sorted_d = ops.take_along_axis(d, negative_order, axis=1)
+    total = ops.sum(positive_weight * d) - ops.sum(negative_weight * sorted_d)
+    return total, count, histogram
+
+
+def _pair_weights(sd, positive, negative, histogram, min_val, num_bins, momentum):
+    """The pair weights of `_sorted_terms` (no gradient).
+
+    Returns:
+        `(positive_weight (B, R), negative_weight (B, R), negative_order (B, R),
+        count, histogram)`: `negative_weight[a, j]` is that of the anchor's
+        `j`-th closest negative, column `negative_order[a, j]`; `count` the
+        number of triplets; `histogram` the updated one.
+    """
     dtype = sd.dtype
     num_anchors, num_refs = ops.shape(sd)[0], ops.shape(sd)[1]
     positive, negative = ops.cast(positive, "bool"), ops.cast(negative, "bool")
     num_positives = ops.sum(ops.cast(positive, "int32"), axis=1)
     num_negatives = ops.sum(ops.cast(negative, "int32"), axis=1)
     count = ops.sum(ops.cast(num_positives, dtype) * ops.cast(num_negatives, dtype))
-    positive_order = ops.argsort(ops.cast(ops.logical_not(positive), "int32"), axis=1)
+    # Positive number s of an anchor (from 1) is at the first column where this reaches s.
+    positives_so_far = ops.cumsum(ops.cast(positive, "int32"), axis=1)
     negative_order = ops.argsort(ops.where(negative, sd, ops.max(sd) + 1.0), axis=1)
     sorted_negatives = ops.take_along_axis(sd, negative_order, axis=1)
     is_negative = ops.expand_dims(ops.arange(num_refs, dtype="int32"), 0) < ops.expand_dims(
@@ -198,8 +220,9 @@ def _sorted_terms(d, positive, negative, histogram, min_val, num_bins, momentum)
         """`(valid, columns, d(a, p))` `(B, C)` of the anchors' positive slots of chunk `i`."""
         slot = i * chunk + ops.arange(chunk, dtype="int32")
         valid = ops.expand_dims(slot, 0) < ops.expand_dims(num_positives, 1)
-        columns = ops.take(positive_order, ops.minimum(slot, num_refs - 1), axis=1)
-        columns = ops.cast(columns, "int32")
+        wanted = ops.zeros_like(positives_so_far[:, :1]) + ops.expand_dims(slot + 1, 0)
+        columns = dml_ops.batched_searchsorted(positives_so_far, wanted, side="left")
+        columns = ops.minimum(ops.cast(columns, "int32"), num_refs - 1)
         return valid, columns, ops.take_along_axis(sd, columns, axis=1)
 
     edges = list(range(-1, num_bins + 1))  # bins -1 .. num_bins - 1, and the end of the last
@@ -266,15 +289,11 @@ def _sorted_terms(d, positive, negative, histogram, min_val, num_bins, momentum)
             cdf[0] * ops.cast(positive, dtype) * ops.cast(ops.expand_dims(num_negatives, 1), dtype),
             (-1,),
         )
-    positive_weight = ops.stop_gradient(ops.reshape(positive_weight, (num_anchors, num_refs)))
+    positive_weight = ops.reshape(positive_weight, (num_anchors, num_refs))
     passed = ops.cumsum(ops.reshape(negative_steps, (num_anchors, num_refs + 1)), axis=1)
     negative_weight = top * ops.cast(ops.expand_dims(num_positives, 1), dtype) - passed[:, :-1]
-    negative_weight = ops.stop_gradient(
-        ops.where(is_negative, negative_weight, ops.zeros_like(negative_weight))
-    )
-    sorted_d = ops.take_along_axis(d, negative_order, axis=1)
-    total = ops.sum(positive_weight * d) - ops.sum(negative_weight * sorted_d)
-    return total, count, histogram
+    negative_weight = ops.where(is_negative, negative_weight, ops.zeros_like(negative_weight))
+    return positive_weight, negative_weight, negative_order, count, histogram
 
 
 def dynamic_soft_margin_loss(
