@@ -6,6 +6,15 @@ of L2-normalised embeddings, so `x` lies in `[-2, 2]`). A histogram of the
 distribution `CDF`; the loss is the mean of `CDF(x) * x`: triplets that are
 harder than most (large `x`) weigh more, a soft margin that follows the data.
 
+No `(B, R, R)` tensor of triplets is built (unless a triplet miner gives
+one): each anchor's negatives are sorted once, and each of its positives
+binary-searches them for every bin edge, with the very float operations
+that bin a difference, so the bins (and the value, histogram and gradient)
+are those of the dense form (`method="dense"`, kept as the tests' reference)
+up to rounding. The loss's sum over triplets becomes one weighted sum over
+the (a, p) and (a, n) pairs. O(B R log R + B P num_bins log R) time for P
+positives per anchor, O(B R) memory.
+
 Where the running histogram lives: a `keras.losses.Loss` has no variables
 that `fit` carries, so `DynamicSoftMarginLoss` owns one non-trainable
 `keras.Variable` (`loss.histogram`) and assigns it at every call, eagerly, in
