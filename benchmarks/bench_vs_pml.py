@@ -14,6 +14,7 @@ printed, with the ratios keras-dml / PML (below 1: keras-dml is faster).
     python benchmarks/bench_vs_pml.py --jax --rounds 2 --batch-sizes 256 1024 4096
     python benchmarks/bench_vs_pml.py --jax --losses NPairsLoss "NPairsLoss[one_per_class]"
     python benchmarks/bench_vs_pml.py --list
+    python benchmarks/bench_vs_pml.py --jax --peak-memory --losses DynamicSoftMarginLoss
 
 Adding a row: append an `Entry` to `REGISTRY` with a keras-dml constructor and
 the PML constructor of the same loss (same hyperparameters; the parity tests
@@ -67,6 +68,7 @@ class Entry:
         head: a margin head (class weights are trained too).
         views: two-view self-supervised loss: PML gets instance ids as labels.
         pml_max_batch: largest B at which PML is run (memory).
+        max_batch: largest B at which keras-dml is run (memory).
         semi_hard_sort: force keras-dml's sorting semi-hard path (before issue 21).
         semi_hard_bucketed: force the bucketed path (issue 21's second pass), not
             the compiled masked minimum (third pass) that few positives now take.
@@ -78,6 +80,7 @@ class Entry:
     head: bool = False
     views: bool = False
     pml_max_batch: int | None = None
+    max_batch: int | None = None
     semi_hard_sort: bool = False
     semi_hard_bucketed: bool = False
     note: str = ""
@@ -128,6 +131,22 @@ def _pml_dynamic_soft_margin():
         return value
 
     return step
+
+
+def _dynamic_soft_margin(method: str = "sorted"):
+    """keras-dml's loss; `method="dense"` is its `(B, B, B)` form (the one before issue 19's fix).
+
+    Under a compiled JAX step the running histogram cannot be kept: momentum 1.0 there
+    (the same work: one histogram update per step).
+    """
+    import functools
+
+    import keras
+
+    loss = _k().DynamicSoftMarginLoss(momentum=1.0 if keras.backend.backend() == "jax" else 0.01)
+    if method != "sorted":
+        loss.fn = functools.partial(loss.fn, method=method)
+    return loss
 
 
 def _pair_margin_miner():
@@ -223,10 +242,16 @@ REGISTRY: dict[str, Entry] = {
         lambda c, d: _pml()[1].ProxyNCALoss(c, d), head=True,
         note="temperature 1 (PML's softmax_scale=1)."),
     "DynamicSoftMarginLoss": Entry(
-        lambda: _k().DynamicSoftMarginLoss(), _pml_dynamic_soft_margin, pml_max_batch=1024,
-        note="same loss and running histogram (momentum 0.01); PML's histogram is detached "
-             "after each call (its own keeps the graph, and the second backward() fails). Both "
-             "form every triplet: keras-dml as (B, B, B) tensors (run it at B <= 512)."),
+        _dynamic_soft_margin, _pml_dynamic_soft_margin, pml_max_batch=1024,
+        note="same loss and running histogram (momentum 0.01; 1.0 under JAX's jit, which cannot "
+             "carry it); PML's histogram is detached after each call (its own keeps the graph, "
+             "and the second backward() fails). keras-dml sorts each anchor's negatives and "
+             "binary-searches the bin edges (O(B^2 log B)); PML indexes all B * 15 * (B - 16) "
+             "triplets (250 M at B=4096, ~6 GB of int64 indices: PML runs at B <= 1024)."),
+    "DynamicSoftMarginLoss[dense]": Entry(
+        lambda: _dynamic_soft_margin("dense"), max_batch=256,
+        note="keras-dml's dense form, method='dense' (the only one before issue 19's fix): "
+             "(B, B, B) tensors, 4 GB each at B=1024, so run at B=256 only."),
     # Issue 19: the catalogue's pair and triplet losses with miner objects (PML's
     # indices_tuple). PairMarginMiner(1.40, 1.42): on these random unit vectors (distances
     # near sqrt 2) it keeps about half of the positive and of the negative pairs.
@@ -303,6 +328,20 @@ def _median_ms(step, repeats: int) -> float:
     return 1000 * float(np.median(times))
 
 
+def _max_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _row(framework: str, name: str, batch: int, timed, repeats: int, baseline: float) -> dict:
+    """A timed row; `peak_mb`: growth of the process's peak resident memory since `baseline`
+    (the row's own peak only when it is the process's one row: `--peak-memory`)."""
+    ms = _median_ms(timed, repeats)
+    return {"framework": framework, "loss": name, "batch": batch, "ms": ms,
+            "peak_mb": _max_rss_mb() - baseline}
+
+
 def keras_objective(entry: Entry, batch: int):
     """`(fn(labels, x) -> scalar, extra trainable variables)` for a keras-dml entry."""
     import keras
@@ -329,6 +368,9 @@ def run_tensorflow(names, batches, repeats):
         labels_np, x_np = data(batch)
         labels, x = tf.constant(labels_np), tf.Variable(x_np)
         for name in names:
+            if (REGISTRY[name].max_batch or batch) < batch:
+                continue
+            baseline = _max_rss_mb()
             fn, weights = keras_objective(REGISTRY[name], batch)
             # A Keras variable's gradient is that of the backend variable it wraps.
             variables = [x, *[w.value for w in weights]]
@@ -344,8 +386,7 @@ def run_tensorflow(names, batches, repeats):
                 for grad in grads:
                     tf.convert_to_tensor(grad).numpy()  # gathers give IndexedSlices
 
-            rows.append({"framework": "keras-dml TF", "loss": name, "batch": batch,
-                         "ms": _median_ms(timed, repeats)})
+            rows.append(_row("keras-dml TF", name, batch, timed, repeats, baseline))
     return rows
 
 
@@ -356,6 +397,9 @@ def run_jax(names, batches, repeats):
     for batch in batches:
         labels, x = data(batch)
         for name in names:
+            if (REGISTRY[name].max_batch or batch) < batch:
+                continue
+            baseline = _max_rss_mb()
             fn, weights = keras_objective(REGISTRY[name], batch)
             if weights:
                 kernel = weights[0]
@@ -376,8 +420,7 @@ def run_jax(names, batches, repeats):
             def timed(step=step, args=args):
                 jax.block_until_ready(step(*args))
 
-            rows.append({"framework": "keras-dml JAX", "loss": name, "batch": batch,
-                         "ms": _median_ms(timed, repeats)})
+            rows.append(_row("keras-dml JAX", name, batch, timed, repeats, baseline))
     return rows
 
 
@@ -392,6 +435,7 @@ def run_pml(names, batches, repeats):
             entry = REGISTRY[name]
             if entry.pml is None or (entry.pml_max_batch or batch) < batch:
                 continue
+            baseline = _max_rss_mb()
             labels = torch.tensor(pml_labels(entry, labels_np))
             x = torch.tensor(x_np, requires_grad=True)
             if entry.head:
@@ -405,12 +449,18 @@ def run_pml(names, batches, repeats):
                     tensor.grad = None
                 fn(x, labels).backward()
 
-            rows.append({"framework": "PML torch", "loss": name, "batch": batch,
-                         "ms": _median_ms(timed, repeats)})
+            rows.append(_row("PML torch", name, batch, timed, repeats, baseline))
     return rows
 
 
 RUNNERS = {"tensorflow": run_tensorflow, "jax": run_jax, "pml": run_pml}
+
+
+def _runs(entry: Entry, batch: int, framework: str) -> bool:
+    """Whether `framework` times `entry` at `batch` (the runners' own skips)."""
+    if framework == "pml":
+        return entry.pml is not None and (entry.pml_max_batch or batch) >= batch
+    return (entry.max_batch or batch) >= batch
 
 
 def _ratio(ours, theirs):
@@ -428,6 +478,8 @@ def main(argv=None):
     parser.add_argument("--losses", nargs="+", choices=list(REGISTRY), default=list(REGISTRY),
                         help="time only these rows")
     parser.add_argument("--list", action="store_true", help="print the registry and exit")
+    parser.add_argument("--peak-memory", action="store_true",
+                        help="one process per (framework, loss, B), and a peak-memory column each")
     parser.add_argument("--worker", choices=sorted(RUNNERS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.list:
@@ -442,29 +494,40 @@ def main(argv=None):
           f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} at start, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     for round_ in range(args.rounds):
-        table = {}
+        table, peaks = {}, {}
+        # With --peak-memory every (loss, B) runs in its own worker, so that its peak is its own.
+        jobs = ([([loss], [batch]) for batch in args.batch_sizes for loss in args.losses]
+                if args.peak_memory else [(args.losses, args.batch_sizes)])
         for framework in frameworks:
             env = dict(os.environ, KERAS_BACKEND="jax" if framework == "jax" else "tensorflow",
                        TF_CPP_MIN_LOG_LEVEL="3", BENCH_TORCH_THREADS=str(args.torch_threads))
-            command = [sys.executable, __file__, "--worker", framework, "--repeats",
-                       str(args.repeats), "--batch-sizes", *map(str, args.batch_sizes),
-                       "--losses", *args.losses]
-            out = subprocess.run(command, env=env, capture_output=True, text=True)
-            if out.returncode:
-                sys.exit(f"{framework} worker failed:\n{out.stderr[-3000:]}")
-            for row in json.loads(out.stdout.strip().splitlines()[-1]):
-                table[(row["loss"], row["batch"], row["framework"])] = row["ms"]
+            for losses, batches in jobs:
+                if args.peak_memory and not _runs(REGISTRY[losses[0]], batches[0], framework):
+                    continue
+                command = [sys.executable, __file__, "--worker", framework, "--repeats",
+                           str(args.repeats), "--batch-sizes", *map(str, batches),
+                           "--losses", *losses]
+                out = subprocess.run(command, env=env, capture_output=True, text=True)
+                if out.returncode:
+                    sys.exit(f"{framework} worker failed:\n{out.stderr[-3000:]}")
+                for row in json.loads(out.stdout.strip().splitlines()[-1]):
+                    table[(row["loss"], row["batch"], row["framework"])] = row["ms"]
+                    peaks[(row["loss"], row["batch"], row["framework"])] = row["peak_mb"]
         columns = ["keras-dml TF"] + (["keras-dml JAX"] if args.jax else []) + ["PML torch"]
         ratios = ["TF / PML"] + (["JAX / PML"] if args.jax else [])
         print(f"\n## round {round_ + 1}, load average {os.getloadavg()[0]:.2f} at end\n")
+        memory = [f"{c} peak MB" for c in columns] if args.peak_memory else []
         print("| loss | B | " + " | ".join(f"{c} ms" for c in columns) + " | "
-              + " | ".join(ratios) + " |")
-        print("| --- | --- |" + " --- |" * (len(columns) + len(ratios)))
+              + " | ".join(ratios + memory) + " |")
+        print("| --- | --- |" + " --- |" * (len(columns) + len(ratios) + len(memory)))
         for batch in args.batch_sizes:
             for loss in args.losses:
                 cells = [table.get((loss, batch, c)) for c in columns]
                 text = ["—" if v is None else f"{v:.1f}" for v in cells]
                 text += [_ratio(v, cells[-1]) for v in cells[:-1]]
+                if args.peak_memory:
+                    text += [f"{peaks[key]:.0f}" if (key := (loss, batch, c)) in peaks else "—"
+                             for c in columns]
                 print(f"| {loss} | {batch} | " + " | ".join(text) + " |")
     print()
     for name in args.losses:

@@ -12,6 +12,7 @@ import pytest
 from conftest import loss_gradient
 from test_dynamic_soft_margin import ref_differences, ref_step, successive_batches
 
+from keras_dml.losses import dynamic_soft_margin as dsm
 from keras_dml.losses.dynamic_soft_margin import DynamicSoftMarginLoss
 
 
@@ -51,6 +52,27 @@ def test_fit_keeps_the_running_histogram_or_raises_under_jax():
     _fit(loss)
     histogram = np.asarray(loss.histogram.value)
     assert np.sum(histogram) == pytest.approx(1.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [16, 4])
+def test_sorted_form_equals_the_dense_form(monkeypatch, chunk):
+    # chunk 4: each anchor's ~7-11 positives take several passes of the loops.
+    monkeypatch.setattr(dsm, "POSITIVE_CHUNK", chunk)
+    rng = np.random.default_rng(chunk)
+    labels = rng.integers(0, 3, size=24).astype("int32")
+    x = rng.normal(size=(24, 6)).astype("float32")
+    histogram = np.linspace(1.0, 2.0, 10).astype("float32")
+    got = {}
+    for method in dsm.METHODS:
+
+        def fn(v, method=method):
+            return dsm.dynamic_soft_margin_loss(labels, v, momentum=0.5, histogram=histogram,
+                                                method=method)
+
+        got[method] = loss_gradient(fn, x)
+    np.testing.assert_allclose(got["sorted"][0], got["dense"][0], rtol=1e-5)
+    np.testing.assert_allclose(got["sorted"][1], got["dense"][1], rtol=1e-4, atol=1e-6)
+    assert np.any(got["sorted"][1] != 0)
 
 
 def test_docstring_examples():
