@@ -16,10 +16,12 @@ import pytest
 # the catalogue's `*_backends.py` files cover each class on each backend).
 # `KERAS_DML_ALL_PARAMS=1` runs them all.
 FIRST_PARAMETRIZATION_OFF_TENSORFLOW = frozenset({
-    "test_center.py", "test_curricularface.py", "test_distributed.py", "test_heads.py",
-    "test_loss_faults.py", "test_margin_model.py", "test_mixed_precision.py",
-    "test_npairs.py", "test_partial_fc.py", "test_proxy.py", "test_quadruplet.py",
-    "test_s2sd.py", "test_semi_hard_mining.py", "test_sphereface.py", "test_triplet.py",
+    "test_center.py", "test_circle.py", "test_contrastive.py", "test_curricularface.py",
+    "test_distributed.py", "test_heads.py", "test_lifted_struct.py", "test_loss_faults.py",
+    "test_losses_common.py", "test_margin_model.py", "test_mixed_precision.py",
+    "test_multi_similarity.py", "test_npairs.py", "test_ntxent.py", "test_partial_fc.py",
+    "test_proxy.py", "test_quadruplet.py", "test_s2sd.py", "test_semi_hard_mining.py",
+    "test_sphereface.py", "test_supcon.py", "test_triplet.py",
 })
 
 

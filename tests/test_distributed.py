@@ -216,13 +216,16 @@ def test_mirrored_strategy_equals_one_device_on_the_global_batch(num_replicas):
     line = next(x for x in result.stdout.splitlines() if x.startswith("RESULTS "))
     results = json.loads(line[len("RESULTS "):])
 
-    assert set(results["losses"]) == {
+    # The loss checks run on 4 (unequal) replicas; the 2-replica run checks the scaling
+    # of plain Keras losses and the heads (multi_replica_checks.py).
+    expected_losses = set() if num_replicas == 2 else {
         "triplet_semi_hard", "triplet_hard_cosine", "triplet_all_soft",
         "triplet_all_hard_positive", "tfa_semi_hard", "tfa_hard_angular", "contrastive",
         "multi_similarity", "circle", "lifted_struct", "npairs", "supcon", "nt_xent",
         "quadruplet",
     }
-    for name, r in results["losses"].items():
+    assert set(results.get("losses", {})) == expected_losses
+    for name, r in results.get("losses", {}).items():
         # Each replica returns the global loss / N; the summed gradients are the
         # single-device gradient on the concatenated batch.
         assert r["value"] > 0 and r["grad_norm"] > 0, (name, r)
