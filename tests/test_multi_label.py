@@ -174,6 +174,7 @@ SUPPORTED = [
     keras_dml.TripletLoss(negative_mining="all"),
     keras_dml.TripletSemiHardLoss(),
     keras_dml.TripletHardLoss(),
+    keras_dml.DynamicSoftMarginLoss(momentum=1.0),
 ]
 
 
@@ -316,3 +317,25 @@ def test_readme_examples_run(heading, tmp_path, capsys):
         assert (tmp_path / "xbm_model.keras").exists()
     else:
         assert out.startswith("MAP@R ")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_dynamic_soft_margin_on_label_sets_matches_the_loop_reference(seed):
+    """Triplets (a, p, n): p shares a label with a, n none; then PML's histogram and CDF."""
+    from test_dynamic_soft_margin import ref_step, unit_rows
+
+    rng = np.random.default_rng(seed)
+    sets = label_sets(rng, n=10)
+    x = rng.normal(size=(10, 5))
+    u = unit_rows(x)
+    diffs = [
+        np.linalg.norm(u[a] - u[p]) - np.linalg.norm(u[a] - u[n])
+        for a in range(10) for p in range(10) for n in range(10)
+        if p != a and shares(sets[a], sets[p]) and not shares(sets[a], sets[n])
+    ]
+    assert diffs
+    want, want_histogram = ref_step([0.0] * 10, diffs)
+    loss = keras_dml.DynamicSoftMarginLoss()
+    got = float(loss(sets, x.astype("float64")))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(loss.histogram.value), want_histogram, atol=1e-7)

@@ -427,10 +427,15 @@ class DynamicSoftMarginLoss(MetricLoss):
     >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
     >>> model.compile(optimizer="adam", loss=keras_dml.DynamicSoftMarginLoss(momentum=1.0))
 
+    Multi-hot `(B, C)` labels are accepted: a triplet's positive shares a
+    label with the anchor, its negative none.
+
     Reference:
         Zhang & Rusinkiewicz, "Learning Local Descriptors with a CDF-Based
         Dynamic Soft Margin", ICCV 2019.
     """
+
+    supports_multi_label = True
 
     def __init__(
         self,
