@@ -537,7 +537,7 @@ def _kmeans_assignments(
     or by `faiss.Kmeans` (`backend="faiss"`, from the same centres; an empty
     cluster is re-seeded differently, faiss splitting a large one,
     scikit-learn taking a far point). At 100,000 x 128 and 1,000 clusters
-    k-means++ on a 32-per-cluster sample cost ~15-30 Lloyd iterations and
+    k-means++ on a 32-per-cluster sample cost as much as 13-23 Lloyd iterations and
     did not raise NMI; on scikit-learn's digits (k = 10) random starts
     lowered it (BENCHMARKS.md, issue 21, fourth pass).
     """
@@ -635,13 +635,14 @@ def retrieval_metrics(
             `keras_dml.distances.Distance`.
         nmi: compute NMI. `True` (default): at most 25 float32 Lloyd
             iterations from k-means++ centres while seeding is cheap (k up to
-            ~420; on a sample of at most 5e6 / (k (2 + ln k)) points), else
+            ~420; on a sample of at most 5e6 / (k (2 + int(ln k))) points), else
             from k distinct query embeddings drawn with `seed` (faiss's
             start, as PML's NMI). A trade-off: at 100,000 x 128 and 1,000
-            classes about a third of the k-means work of before (k-means++ on
-            32 points per cluster, 50 iterations), NMI within the seed
-            spread of the exact k-means (BENCHMARKS.md, issue 21, fourth
-            pass); it is the NMI of a k-means stopped early, not converged.
+            classes the k-means takes less than half the time of
+            before (k-means++ on 32 points per cluster, 50 iterations), and
+            NMI stays as close to the exact k-means's as before (within its
+            spread between seeds; BENCHMARKS.md, issue 21, fourth pass); it
+            is the NMI of a k-means stopped early, not a converged one.
             `"exact"`: scikit-learn's full k-means as before issue 21
             (k-means++ over all points, float64, up to 300 iterations), with
             either `backend`; `False`: no NMI.
@@ -652,9 +653,10 @@ def retrieval_metrics(
         backend: `"numpy"` (default) or `"faiss"`: the nearest-neighbour
             search, as in `nearest_neighbors`, and the default NMI's Lloyd
             iterations (scikit-learn's, or `faiss.Kmeans` from the same
-            starting centres: the same NMI up to how an empty cluster is
-            re-seeded and float rounding; faiss took about twice
-            scikit-learn's CPU time per iteration on the 2-core benchmark).
+            starting centres; empty clusters are re-seeded differently and
+            rounding differs, so at large k the NMI differs: 0.9516 vs
+            0.9473 on the 100,000 x 128 benchmark; faiss took about twice
+            scikit-learn's CPU time per iteration there).
 
     Returns:
         A dict of Python floats, in this order: `precision_at_1`,
