@@ -20,7 +20,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from keras_dml.evaluation.retrieval import retrieval_metrics
+from keras_dml.evaluation.retrieval import check_backend, retrieval_metrics
 from keras_dml.projector import export_embedding_projector, to_uint8_images  # noqa: F401
 
 
@@ -88,6 +88,9 @@ class RetrievalMetricsCallback(keras.callbacks.Callback):
             embedding models, `MarginModel` and `S2SD`).
         batch_size: batch size of `predict` for array inputs.
         verbose: 1 prints one line with the metrics when they are computed.
+        backend: passed to `retrieval_metrics`: `"numpy"` (default) or
+            `"faiss"` (faiss's brute-force search and, for NMI, faiss's
+            k-means; needs `faiss-cpu`). Checked here, with the same message.
 
     Example:
 
@@ -115,8 +118,10 @@ class RetrievalMetricsCallback(keras.callbacks.Callback):
         embedding_model: keras.Model | Callable | None = None,
         batch_size: int = 256,
         verbose: int = 0,
+        backend: str = "numpy",
     ):
         super().__init__()
+        check_backend(backend)
         if (isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int)
                 or every_n_epochs < 1):
             raise ValueError(
@@ -124,6 +129,8 @@ class RetrievalMetricsCallback(keras.callbacks.Callback):
             )
         if not isinstance(prefix, str):
             raise ValueError(f"`prefix` must be a string, got {prefix!r}.")
+        self.validation_data = validation_data
+        self.reference_data = reference_data
         self.x, self.y = _split_validation_data(validation_data)
         self.reference = (
             None if reference_data is None else _split_validation_data(reference_data)
@@ -136,6 +143,7 @@ class RetrievalMetricsCallback(keras.callbacks.Callback):
         self.embedding_model = embedding_model
         self.batch_size = batch_size
         self.verbose = verbose
+        self.backend = backend
         # epoch -> metrics, for every epoch the metrics were computed.
         self.history: dict[int, dict[str, float]] = {}
 
@@ -168,9 +176,30 @@ class RetrievalMetricsCallback(keras.callbacks.Callback):
         embeddings, labels = self._embed(self.x, self.y)
         references = (None, None) if self.reference is None else self._embed(*self.reference)
         metrics = retrieval_metrics(
-            embeddings, labels, *references, k=self.k, distance=self.distance, nmi=self.nmi
+            embeddings, labels, *references, k=self.k, distance=self.distance, nmi=self.nmi,
+            backend=self.backend,
         )
         return {f"{self.prefix}{name}": float(value) for name, value in metrics.items()}
+
+    def get_config(self) -> dict[str, Any]:
+        """The constructor arguments, data and `embedding_model` as given (objects, not JSON)."""
+        return {
+            "validation_data": self.validation_data,
+            "k": self.k,
+            "every_n_epochs": self.every_n_epochs,
+            "prefix": self.prefix,
+            "distance": self.distance,
+            "nmi": self.nmi,
+            "reference_data": self.reference_data,
+            "embedding_model": self.embedding_model,
+            "batch_size": self.batch_size,
+            "verbose": self.verbose,
+            "backend": self.backend,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> RetrievalMetricsCallback:
+        return cls(**config)
 
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every_n_epochs:

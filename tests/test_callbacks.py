@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 
@@ -163,3 +164,48 @@ def test_projector_rejects_mismatched_lengths(tmp_path):
         export_embedding_projector(str(tmp_path), np.eye(3), labels=[0, 1])
     with pytest.raises(ValueError, match="images"):
         export_embedding_projector(str(tmp_path), np.eye(3), images=np.zeros((2, 4, 4)))
+
+
+def test_backend_is_checked_like_retrieval_metrics():
+    x, y = blobs()
+    with pytest.raises(ValueError) as from_callback:
+        RetrievalMetricsCallback((x, y), backend="scann")
+    with pytest.raises(ValueError) as from_function:
+        keras_dml.evaluation.retrieval_metrics(x, y, backend="scann")
+    assert str(from_callback.value) == str(from_function.value)
+    assert "`backend` must be one of ('numpy', 'faiss')" in str(from_callback.value)
+
+
+def test_get_config_round_trip():
+    x, y = blobs()
+    reference = blobs(n_per_class=5, seed=2)
+    callback = RetrievalMetricsCallback(
+        (x, y), k=(1, 3), every_n_epochs=2, prefix="probe_", distance="euclidean", nmi="exact",
+        reference_data=reference, batch_size=64, verbose=1, backend="faiss",
+    )
+    config = callback.get_config()
+    assert config["backend"] == "faiss" and config["nmi"] == "exact"
+    assert config["validation_data"][0] is x and config["reference_data"] is reference
+    restored = RetrievalMetricsCallback.from_config(config)
+    assert restored.get_config() == config
+    assert restored.backend == "faiss"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("faiss") is None,
+                    reason="faiss is not installed (optional)")
+def test_faiss_backend_equals_numpy_after_fit():
+    x, y = blobs()
+    x_val, y_val = blobs(seed=1)
+    runs = {}
+    for backend in ("numpy", "faiss"):
+        callback = RetrievalMetricsCallback((x_val, y_val), k=(1, 2), backend=backend)
+        small_model().fit(x, y, batch_size=40, epochs=2, callbacks=[callback], verbose=0)
+        runs[backend] = callback.history
+    assert runs["faiss"].keys() == runs["numpy"].keys() == {0, 1}
+    for epoch, metrics in runs["numpy"].items():
+        got = runs["faiss"][epoch]
+        assert got.keys() == metrics.keys()
+        for name, value in metrics.items():
+            # NMI: faiss's k-means from the same seeds, not scikit-learn's.
+            tolerance = 0.05 if name == "val_nmi" else 1e-6
+            assert got[name] == pytest.approx(value, abs=tolerance), name

@@ -77,3 +77,50 @@ def test_bad_backend_and_custom_distance_with_faiss():
     )
     with pytest.raises(ValueError, match="built-in distances"):
         retrieval_metrics(x, labels, distance=manhattan, nmi=False, backend="faiss")
+
+
+def _clustered(seed, per_class=25, classes=12, dim=8):
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(classes), per_class)
+    centres = rng.normal(size=(classes, dim))
+    return (centres[labels] + 0.6 * rng.normal(size=(len(labels), dim))).astype("float32"), labels
+
+
+@needs_faiss
+@pytest.mark.parametrize("budget", [5_000_000, 0])
+def test_faiss_kmeans_is_deterministic_and_close_to_numpy(monkeypatch, budget):
+    from keras_dml.evaluation import retrieval
+
+    # budget 0: k distinct random starting points instead of k-means++.
+    monkeypatch.setattr(retrieval, "_KMEANS_SEED_BUDGET", budget)
+    x, labels = _clustered(1)
+    for seed in (0, 3):
+        got = retrieval_metrics(x, labels, seed=seed, backend="faiss")
+        assert retrieval_metrics(x, labels, seed=seed, backend="faiss") == got
+        want = retrieval_metrics(x, labels, seed=seed)
+        # Same starting centres, Lloyd iterations by faiss instead of scikit-learn.
+        assert got["nmi"] == pytest.approx(want["nmi"], abs=0.03)
+        assert got["map_at_r"] == pytest.approx(want["map_at_r"], abs=1e-6)
+
+
+@needs_faiss
+def test_faiss_kmeans_is_faiss_from_the_default_start():
+    import faiss
+
+    from keras_dml.evaluation import retrieval
+
+    x, _ = _clustered(2)
+    points = retrieval._l2_normalize(x)
+    got = retrieval._kmeans_assignments(points, 12, seed=4, backend="faiss")
+    assert got.dtype == np.int64 and got.shape == (len(points),)
+    # The same k-means++ start scikit-learn's path uses, then faiss's 25 iterations.
+    from sklearn.cluster import kmeans_plusplus
+
+    start = kmeans_plusplus(points.astype("float64"), 12, random_state=4)[0].astype("float32")
+    kmeans = faiss.Kmeans(8, 12, niter=25, seed=4, max_points_per_centroid=25,
+                          min_points_per_centroid=1)
+    kmeans.train(points, init_centroids=start)
+    np.testing.assert_array_equal(got, kmeans.index.search(points, 1)[1][:, 0])
+    # nmi="exact" stays scikit-learn's full k-means with either backend.
+    assert (retrieval_metrics(x, _, nmi="exact", backend="faiss", seed=1)["nmi"]
+            == retrieval_metrics(x, _, nmi="exact", seed=1)["nmi"])

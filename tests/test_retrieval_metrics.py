@@ -489,3 +489,79 @@ def test_exact_nmi_is_the_full_kmeans_and_close_to_the_default():
     assert default == pytest.approx(exact, abs=0.05)
     with pytest.raises(ValueError, match="`nmi` must be"):
         retrieval_metrics(embeddings, labels, nmi="fast")
+
+
+def kmeans_set(seed, per_class=25, classes=12, dim=8, spread=0.6):
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(classes), per_class)
+    centres = rng.normal(size=(classes, dim))
+    embeddings = centres[labels] + spread * rng.normal(size=(len(labels), dim))
+    return embeddings.astype("float32"), labels
+
+
+def reference_kmeans(points, k, seed, kmeans_plus_plus):
+    """The default k-means by its definition: k-means++ on every point (small sets) or k
+    distinct points drawn with the seed, then at most 25 float32 Lloyd iterations."""
+    from sklearn.cluster import KMeans, kmeans_plusplus
+
+    points = points.astype("float32")
+    if kmeans_plus_plus:
+        centres = kmeans_plusplus(points.astype("float64"), k, random_state=seed)[0]
+    else:
+        rng = np.random.default_rng(seed)
+        centres = points[np.sort(rng.choice(len(points), k, replace=False))]
+    kmeans = KMeans(k, init=centres.astype("float32"), n_init=1, max_iter=25, random_state=seed)
+    return kmeans.fit_predict(points)
+
+
+@pytest.mark.parametrize("budget, kmeans_plus_plus", [(5_000_000, True), (0, False)])
+def test_default_kmeans_follows_its_definition(monkeypatch, budget, kmeans_plus_plus):
+    # The default budget seeds 300 points x 12 clusters with k-means++ on every point;
+    # a zero budget leaves under 4 sample points per cluster: k distinct random points.
+    monkeypatch.setattr(retrieval, "_KMEANS_SEED_BUDGET", budget)
+    embeddings, labels = kmeans_set(3)
+    points = retrieval._l2_normalize(embeddings)
+    for seed in (0, 5):
+        got = retrieval._kmeans_assignments(points, 12, seed)
+        np.testing.assert_array_equal(got, reference_kmeans(points, 12, seed, kmeans_plus_plus))
+        metrics = retrieval_metrics(embeddings, labels, seed=seed)
+        assert metrics["nmi"] == pytest.approx(naive_nmi(labels.tolist(), got.tolist()))
+
+
+@pytest.mark.parametrize("budget", [5_000_000, 0])
+def test_default_nmi_is_deterministic_and_close_to_exact(monkeypatch, budget):
+    monkeypatch.setattr(retrieval, "_KMEANS_SEED_BUDGET", budget)
+    embeddings, labels = kmeans_set(4)
+    for seed in (0, 1, 2):
+        default = retrieval_metrics(embeddings, labels, seed=seed)["nmi"]
+        assert retrieval_metrics(embeddings, labels, seed=seed)["nmi"] == default
+        exact = retrieval_metrics(embeddings, labels, seed=seed, nmi="exact")["nmi"]
+        assert 0.5 < exact < 1.0
+        assert default == pytest.approx(exact, abs=0.05)
+
+
+def test_kmeans_seed_sample_is_bounded(monkeypatch):
+    # k-means++ runs on a seeded sample of budget / (k (2 + int(ln k))) points when the
+    # set is larger: here 120 of 300 points, 10 per cluster.
+    from sklearn import cluster
+
+    seen = []
+    original = cluster.kmeans_plusplus
+
+    def spy(points, n_clusters, **kwargs):
+        seen.append(points.shape)
+        return original(points, n_clusters, **kwargs)
+
+    monkeypatch.setattr(cluster, "kmeans_plusplus", spy)
+    monkeypatch.setattr(retrieval, "_KMEANS_SEED_BUDGET", 120 * 12 * (2 + int(np.log(12))))
+    embeddings, _ = kmeans_set(5)
+    first = retrieval._kmeans_assignments(embeddings, 12, seed=1)
+    assert seen == [(120, 8)]
+    np.testing.assert_array_equal(retrieval._kmeans_assignments(embeddings, 12, seed=1), first)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 1.5, "0", None])
+def test_bad_seed(seed):
+    embeddings, labels = kmeans_set(6)
+    with pytest.raises(ValueError, match="`seed` must be an integer"):
+        retrieval_metrics(embeddings, labels, seed=seed)

@@ -268,7 +268,8 @@ BACKENDS = ("numpy", "faiss")
 _FAISS_CHUNK = 4096
 
 
-def _check_backend(backend) -> None:
+def check_backend(backend) -> None:
+    """Raises `ValueError` unless `backend` is one of `BACKENDS`."""
     if backend not in BACKENDS:
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}.")
 
@@ -485,7 +486,7 @@ def nearest_neighbors(
     if not is_integer(k) or not 1 <= k <= available:
         raise ValueError(f"`k` must be an integer in [1, {available}], got {k!r}.")
     _check_batch_size(batch_size)
-    _check_backend(backend)
+    check_backend(backend)
     scorer = _Scorer(references, distance, backend)
     n = len(queries)
     out_indices = np.empty((n, k), "int64")
@@ -501,46 +502,79 @@ def nearest_neighbors(
     return out_indices, out_distances
 
 
-# The default NMI k-means: k-means++ seeding on a sample of at most this many
-# points per cluster, then at most `_KMEANS_MAX_ITER` float32 Lloyd iterations
-# on every point. `nmi="exact"` runs the k-means of before issue 21.
-_KMEANS_SEED_SAMPLE = 32
-_KMEANS_MAX_ITER = 50
+# The default NMI k-means (issue 21, fourth pass): k-means++ seeding while it is cheap,
+# on a seeded sample of at most `_KMEANS_SEED_BUDGET / (k * (2 + int(ln k)))` points
+# (scikit-learn's k-means++ computes that many point-centre distances); when that
+# sample would hold fewer than `_KMEANS_SEED_MIN_PER_CLUSTER` points per cluster,
+# k distinct points drawn with the seed instead (faiss's start, as PML's NMI). Then
+# at most `_KMEANS_MAX_ITER` float32 Lloyd iterations on every point (scikit-learn's,
+# or faiss's with `backend="faiss"`). `nmi="exact"` runs the k-means of before issue 21.
+_KMEANS_MAX_ITER = 25
+_KMEANS_SEED_BUDGET = 5_000_000
+_KMEANS_SEED_MIN_PER_CLUSTER = 4
+
+
+def _check_seed(seed) -> None:
+    if not is_integer(seed) or not 0 <= seed < 2**32:
+        raise ValueError(f"`seed` must be an integer in [0, 2**32 - 1], got {seed!r}.")
 
 
 def _kmeans_assignments(
-    embeddings: np.ndarray, n_clusters: int, seed: int, exact: bool = False
+    embeddings: np.ndarray, n_clusters: int, seed: int, exact: bool = False,
+    backend: str = "numpy",
 ) -> np.ndarray:
-    """Cluster of each embedding by scikit-learn's k-means, k = `n_clusters`.
+    """Cluster of each embedding by k-means, k = `n_clusters`; the same for the same `seed`.
 
-    `exact`: k-means++ seeding over all points and up to 300 Lloyd iterations,
-    in float64 (scikit-learn's defaults; at 100,000 x 128 and 1,000 clusters,
-    ~160 s on 2 loaded cores). Otherwise (~4x faster there): seeding on a
-    seeded sample of `_KMEANS_SEED_SAMPLE` points per cluster (float64, as
-    scikit-learn seeds) and at most `_KMEANS_MAX_ITER` Lloyd iterations in
-    float32 on every point. The NMI of the two differs by about as much as
-    the exact one does between seeds (BENCHMARKS.md, issue 21).
+    `exact`: scikit-learn's k-means with its defaults (k-means++ seeding over
+    all points, up to 300 Lloyd iterations, float64; ~160 s at 100,000 x 128
+    and 1,000 clusters on 2 loaded cores), whatever `backend`. Otherwise the
+    starting centres are a k-means++ seeding (scikit-learn's, float64) on a
+    seeded sample of `_KMEANS_SEED_BUDGET / (k (2 + int(ln k)))` points (all
+    of them when fewer), or, when that leaves fewer than
+    `_KMEANS_SEED_MIN_PER_CLUSTER` per cluster (k above ~420), k distinct
+    embeddings drawn with `seed`; then at most `_KMEANS_MAX_ITER` float32
+    Lloyd iterations over every point, by scikit-learn (`backend="numpy"`)
+    or by `faiss.Kmeans` (`backend="faiss"`, from the same centres; an empty
+    cluster is re-seeded differently, faiss splitting a large one,
+    scikit-learn taking a far point). At 100,000 x 128 and 1,000 clusters
+    k-means++ on a 32-per-cluster sample cost as much as 13-23 Lloyd iterations and
+    did not raise NMI; on scikit-learn's digits (k = 10) random starts
+    lowered it (BENCHMARKS.md, issue 21, fourth pass).
     """
-    from sklearn.cluster import KMeans, kmeans_plusplus
-
     if n_clusters <= 1:
         return np.zeros(len(embeddings), "int64")
+    from sklearn.cluster import KMeans, kmeans_plusplus
+
     if exact:
         kmeans = KMeans(n_clusters=n_clusters, n_init=1, random_state=seed)
         return kmeans.fit_predict(embeddings.astype("float64"))
-    n = len(embeddings)
-    size = min(n, _KMEANS_SEED_SAMPLE * n_clusters)
-    sample = np.arange(n)
-    if size < n:
-        sample = np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
-    centres, _ = kmeans_plusplus(
-        embeddings[sample].astype("float64"), n_clusters, random_state=seed
-    )
+    points = np.ascontiguousarray(embeddings, dtype="float32")
+    n = len(points)
+    rng = np.random.default_rng(seed)
+    sample_size = _KMEANS_SEED_BUDGET // (n_clusters * (2 + int(np.log(n_clusters))))
+    if sample_size >= _KMEANS_SEED_MIN_PER_CLUSTER * n_clusters:
+        sample = points
+        if sample_size < n:
+            sample = points[np.sort(rng.choice(n, sample_size, replace=False))]
+        centres, _ = kmeans_plusplus(sample.astype("float64"), n_clusters, random_state=seed)
+        centres = centres.astype("float32")
+    else:
+        centres = points[np.sort(rng.choice(n, n_clusters, replace=False))]
+    if backend == "faiss":
+        faiss = _faiss_module()
+        kmeans = faiss.Kmeans(
+            points.shape[1], n_clusters, niter=_KMEANS_MAX_ITER, seed=seed % 2**31,
+            # every point in every iteration (faiss samples above 256 per cluster), no
+            # warning below 39 per cluster
+            max_points_per_centroid=-(-n // n_clusters), min_points_per_centroid=1,
+        )
+        kmeans.train(points, init_centroids=centres)
+        return kmeans.index.search(points, 1)[1][:, 0].astype("int64")
     kmeans = KMeans(
-        n_clusters=n_clusters, init=centres.astype("float32"), n_init=1,
-        max_iter=_KMEANS_MAX_ITER, random_state=seed,
+        n_clusters=n_clusters, init=centres, n_init=1, max_iter=_KMEANS_MAX_ITER,
+        random_state=seed,
     )
-    return kmeans.fit_predict(embeddings.astype("float32", copy=False))
+    return kmeans.fit_predict(points)
 
 
 def retrieval_metrics(
@@ -599,17 +633,30 @@ def retrieval_metrics(
         distance: a name from `keras_dml.distances` (`"cosine"`, `"euclidean"`,
             `"squared_euclidean"`, `"dot"`, `"angular"`, or an alias) or a
             `keras_dml.distances.Distance`.
-        nmi: compute NMI. `True`: a k-means seeded on a sample and capped at
-            50 float32 iterations (about 4x faster at 100,000 x 128 than
-            before issue 21, same NMI to about the spread between seeds);
+        nmi: compute NMI. `True` (default): at most 25 float32 Lloyd
+            iterations from k-means++ centres while seeding is cheap (k up to
+            ~420; on a sample of at most 5e6 / (k (2 + int(ln k))) points), else
+            from k distinct query embeddings drawn with `seed` (faiss's
+            start, as PML's NMI). A trade-off: at 100,000 x 128 and 1,000
+            classes the k-means takes less than half the time of
+            before (k-means++ on 32 points per cluster, 50 iterations), and
+            NMI stays as close to the exact k-means's as before (within its
+            spread between seeds; BENCHMARKS.md, issue 21, fourth pass); it
+            is the NMI of a k-means stopped early, not a converged one.
             `"exact"`: scikit-learn's full k-means as before issue 21
-            (k-means++ over all points, float64, up to 300 iterations);
-            `False`: no NMI.
+            (k-means++ over all points, float64, up to 300 iterations), with
+            either `backend`; `False`: no NMI.
         batch_size: queries scored at once; by default as many as keep a
             chunk's working memory near 256 MiB.
-        seed: k-means seed, so that NMI is reproducible.
-        backend: the nearest-neighbour search, `"numpy"` (default) or
-            `"faiss"`, as in `nearest_neighbors`.
+        seed: k-means seed, an integer in [0, 2**32 - 1]: the same seed gives
+            the same NMI (with the same backend and library versions).
+        backend: `"numpy"` (default) or `"faiss"`: the nearest-neighbour
+            search, as in `nearest_neighbors`, and the default NMI's Lloyd
+            iterations (scikit-learn's, or `faiss.Kmeans` from the same
+            starting centres; empty clusters are re-seeded differently and
+            rounding differs, so at large k the NMI differs: 0.9516 vs
+            0.9473 on the 100,000 x 128 benchmark; faiss took about twice
+            scikit-learn's CPU time per iteration there).
 
     Returns:
         A dict of Python floats, in this order: `precision_at_1`,
@@ -619,7 +666,7 @@ def retrieval_metrics(
     Raises:
         ValueError: naming the argument, for wrong ranks or shapes, mismatched
             lengths or dimensions, empty inputs, NaN/Inf embeddings, a bad `k`,
-            or an unknown distance.
+            `nmi`, `seed` or `backend`, or an unknown distance.
 
     Example:
 
@@ -667,9 +714,10 @@ def retrieval_metrics(
             )
     distances_lib.get(distance)  # an unknown name fails before any work
     _check_batch_size(batch_size)
-    _check_backend(backend)
+    check_backend(backend)
     if not (isinstance(nmi, (bool, np.bool_)) or (isinstance(nmi, str) and nmi == "exact")):
         raise ValueError(f'`nmi` must be True, False or "exact", got {nmi!r}.')
+    _check_seed(seed)
 
     if multi_label:
         query_bits = _label_bits(query_labels)
@@ -747,6 +795,8 @@ def retrieval_metrics(
 
         points = _l2_normalize(queries) if distances_lib.get(distance).unit_inputs else queries
         n_classes = len(np.unique(query_codes))
-        clusters = _kmeans_assignments(points, n_classes, seed, exact=nmi == "exact")
+        clusters = _kmeans_assignments(
+            points, n_classes, seed, exact=nmi == "exact", backend=backend
+        )
         metrics["nmi"] = float(normalized_mutual_info_score(query_codes, clusters))
     return {name: float(value) for name, value in metrics.items()}
