@@ -415,6 +415,19 @@ def test_top_k_matches_a_stable_full_sort():
                 np.testing.assert_array_equal(values, np.take_along_axis(scores, expected, 1))
 
 
+@pytest.mark.parametrize("rows", [1, 127, 128, 300])  # one block, two, several
+def test_threaded_top_k_equals_top_k(rows, monkeypatch):
+    monkeypatch.setattr(retrieval.os, "sched_getaffinity", lambda pid: set(range(4)),
+                        raising=False)
+    rng = np.random.default_rng(31)
+    scores = rng.integers(-3, 4, size=(rows, 500)).astype("float32")  # many ties
+    for k in (1, 17, 500):
+        values, indices = retrieval._top_k_threaded(scores, k)
+        want_values, want_indices = retrieval._top_k(scores, k)
+        np.testing.assert_array_equal(indices, want_indices)
+        np.testing.assert_array_equal(values, want_values)
+
+
 # Integer vectors give exact float32 scores, so ties are real ties; not once normalised.
 EXACT_CASES = [(name, False) for name in DISTANCES] + [
     (name, True) for name in ("dot", "euclidean", "squared_euclidean")
