@@ -57,23 +57,6 @@ def unit_distances(labels, embeddings, references: References | None = None):
     return references.pairwise(embeddings, "euclidean"), embeddings, references
 
 
-def triplet_differences(labels, embeddings, references: References | None = None, miner=None):
-    """`(x, mask)`: `x[a, p, n] = d(a, p) - d(a, n)` `(B, R, R)` on unit vectors, and the triplets.
-
-    The triplets are every positive with every negative of each anchor
-    (PML's `convert_to_triplets(..., t_per_anchor="all")`), or a miner's
-    (`Mined.triplet_mask()`: a pair miner's positives times its negatives).
-    This is the dense form (`method="dense"` of `dynamic_soft_margin_loss`).
-    """
-    d, embeddings, references = unit_distances(labels, embeddings, references)
-    if miner is None:
-        positive, negative = references.masks(labels)
-        mask = ops.logical_and(ops.expand_dims(positive, 2), ops.expand_dims(negative, 1))
-    else:
-        mask = miner.mine(labels, embeddings, references).triplet_mask()
-    return ops.expand_dims(d, 2) - ops.expand_dims(d, 1), mask, references
-
-
 def _bins(x, min_val: float, num_bins: int):
     """`(index, fraction)` of each `x` on the grid `min_val + k * 2 |min_val| / num_bins`."""
     position = (x - min_val) / (2.0 * abs(min_val) / num_bins)
@@ -358,11 +341,8 @@ def dynamic_soft_margin_loss(
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
     d, embeddings, references = unit_distances(labels, embeddings, references)
-    if miner is None:
-        (positive, negative), triplets = references.masks(labels), None
-    else:
-        mined = miner.mine(labels, embeddings, references)
-        positive, negative, triplets = mined.positive, mined.negative, mined.triplets
+    mined = miners_lib.mined_or_all(miner, labels, embeddings, references)
+    positive, negative, triplets = mined.positive, mined.negative, mined.triplets
     if histogram is None:
         histogram = ops.zeros((num_bins,), d.dtype)
     if triplets is None and method == "sorted":
@@ -370,8 +350,7 @@ def dynamic_soft_margin_loss(
             d, positive, negative, histogram, min_val, num_bins, momentum
         )
     else:
-        if triplets is None:
-            triplets = ops.logical_and(ops.expand_dims(positive, 2), ops.expand_dims(negative, 1))
+        triplets = mined.triplet_mask()
         x = ops.expand_dims(d, 2) - ops.expand_dims(d, 1)
         total, count, histogram = _dense_terms(x, triplets, histogram, min_val, num_bins, momentum)
     loss = references.mean(total, count)

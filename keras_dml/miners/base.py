@@ -75,6 +75,19 @@ class Mined:
         )
 
 
+def mined_or_all(miner: Miner | None, labels, embeddings, references: References) -> Mined:
+    """`miner`'s selection, or (no miner) every pair of the label masks, as a `Mined`.
+
+    Raises:
+        ValueError: for multi-hot `(B, C)` labels with a miner (miners mine
+            single-label batches).
+    """
+    if miner is None:
+        return Mined(*references.masks(labels))
+    _check_single_label(labels)
+    return miner.mine(labels, embeddings, references)
+
+
 def mined_pairs(miner: Miner | None, labels, embeddings, references: References):
     """`(positive, negative)` `(B, R)` pair masks: the label masks, or `miner`'s pairs.
 
@@ -86,10 +99,7 @@ def mined_pairs(miner: Miner | None, labels, embeddings, references: References)
         ValueError: for multi-hot `(B, C)` labels with a miner (miners mine
             single-label batches).
     """
-    if miner is None:
-        return references.masks(labels)
-    _check_single_label(labels)
-    return miner.mine(labels, embeddings, references).pairs()
+    return mined_or_all(miner, labels, embeddings, references).pairs()
 
 
 def mined_triplet_counts(miner: Miner | None, labels, embeddings, references: References):
@@ -125,10 +135,7 @@ def mined_triplets(miner: Miner | None, labels, embeddings, references: Referenc
     `convert_to_triplets`: a pair miner's positives times its negatives, per
     anchor).
     """
-    if miner is None:
-        return Mined(*references.masks(labels)).triplet_mask()
-    _check_single_label(labels)
-    return miner.mine(labels, embeddings, references).triplet_mask()
+    return mined_or_all(miner, labels, embeddings, references).triplet_mask()
 
 
 def mined_query_weights(miner: Miner, labels, embeddings, references: References):
