@@ -304,18 +304,39 @@ def _keyed_masked_minimum(sd, query_sorted, negative_mask):
     """`_masked_minimum` for float32 and narrower: one int64 minimum over `(B, K, R)`."""
     import tensorflow as tf
 
-    num_refs = tf.shape(sd)[1]
     value_keys = dml_ops._monotone_int_keys(sd)  # (B, R), the values' order and ties
     query_keys = dml_ops._monotone_int_keys(query_sorted)  # (B, K)
-    none = tf.constant(tf.int64.max, tf.int64)
-    # In int32 range before the shift, so that value * 2**32 + column fits in int64.
-    keys = (value_keys - 2**31) * 2**32 + tf.cast(tf.range(num_refs), tf.int64)[None, :]
-    keys = tf.where(negative_mask, keys, none)
+    keys = _negative_column_keys(value_keys, negative_mask)
     farther = value_keys[:, None, :] > query_keys[:, :, None]  # (B, K, R), fused away
-    minima = tf.reduce_min(tf.where(farther, keys[:, None, :], none), axis=2)
-    has_semi_hard = minima < none
+    minima = tf.reduce_min(tf.where(farther, keys[:, None, :], _NO_KEY), axis=2)
+    return _decode_column_keys(minima)
+
+
+# The (value, column) key of "no negative": larger than every key.
+_NO_KEY = 2**63 - 1
+
+
+def _negative_column_keys(value_keys, negative_mask):
+    """TF: `(B, R)` int64 keys ordering the negatives by value, then by lowest column.
+
+    `value_keys` are `ops._monotone_int_keys` of the distances (in [0, 2**32));
+    non-negatives get `_NO_KEY`.
+    """
+    import tensorflow as tf
+
+    columns = tf.cast(tf.range(tf.shape(value_keys)[1]), tf.int64)[None, :]
+    # In int32 range before the shift, so that value * 2**32 + column fits in int64.
+    keys = (value_keys - 2**31) * 2**32 + columns
+    return tf.where(negative_mask, keys, tf.constant(_NO_KEY, tf.int64))
+
+
+def _decode_column_keys(minima):
+    """TF: `(found, column int32)` of minimum keys; column 0 where no negative was found."""
+    import tensorflow as tf
+
+    found = minima < _NO_KEY
     column = tf.cast(tf.bitwise.bitwise_and(minima, 2**32 - 1), tf.int32)
-    return has_semi_hard, tf.where(has_semi_hard, column, tf.zeros_like(column))
+    return found, tf.where(found, column, tf.zeros_like(column))
 
 
 def _fallback_negative(distances, negative_mask):
@@ -456,12 +477,8 @@ def _tf_bucket_minima(sd, negative_mask, segment, num_segments, k, static_k):
     import tensorflow as tf
 
     num_anchors = tf.shape(sd)[0]
-    num_refs = tf.shape(sd)[1]
-    value_keys = dml_ops._monotone_int_keys(sd) - 2**31  # the values' order, in int32 range
-    columns = tf.cast(tf.range(num_refs), tf.int64)[None, :]
-    keys = value_keys * 2**32 + columns  # by value, then the lowest column
-    none = tf.constant(tf.int64.max, tf.int64)
-    keys = tf.where(negative_mask, keys, none)
+    keys = _negative_column_keys(dml_ops._monotone_int_keys(sd), negative_mask)
+    none = tf.constant(_NO_KEY, tf.int64)
     minima = tf.math.unsorted_segment_min(tf.reshape(keys, [-1]), segment, num_segments)
     minima = tf.reshape(minima, tf.stack([num_anchors, k + 1]))  # empty buckets: int64 max
     shift = 1
@@ -469,8 +486,4 @@ def _tf_bucket_minima(sd, negative_mask, segment, num_segments, k, static_k):
         later = tf.concat([minima[:, shift:], tf.fill(tf.shape(minima[:, :shift]), none)], 1)
         minima = tf.minimum(minima, later)
         shift *= 2
-    minima = minima[:, 1:]
-    has_semi_hard = minima < none
-    column = tf.bitwise.bitwise_and(minima, 2**32 - 1)
-    column = tf.where(has_semi_hard, column, tf.zeros_like(column))
-    return has_semi_hard, tf.cast(column, tf.int32)
+    return _decode_column_keys(minima[:, 1:])
