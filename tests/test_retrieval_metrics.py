@@ -415,6 +415,52 @@ def test_top_k_matches_a_stable_full_sort():
                 np.testing.assert_array_equal(values, np.take_along_axis(scores, expected, 1))
 
 
+def test_top_k_every_group_layout():
+    """Every (N, k) up to N = 300: groups of unequal sizes, a short last round."""
+    rng = np.random.default_rng(32)
+    for n in range(1, 301):
+        scores = rng.integers(-3, 4, size=(3, n)).astype("float32")
+        for k in {1, 2, 3, max(1, n // 5), n}:
+            values, indices = retrieval._top_k(scores, k)
+            expected = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+            np.testing.assert_array_equal(indices, expected, err_msg=f"n={n}, k={k}")
+            np.testing.assert_array_equal(values, np.take_along_axis(scores, expected, 1))
+
+
+def test_nearest_neighbors_k1_among_200_references():
+    # Regression: 200 references and k=1 once failed to reshape the group maxima.
+    rng = np.random.default_rng(33)
+    queries, references = rng.normal(size=(5, 8)), rng.normal(size=(200, 8))
+    indices, _ = nearest_neighbors(queries, references, k=1, distance="dot")
+    np.testing.assert_array_equal(indices[:, 0], np.argmax(queries @ references.T, axis=1))
+
+
+def test_top_k_negative_zero_ties_zero_and_nan_is_refused():
+    scores = np.array([[0.0, -0.0, 1.0, -0.0, 0.0, -1.0] * 50], "float32")
+    _, indices = retrieval._top_k(scores, 5)
+    np.testing.assert_array_equal(indices[0], [2, 8, 14, 20, 26])
+    _, indices = retrieval._top_k(scores, 60)
+    zeros = np.flatnonzero(scores[0] == 0)
+    np.testing.assert_array_equal(indices[0, 50:], zeros[:10])
+    scores[0, 7] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        retrieval._top_k(scores[:, :12], 12)
+
+
+def test_top_k_rows_tied_at_the_cut_are_ordered_a_few_rows_at_a_time(monkeypatch):
+    # Whole rows tied: every entry is a candidate, more than `_CANDIDATES` in all.
+    monkeypatch.setattr(retrieval, "_CANDIDATES", 700)
+    rng = np.random.default_rng(34)
+    scores = rng.integers(0, 2, size=(9, 400)).astype("float32")
+    scores[2:5] = 1.0
+    mask = np.empty(scores.shape, bool)
+    for k in (1, 30, 400):
+        values, indices = retrieval._top_k(scores, k, mask)
+        expected = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        np.testing.assert_array_equal(indices, expected)
+        np.testing.assert_array_equal(values, np.take_along_axis(scores, expected, 1))
+
+
 @pytest.mark.parametrize("rows", [1, 127, 128, 300])  # one block, two, several
 def test_threaded_top_k_equals_top_k(rows, monkeypatch):
     monkeypatch.setattr(retrieval.os, "sched_getaffinity", lambda pid: set(range(4)),

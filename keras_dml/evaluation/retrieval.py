@@ -162,6 +162,9 @@ class _Scorer:
                 f"squared_euclidean, dot, angular), got {self.distance!r}."
             )
         self.on_backend = self.faiss is None and (not self.builtin or _backend_has_accelerator())
+        # Chunk-sized working arrays, kept from one chunk to the next: a fresh
+        # array of that size costs the kernel's zeroing of every page again.
+        self._space: dict[str, np.ndarray] = {}
         if self.builtin and self.distance.unit_inputs:
             references = _l2_normalize(references)
         self.bias = None
@@ -197,7 +200,8 @@ class _Scorer:
         may pick a different reference tied at the k-th place).
         """
         if self.faiss is None:
-            return _top_k_threaded(self.scores(queries), k)
+            scores = self.scores(queries)
+            return _top_k_threaded(scores, k, self._working_space("mask", scores.shape, bool))
         if self.bias is not None:
             queries = np.hstack([queries, np.ones((len(queries), 1), "float32")])
         values, indices = self.faiss.knn(
@@ -207,10 +211,23 @@ class _Scorer:
         order = np.lexsort((indices, -values), axis=1)
         return np.take_along_axis(values, order, 1), np.take_along_axis(indices, order, 1)
 
+    def _working_space(self, name: str, shape: tuple[int, int], dtype) -> np.ndarray:
+        """A C-contiguous array of `shape`, reused for every chunk of up to as many rows."""
+        space = self._space.get(name)
+        if space is None or space.shape[0] < shape[0] or space.shape[1:] != shape[1:]:
+            space = self._space[name] = np.empty(shape, dtype)
+        return space[: shape[0]]
+
     def scores(self, queries: np.ndarray) -> np.ndarray:
-        """`(len(queries), N)` float32 NumPy scores of `prepare`d queries."""
+        """`(len(queries), N)` float32 NumPy scores of `prepare`d queries.
+
+        On the CPU path the result is this scorer's working space: the next
+        call overwrites it.
+        """
         if not self.on_backend:
-            scores = np.matmul(queries, self.references.T)
+            shape = (len(queries), self.references.shape[0])
+            scores = np.matmul(queries, self.references.T,
+                               out=self._working_space("scores", shape, "float32"))
             if self.bias is not None:
                 scores += self.bias
             return scores
@@ -287,7 +304,11 @@ def _faiss_module():
 
 
 # Columns per group in `_top_k` (at most; fewer when k is large against N).
-_GROUP = 32
+_GROUP = 128
+# Candidates `_top_k` orders at once (about 48 bytes each); rows with more,
+# from scores tied at their cut, are taken a few rows at a time.
+_CANDIDATES = 2**21
+_NO_KEY = np.uint64(2**64 - 1)
 
 
 def _group_size(n: int, k: int) -> int:
@@ -298,13 +319,13 @@ def _chunk_rows(batch_size: int | None, n_references: int, k: int) -> int:
     """Queries per chunk: `batch_size`, or as many as fit in `_CHUNK_BYTES`.
 
     Per query, a chunk holds float32 scores against every reference, the
-    group maxima of `_top_k` and its candidates (about 24 bytes per column of
-    each of the ~k groups it reads).
+    boolean candidate mask and the group maxima of `_top_k`, and its
+    candidates (about 48 bytes each, a little over k of them).
     """
     if batch_size is not None:
         return int(batch_size)
     group = _group_size(n_references, k)
-    per_row = 4 * n_references + 8 * n_references // group + 24 * group * k
+    per_row = 5 * n_references + 8 * n_references // group + 64 * k
     return max(1, _CHUNK_BYTES // per_row)
 
 
@@ -352,16 +373,35 @@ def _full_precision_matmul():
         yield
 
 
-def _top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _descending_keys(values: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """uint64 keys whose ascending order is value descending, then column ascending."""
+    bits = (values.astype("float32") + np.float32(0.0)).view(np.uint32)  # -0.0 ties 0.0
+    # Flipping the sign bit of positives and every bit of negatives orders
+    # float32 bit patterns as their values; the complement reverses that order.
+    ascending = np.where(bits >> 31, ~bits, bits | np.uint32(2**31))
+    return ((~ascending).astype(np.uint64) << np.uint64(32)) | columns.astype(np.uint64)
+
+
+def _decode_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`(values, columns)` of `_descending_keys`."""
+    ascending = ~(keys >> np.uint64(32)).astype(np.uint32)
+    bits = np.where(ascending >> 31, ascending & np.uint32(2**31 - 1), ~ascending)
+    return bits.view(np.float32), (keys & np.uint64(2**32 - 1)).astype("int64")
+
+
+def _top_k(
+    scores: np.ndarray, k: int, mask: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The `k` largest of each row as `(values, indices)`, by value then lower index.
 
     Exact, ties included, without sorting or partitioning whole rows: the
-    columns are split into G groups (column c in group c mod G, `_GROUP`
-    columns each) and t = the k-th largest group maximum. The k groups with
-    the largest maxima hold k distinct entries >= t, so the row's k largest
-    are all >= t and all lie in groups whose maximum is >= t: only those
-    groups are read, and their entries >= t (every entry tied at the cut
-    among them) are sorted by (value descending, index).
+    columns are split into G groups (column c in group c mod G, up to
+    `_GROUP` columns each) and t = the k-th largest group maximum. The k
+    groups with the largest maxima hold k distinct entries >= t, so the row's
+    k largest are all >= t. One pass marks the entries >= t (a little over k
+    per row unless scores tie at t), and only those are ordered, as uint64
+    keys of (value descending, column). `mask`, a boolean array of the
+    shape of `scores`, is the working space of that pass when given.
     """
     rows, n = scores.shape
     k = min(int(k), n)
@@ -370,53 +410,81 @@ def _top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     if group == 1:
         maxima = scores
     else:
-        # Columns [0, groups * (group - 1)) fill `group - 1` full rounds; the
-        # rest (1 to `groups` columns) is the last member of the first groups.
-        head = groups * (group - 1)
-        maxima = scores[:, :head].reshape(rows, group - 1, groups).max(axis=1)
+        # Columns [0, groups * rounds) fill `rounds` full rounds; the rest
+        # (fewer than `groups` columns) is one more member of the first groups.
+        rounds = n // groups
+        head = groups * rounds
+        maxima = scores[:, :head].reshape(rows, rounds, groups).max(axis=1)
         np.maximum(maxima[:, : n - head], scores[:, head:], out=maxima[:, : n - head])
     cut = -np.partition(-maxima, k - 1, axis=1)[:, k - 1]
-    row, first = np.nonzero(maxima >= cut[:, None])
-    columns = first[:, None] + groups * np.arange(group)
-    valid = columns < n
-    np.minimum(columns, n - 1, out=columns)
-    values = scores[row[:, None], columns]
-    keep = valid & (values >= cut[row][:, None])
-    row = np.broadcast_to(row[:, None], columns.shape)[keep]
-    columns, values = columns[keep], values[keep]
-    order = np.lexsort((columns, -values, row))
-    starts = np.zeros(rows, "int64")
-    np.cumsum(np.bincount(row, minlength=rows)[:-1], out=starts[1:])
-    take = order[starts[:, None] + np.arange(k)]
-    return values[take], columns[take].astype("int64", copy=False)
+    if mask is None:
+        mask = np.empty(scores.shape, bool)
+    np.greater_equal(scores, cut[:, None], out=mask)
+    if rows == 1 or np.count_nonzero(mask) <= _CANDIDATES:
+        return _order_candidates(scores, mask, k)
+    # Ties at the cut: rows a few at a time, each block within `_CANDIDATES` (or one row).
+    ends = np.cumsum(np.count_nonzero(mask, axis=1))
+    blocks, start = [], 0
+    while start < rows:
+        before = int(ends[start - 1]) if start else 0
+        stop = max(start + 1, int(np.searchsorted(ends, before + _CANDIDATES, side="right")))
+        blocks.append(_order_candidates(scores[start:stop], mask[start:stop], k))
+        start = stop
+    return (np.concatenate([values for values, _ in blocks]),
+            np.concatenate([indices for _, indices in blocks]))
+
+
+def _order_candidates(
+    scores: np.ndarray, mask: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The `k` first of each row's entries under `mask`, by value descending then column."""
+    rows, n = scores.shape
+    flat = np.flatnonzero(mask)
+    row, columns = np.divmod(flat, n)
+    keys = _descending_keys(scores.reshape(-1)[flat], columns)
+    counts = np.bincount(row, minlength=rows)
+    if counts.min() < k:  # only a NaN score is neither above nor below a cut
+        raise ValueError("The scores contain NaN; check the embeddings and the distance.")
+    keyed = np.full((rows, counts.max()), _NO_KEY)
+    keyed[row, np.arange(len(flat)) - (np.cumsum(counts) - counts)[row]] = keys
+    if keyed.shape[1] > k:
+        keyed = np.partition(keyed, k - 1, axis=1)[:, :k]
+    keyed.sort(axis=1)
+    return _decode_keys(keyed)
 
 
 # Rows per thread in `_top_k_threaded` (at least): fewer rows are not worth a thread.
 _ROWS_PER_THREAD = 64
 
 
-def _top_k_threaded(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _top_k_threaded(
+    scores: np.ndarray, k: int, mask: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """`_top_k` over row blocks in parallel threads, one per available core.
 
-    NumPy releases the GIL in the reductions, partitions, sorts and gathers of
-    `_top_k`, so the selection, otherwise single-threaded after the
+    NumPy releases the GIL in the reductions, comparisons, partitions and
+    sorts of `_top_k`, so the selection, otherwise single-threaded after the
     multi-threaded BLAS matmul, uses every core. Same result as `_top_k` (each
     row is selected on its own). The threads live for this call only, so a
-    process forked later holds no pool with dead threads.
+    process forked later holds no pool with dead threads. `mask` is
+    `_top_k`'s working space, shared out by rows.
     """
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
+    if mask is None:
+        mask = np.empty(scores.shape, bool)
     parts = min(cores, len(scores) // _ROWS_PER_THREAD)
     if parts < 2:
-        return _top_k(scores, k)
+        return _top_k(scores, k, mask)
     from concurrent.futures import ThreadPoolExecutor
 
     bounds = np.linspace(0, len(scores), parts + 1).astype("int64")
     with ThreadPoolExecutor(parts) as pool:
         blocks = list(pool.map(
-            lambda b: _top_k(scores[b[0]:b[1]], k), zip(bounds[:-1], bounds[1:], strict=True)
+            lambda b: _top_k(scores[b[0]:b[1]], k, mask[b[0]:b[1]]),
+            zip(bounds[:-1], bounds[1:], strict=True),
         ))
     return (np.concatenate([values for values, _ in blocks]),
             np.concatenate([indices for _, indices in blocks]))
