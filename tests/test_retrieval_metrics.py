@@ -461,10 +461,12 @@ def test_top_k_rows_tied_at_the_cut_are_ordered_a_few_rows_at_a_time(monkeypatch
         np.testing.assert_array_equal(values, np.take_along_axis(scores, expected, 1))
 
 
-@pytest.mark.parametrize("rows", [1, 127, 128, 300])  # one block, two, several
-def test_threaded_top_k_equals_top_k(rows, monkeypatch):
+# One block, a row a thread, two blocks, several.
+@pytest.mark.parametrize("rows, per_thread", [(1, 64), (2, 1), (127, 64), (128, 64), (300, 64)])
+def test_threaded_top_k_equals_top_k(rows, per_thread, monkeypatch):
     monkeypatch.setattr(retrieval.os, "sched_getaffinity", lambda pid: set(range(4)),
                         raising=False)
+    monkeypatch.setattr(retrieval, "_SCORES_PER_THREAD", per_thread * 500)  # rows a thread
     rng = np.random.default_rng(31)
     scores = rng.integers(-3, 4, size=(rows, 500)).astype("float32")  # many ties
     for k in (1, 17, 500):

@@ -453,8 +453,8 @@ def _order_candidates(
     return _decode_keys(keyed)
 
 
-# Rows per thread in `_top_k_threaded` (at least): fewer rows are not worth a thread.
-_ROWS_PER_THREAD = 64
+# Scores per thread in `_top_k_threaded` (at least): fewer are not worth a thread.
+_SCORES_PER_THREAD = 2**20
 
 
 def _top_k_threaded(
@@ -475,7 +475,7 @@ def _top_k_threaded(
         cores = os.cpu_count() or 1
     if mask is None:
         mask = np.empty(scores.shape, bool)
-    parts = min(cores, len(scores) // _ROWS_PER_THREAD)
+    parts = min(cores, len(scores), scores.size // _SCORES_PER_THREAD)
     if parts < 2:
         return _top_k(scores, k, mask)
     from concurrent.futures import ThreadPoolExecutor
