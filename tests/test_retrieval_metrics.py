@@ -505,6 +505,37 @@ def test_reference_set_matches_full_matrix_reference(name, integer):
     assert_metrics_close(actual, expected)
 
 
+@pytest.mark.parametrize("name, integer", EXACT_CASES)
+def test_references_in_blocks_give_the_same_neighbours_and_metrics(name, integer, monkeypatch):
+    # 700 references in blocks of 53 (the last one of 11), some k above a block.
+    queries, query_labels = clustered_set(36, n=150, integer=integer)
+    references, ref_labels = clustered_set(37, n=700, integer=integer)
+    want = nearest_neighbors(queries, references, k=80, distance=name)
+    want_self = nearest_neighbors(references, k=9, distance=name)
+    monkeypatch.setattr(retrieval, "_BLOCK_COLUMNS", 53)
+    for got, expected in ((nearest_neighbors(queries, references, k=80, distance=name), want),
+                          (nearest_neighbors(references, k=9, distance=name), want_self)):
+        np.testing.assert_array_equal(got[0], expected[0])
+        np.testing.assert_allclose(got[1], expected[1], rtol=1e-6, atol=1e-6)
+    expected = matrix_metrics(queries, query_labels, references, ref_labels, ks=(1, 3, 10),
+                              name=name)
+    for batch_size in (None, 37):
+        actual = retrieval_metrics(queries, query_labels, references, ref_labels,
+                                   k=(1, 3, 10), distance=name, nmi=False,
+                                   batch_size=batch_size)
+        assert_metrics_close(actual, expected)
+    actual = retrieval_metrics(references, ref_labels, distance=name, nmi=False)
+    assert_metrics_close(actual, matrix_metrics(references, ref_labels, name=name))
+
+
+def test_blocks_let_a_chunk_hold_more_queries():
+    k = 1152  # the R of 1,000 classes among 1,000,000 references
+    whole = retrieval._chunk_rows(None, 1_000_000, k)
+    blocked = retrieval._chunk_rows(None, 1_000_000, k, retrieval._BLOCK_COLUMNS)
+    assert blocked >= 4 * whole
+    assert blocked * (5 * retrieval._BLOCK_COLUMNS + 16 * k * 8) <= retrieval._CHUNK_BYTES
+
+
 def test_backend_matmul_path_gives_the_same_metrics(monkeypatch):
     # On a GPU/TPU the backend computes the scores; forced here on the CPU.
     embeddings, labels = clustered_set(34)

@@ -54,6 +54,10 @@ from keras_dml._numpy_ops import l2_normalize_rows as _l2_normalize
 # Working memory of one chunk of queries (float32 scores against every
 # reference, plus the chunk's top-k); the default chunk size keeps under it.
 _CHUNK_BYTES = 256 * 2**20
+# References scored at once against a chunk of queries on the CPU (at most). With more,
+# a chunk takes them block by block and merges the blocks' top-k, so that it can hold
+# more queries: each pass of the BLAS matmul over a block then serves more of them.
+_BLOCK_COLUMNS = 2**17
 
 
 def _as_embeddings(x, arg: str) -> np.ndarray:
@@ -162,6 +166,8 @@ class _Scorer:
                 f"squared_euclidean, dot, angular), got {self.distance!r}."
             )
         self.on_backend = self.faiss is None and (not self.builtin or _backend_has_accelerator())
+        # References a chunk's matmul takes at once (`_blocked_top_k`); None: all.
+        self.block = None if self.on_backend or self.faiss is not None else _BLOCK_COLUMNS
         # Chunk-sized working arrays, kept from one chunk to the next: a fresh
         # array of that size costs the kernel's zeroing of every page again.
         self._space: dict[str, np.ndarray] = {}
@@ -200,6 +206,8 @@ class _Scorer:
         may pick a different reference tied at the k-th place).
         """
         if self.faiss is None:
+            if self.block is not None and len(self.references) > self.block:
+                return self._blocked_top_k(queries, k)
             scores = self.scores(queries)
             return _top_k_threaded(scores, k, self._working_space("mask", scores.shape, bool))
         if self.bias is not None:
@@ -211,12 +219,50 @@ class _Scorer:
         order = np.lexsort((indices, -values), axis=1)
         return np.take_along_axis(values, order, 1), np.take_along_axis(indices, order, 1)
 
+    def _blocked_top_k(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """`top_k` on the CPU, `self.block` references at a time, merged exactly.
+
+        Until the blocks so far hold k references, each block's top-k is
+        selected (`_top_k`); after that, a block's candidates are only the
+        entries above the row's k-th best so far (one comparison pass; an
+        entry tied with it has a larger column, so it loses the tie). The
+        merge orders by (value, column) as `_top_k` does.
+        """
+        rows, n = len(queries), len(self.references)
+        best = np.empty((rows, 0), np.uint64)
+        for start in range(0, n, self.block):
+            stop = min(start + self.block, n)
+            scores = np.matmul(
+                queries, self.references[start:stop].T,
+                out=self._working_space("scores", (rows, stop - start), "float32"),
+            )
+            if self.bias is not None:
+                scores += self.bias[:, start:stop]
+            mask = self._working_space("mask", scores.shape, bool)
+            if best.shape[1] < k:
+                values, columns = _top_k_threaded(scores, min(k, stop - start), mask)
+                keys = _descending_keys(values, columns + start)
+            else:
+                kth, _ = _decode_keys(best.max(axis=1))
+                np.greater(scores, kth[:, None], out=mask)
+                keys = _row_keys(scores, mask, start)
+            best = np.concatenate([best, keys], axis=1)
+            if best.shape[1] > k:
+                best = np.partition(best, k - 1, axis=1)[:, :k]
+        best.sort(axis=1)
+        return _decode_keys(best)
+
     def _working_space(self, name: str, shape: tuple[int, int], dtype) -> np.ndarray:
-        """A C-contiguous array of `shape`, reused for every chunk of up to as many rows."""
+        """A C-contiguous array of `shape`, its memory reused by every later call.
+
+        The memory grows to the largest shape asked for and is never given back
+        before the scorer goes.
+        """
+        size = shape[0] * shape[1]
         space = self._space.get(name)
-        if space is None or space.shape[0] < shape[0] or space.shape[1:] != shape[1:]:
-            space = self._space[name] = np.empty(shape, dtype)
-        return space[: shape[0]]
+        if space is None or space.size < size:
+            space = self._space[name] = np.empty(size, dtype)
+        return space[:size].reshape(shape)
 
     def scores(self, queries: np.ndarray) -> np.ndarray:
         """`(len(queries), N)` float32 NumPy scores of `prepare`d queries.
@@ -315,17 +361,22 @@ def _group_size(n: int, k: int) -> int:
     return max(1, min(_GROUP, n // (4 * k)))
 
 
-def _chunk_rows(batch_size: int | None, n_references: int, k: int) -> int:
+def _chunk_rows(
+    batch_size: int | None, n_references: int, k: int, block: int | None = None
+) -> int:
     """Queries per chunk: `batch_size`, or as many as fit in `_CHUNK_BYTES`.
 
-    Per query, a chunk holds float32 scores against every reference, the
-    boolean candidate mask and the group maxima of `_top_k`, and its
-    candidates (about 48 bytes each, a little over k of them).
+    Per query, a chunk holds float32 scores against every reference (or
+    against `block` of them at a time), the boolean candidate mask and the
+    group maxima of `_top_k`, its candidates (about 48 bytes each, a little
+    over k of them) and, with blocks, every block's top-k as 8-byte keys.
     """
     if batch_size is not None:
         return int(batch_size)
-    group = _group_size(n_references, k)
-    per_row = 5 * n_references + 8 * n_references // group + 64 * k
+    width = n_references if block is None else min(block, n_references)
+    group = _group_size(width, k)
+    blocks = -(-n_references // width)
+    per_row = 5 * width + 8 * width // group + 64 * k + (16 * k * blocks if blocks > 1 else 0)
     return max(1, _CHUNK_BYTES // per_row)
 
 
@@ -434,19 +485,31 @@ def _top_k(
             np.concatenate([indices for _, indices in blocks]))
 
 
+def _row_keys(scores: np.ndarray, mask: np.ndarray, offset: int = 0) -> np.ndarray:
+    """`(rows, width)` `_descending_keys` of each row's entries under `mask`, `_NO_KEY` after.
+
+    Columns are counted from `offset`; `width` is the largest count of a row.
+    """
+    rows, n = scores.shape
+    flat = np.flatnonzero(mask)
+    row, columns = np.divmod(flat, n)
+    counts = np.bincount(row, minlength=rows)
+    keyed = np.full((rows, counts.max(initial=0)), _NO_KEY)
+    keyed[row, np.arange(len(flat)) - (np.cumsum(counts) - counts)[row]] = _descending_keys(
+        scores.reshape(-1)[flat], columns + offset
+    )
+    return keyed
+
+
 def _order_candidates(
     scores: np.ndarray, mask: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """The `k` first of each row's entries under `mask`, by value descending then column."""
-    rows, n = scores.shape
-    flat = np.flatnonzero(mask)
-    row, columns = np.divmod(flat, n)
-    keys = _descending_keys(scores.reshape(-1)[flat], columns)
-    counts = np.bincount(row, minlength=rows)
-    if counts.min() < k:  # only a NaN score is neither above nor below a cut
+    keyed = _row_keys(scores, mask)
+    # Every row has k entries at or above its cut; only a NaN score is neither
+    # above nor below it.
+    if keyed.shape[1] < k or keyed[:, k - 1].max() == _NO_KEY:
         raise ValueError("The scores contain NaN; check the embeddings and the distance.")
-    keyed = np.full((rows, counts.max()), _NO_KEY)
-    keyed[row, np.arange(len(flat)) - (np.cumsum(counts) - counts)[row]] = keys
     if keyed.shape[1] > k:
         keyed = np.partition(keyed, k - 1, axis=1)[:, :k]
     keyed.sort(axis=1)
@@ -512,13 +575,15 @@ def _top_k_chunks(
     available = n_references - int(exclude_self)
     start = 0
     while start < len(query_ids):
-        rows = _chunk_rows(batch_size, n_references, _round_k(ks[start], available))
+        rows = _chunk_rows(batch_size, n_references, _round_k(ks[start], available),
+                           scorer.block)
         if scorer.faiss is not None:  # no score matrix here: faiss blocks the search itself
             rows = batch_size or _FAISS_CHUNK
         elif batch_size is None:
             # `ks` ascends: size the chunk again for the k of its last query.
             last = min(start + rows, len(query_ids)) - 1
-            rows = _chunk_rows(None, n_references, _round_k(ks[last], available))
+            rows = _chunk_rows(None, n_references, _round_k(ks[last], available),
+                               scorer.block)
         positions = np.arange(start, min(start + rows, len(query_ids)))
         start = positions[-1] + 1
         ids = query_ids[positions]
