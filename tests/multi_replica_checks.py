@@ -106,7 +106,11 @@ single_model = build()
 single_model.set_weights(distributed_model.get_weights())
 
 # On 4 replicas only (the 2-replica run checks the scaling and the heads instead): the
-# same code with more, unequal shards; tracing every loss per replica is the slow part.
+# same code with more, unequal shards. Tracing every loss once per replica was the slow
+# part (~65 of the script's ~120 s), so most losses run the replicas eagerly (each in
+# its own thread, the collectives as in a graph); these two, and the fits below, are
+# traced as `fit` traces them.
+TRACED = ("triplet_semi_hard", "nt_xent")
 for name, loss in LOSSES.items() if NUM_REPLICAS == 4 else ():
     if name == "nt_xent":
         x_replicas, x_global = x_views_replicas, x_views_global
@@ -124,12 +128,14 @@ for name, loss in LOSSES.items() if NUM_REPLICAS == 4 else ():
             value = loss(yr, distributed_model(xr))
         return value, tape.gradient(value, distributed_model.trainable_variables)
 
-    @tf.function
     def run(xr, yr, replica_step=replica_step):
         values, grads = STRATEGY.run(replica_step, args=(xr, yr))
         # Keras sums the replicas' gradients; the loss is each replica's share.
         summed = [STRATEGY.reduce("SUM", g, axis=None) for g in grads]
         return STRATEGY.experimental_local_results(values), summed
+
+    if name in TRACED:
+        run = tf.function(run)
 
     values, grads = run(per_replica(x_replicas), per_replica(y_replicas))
     # Every replica returns the global-batch loss divided by the number of replicas.
