@@ -528,6 +528,22 @@ def test_references_in_blocks_give_the_same_neighbours_and_metrics(name, integer
     assert_metrics_close(actual, matrix_metrics(references, ref_labels, name=name))
 
 
+@pytest.mark.parametrize("k", [5, 20, 80, 700])
+def test_blocks_of_references_in_ascending_order_of_score(k, monkeypatch):
+    # For the first query every later block lies wholly above the k-th best so far:
+    # with k < 53 the block's own top-k is taken instead (bounded memory; k = 5: more
+    # than k per row on average, k = 20: in one row only), with k >= 53 all of it merges.
+    angles = np.linspace(1.5, 0.0, 700)
+    references = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype("float32")
+    queries = np.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-1.0, 0.0]], "float32")
+    want = nearest_neighbors(queries, references, k=k)
+    monkeypatch.setattr(retrieval, "_BLOCK_COLUMNS", 53)
+    got = nearest_neighbors(queries, references, k=k)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[0][0], np.argsort(-(references @ queries[0]),
+                                                        kind="stable")[:k])
+
+
 def test_blocks_let_a_chunk_hold_more_queries():
     k = 1152  # the R of 1,000 classes among 1,000,000 references
     whole = retrieval._chunk_rows(None, 1_000_000, k)

@@ -245,7 +245,12 @@ class _Scorer:
             else:
                 kth, _ = _decode_keys(best.max(axis=1))
                 np.greater(scores, kth[:, None], out=mask)
-                keys = _row_keys(scores, mask, start)
+                keys = (_row_keys(scores, mask, start, max_width=k)
+                        if np.count_nonzero(mask) <= rows * k else None)
+                if keys is None:  # more than k above a row's k-th best (references in
+                    # ascending order of score, say): the block's own top-k, bounded.
+                    values, columns = _top_k_threaded(scores, min(k, stop - start), mask)
+                    keys = _descending_keys(values, columns + start)
             best = np.concatenate([best, keys], axis=1)
             if best.shape[1] > k:
                 best = np.partition(best, k - 1, axis=1)[:, :k]
@@ -485,15 +490,20 @@ def _top_k(
             np.concatenate([indices for _, indices in blocks]))
 
 
-def _row_keys(scores: np.ndarray, mask: np.ndarray, offset: int = 0) -> np.ndarray:
+def _row_keys(
+    scores: np.ndarray, mask: np.ndarray, offset: int = 0, max_width: int | None = None
+) -> np.ndarray | None:
     """`(rows, width)` `_descending_keys` of each row's entries under `mask`, `_NO_KEY` after.
 
     Columns are counted from `offset`; `width` is the largest count of a row.
+    None when that is over `max_width`.
     """
     rows, n = scores.shape
     flat = np.flatnonzero(mask)
     row, columns = np.divmod(flat, n)
     counts = np.bincount(row, minlength=rows)
+    if max_width is not None and counts.max(initial=0) > max_width:
+        return None
     keyed = np.full((rows, counts.max(initial=0)), _NO_KEY)
     keyed[row, np.arange(len(flat)) - (np.cumsum(counts) - counts)[row]] = _descending_keys(
         scores.reshape(-1)[flat], columns + offset
