@@ -486,6 +486,13 @@ def _top_k(
         stop = max(start + 1, int(np.searchsorted(ends, before + _CANDIDATES, side="right")))
         blocks.append(_order_candidates(scores[start:stop], mask[start:stop], k))
         start = stop
+    return _concatenate_rows(blocks)
+
+
+def _concatenate_rows(
+    blocks: list[tuple[np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray]:
+    """One `(values, indices)` from those of consecutive row blocks."""
     return (np.concatenate([values for values, _ in blocks]),
             np.concatenate([indices for _, indices in blocks]))
 
@@ -559,8 +566,7 @@ def _top_k_threaded(
             lambda b: _top_k(scores[b[0]:b[1]], k, mask[b[0]:b[1]]),
             zip(bounds[:-1], bounds[1:], strict=True),
         ))
-    return (np.concatenate([values for values, _ in blocks]),
-            np.concatenate([indices for _, indices in blocks]))
+    return _concatenate_rows(blocks)
 
 
 def _top_k_chunks(
